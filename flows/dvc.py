@@ -1,0 +1,80 @@
+"""The DVC command line as the flows use it: stage order, streamed commands, param overrides.
+
+Flows drive DVC through its CLI (the same commands a user types), never through torch or stages.
+"""
+
+import re
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+_NODE = re.compile(r'^"([^"]+)";$')
+_EDGE = re.compile(r'^"([^"]+)" -> "([^"]+)";$')
+
+
+class CommandError(RuntimeError):
+    """A command exited non-zero; the message carries its last output lines."""
+
+
+def run_streaming(command: list[str], cwd: str | Path, log: Callable[[str], None]) -> None:
+    """Run `command`, passing each output line (progress-bar redraws included) to `log` as it comes."""
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tail: list[str] = []
+    pending = b""
+    while chunk := process.stdout.read1(65536):
+        pending += chunk
+        *lines, pending = re.split(rb"[\r\n]", pending)
+        for line in lines:
+            if text := line.decode(errors="replace").strip():
+                log(text)
+                tail = (tail + [text])[-20:]
+    if text := pending.decode(errors="replace").strip():
+        log(text)
+        tail.append(text)
+    if process.wait():
+        raise CommandError(f"`{' '.join(command)}` exited with {process.returncode}:\n" + "\n".join(tail))
+
+
+def stage_order(cwd: str | Path) -> list[str]:
+    """The stages of dvc.yaml in an order DVC can run them: `dvc dag --dot` topologically sorted,
+    ties kept in dvc.yaml order."""
+    dot = subprocess.run(["dvc", "dag", "--dot"], cwd=cwd, check=True, capture_output=True, text=True).stdout
+    nodes, parents = [], {}
+    for line in dot.splitlines():
+        if match := _EDGE.match(line.strip()):
+            parents[match.group(2)].add(match.group(1))
+        elif match := _NODE.match(line.strip()):
+            nodes.append(match.group(1))
+            parents[match.group(1)] = set()
+    order: list[str] = []
+    while len(order) < len(nodes):
+        ready = [n for n in nodes if n not in order and parents[n] <= set(order)]
+        if not ready:
+            raise RuntimeError(f"dvc dag has a cycle among {set(nodes) - set(order)}")
+        order.append(ready[0])
+    return order
+
+
+def apply_param_overrides(params_file: str | Path, overrides: dict[str, Any]) -> None:
+    """Set dotted keys (`grpo.even_bonus`) in params.yaml like `dvc exp run -S`, keeping comments.
+
+    Only existing keys can be set, so a typo fails here, naming the key, before anything runs.
+    """
+    yaml = YAML()  # round-trip mode: comments and key order survive
+    path = Path(params_file)
+    data = yaml.load(path.read_text())
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for key in parents:
+            if not isinstance(node, dict) or key not in node:
+                raise KeyError(f"{path}: no section {key!r} for override {dotted!r}")
+            node = node[key]
+        if not isinstance(node, dict) or leaf not in node:
+            raise KeyError(f"{path}: no key {dotted!r} to override")
+        node[leaf] = value
+    with path.open("w") as handle:
+        yaml.dump(data, handle)

@@ -1,0 +1,206 @@
+"""Group Relative Policy Optimization (Shao et al., 2024, "DeepSeekMath", section 4.1).
+
+For each prompt q, sample a group of G completions o_1..o_G from pi_old and score them r_1..r_G.
+Outcome advantages are group-normalised and shared by every token of a completion:
+
+    A_i = (r_i - mean(r)) / (std(r) + eps)                    (std scaling optional)
+
+and the policy maximises the clipped surrogate, per token, minus a KL penalty to a frozen reference:
+
+    J = 1/G sum_i 1/|o_i| sum_t [ min(rho_it A_i, clip(rho_it, 1-e, 1+e) A_i) - beta KL_it ]
+    rho_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)
+    KL_it  = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1         (the unbiased "k3" estimator)
+
+Tokens after a completion's end-of-sequence are masked out of every sum. The same core trains the
+full model (`grpo`), an injector on a frozen model (`inject`) and later stages: they differ only in
+the policy object they pass in.
+"""
+
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from latentlab.config import Config
+from latentlab.policy import LMPolicy, Rollout
+from latentlab.sampling import SamplingConfig
+from latentlab.tracking import StepLog, progress
+from latentlab.training import build_optimizer, check_finite
+
+
+class GRPOConfig(Config):
+    steps: int = Field(gt=0)
+    """Optimizer updates (each on a fresh batch of rollouts)."""
+    prompts_per_step: int = Field(gt=0)
+    """Distinct prompts per batch; the batch holds prompts_per_step * group_size completions."""
+    group_size: int = Field(8, ge=2)
+    """G: completions sampled per prompt."""
+    max_new_tokens: int = Field(gt=0)
+    """Longest completion."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; log-probs in the loss use the same temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold."""
+    exploration_noise: float = Field(0.0, ge=0)
+    """Std of Gaussian noise on the logits while sampling (exploration; not part of pi)."""
+    lr: float = Field(gt=0)
+    """AdamW learning rate."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps."""
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    """PPO clip range e."""
+    beta: float = Field(0.0, ge=0)
+    """Weight of the KL penalty to the frozen reference (0: no reference is kept)."""
+    scale_rewards: bool = True
+    """Divide advantages by the group's reward std (False: mean-centring only, as in Dr. GRPO)."""
+    iterations: int = Field(1, gt=0)
+    """mu: gradient steps on each batch of rollouts."""
+    loss_aggregation: Literal["sequence", "token"] = "sequence"
+    """'sequence': mean over each completion's tokens, then over completions (the paper);
+    'token': one mean over every token of the batch (no bias toward short completions)."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping threshold."""
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                              top_p=self.top_p, logit_noise=self.exploration_noise)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """A_i = (r_i - mean_g) / (std_g + eps) within consecutive groups of `group_size` rewards.
+
+    std is the unbiased sample std (as TRL); a group whose rewards are all equal gets A = 0.
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.view(-1, group_size)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + eps)
+    return advantages.flatten()
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+    beta: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+    aggregation: str = "sequence",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The negated GRPO objective `-J` over `(B, T)` token log-probs; returns (loss, stats)."""
+    mask = mask.float()
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages[:, None]
+    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
+    per_token = -surrogate
+    kl = torch.zeros_like(logprobs)
+    if beta > 0:
+        if ref_logprobs is None:
+            raise ValueError("beta > 0 needs reference log-probs")
+        log_ref_ratio = ref_logprobs - logprobs
+        kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
+        per_token = per_token + beta * kl
+
+    def reduce(values: torch.Tensor) -> torch.Tensor:
+        if aggregation == "sequence":
+            return ((values * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+
+    loss = reduce(per_token)
+    clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps) & (adv > 0))
+    stats = {
+        "policy_loss": reduce(-surrogate).item(),
+        "kl": reduce(kl).item(),
+        "clip_fraction": ((clipped.float() * mask).sum() / mask.sum().clamp(min=1)).item(),
+    }
+    return loss, stats
+
+
+class GRPOTrainer:
+    """Runs GRPO steps for any `LMPolicy`: sample groups, score, normalise, take clipped steps."""
+
+    def __init__(
+        self,
+        policy: LMPolicy,
+        reward_fn: Callable[[list[str], list], list[float]],
+        cfg: GRPOConfig,
+        generator: torch.Generator,
+        ref_policy: LMPolicy | None = None,
+    ):
+        if cfg.beta > 0 and ref_policy is None:
+            raise ValueError("GRPOConfig.beta > 0 needs a frozen reference policy")
+        self.policy, self.reward_fn, self.cfg, self.generator = policy, reward_fn, cfg, generator
+        self.ref_policy = ref_policy if cfg.beta > 0 else None
+        self.optimizer, self.schedule = build_optimizer(policy.trainable_parameters(), cfg.lr, cfg.steps, cfg.warmup_steps)
+
+    def step(self, step: int, prompts: list[str], targets: list) -> dict[str, float]:
+        """One batch: prompts_per_step prompts, each sampled group_size times; returns the log row."""
+        cfg, G = self.cfg, self.cfg.group_size
+        started = time.perf_counter()
+        self.policy.train(False)  # sampling is a no-grad, dropout-free pass
+        rollout = self.policy.rollout([p for p in prompts for _ in range(G)], cfg.sampling, self.generator)
+        rewards = torch.tensor(self.reward_fn(rollout.texts, [t for t in targets for _ in range(G)]),
+                               dtype=torch.float32, device=self.policy.device)
+        advantages = group_advantages(rewards, G, cfg.scale_rewards)
+        mask = rollout.completions.mask
+        with torch.no_grad():
+            # with one gradient step per batch, pi_old = pi_theta: the detached current log-probs
+            # below serve, and this extra pass is only needed when several steps reuse the batch
+            old_logprobs = self.policy.logprobs(rollout, cfg.temperature) if cfg.iterations > 1 else None
+            ref_logprobs = self.ref_policy.logprobs(rollout, cfg.temperature) if self.ref_policy else None
+
+        self.policy.train(True)
+        for _ in range(cfg.iterations):
+            logprobs = self.policy.logprobs(rollout, cfg.temperature)
+            old = logprobs.detach() if old_logprobs is None else old_logprobs
+            loss, stats = grpo_loss(logprobs, old, advantages, mask, cfg.clip_eps, cfg.beta, ref_logprobs,
+                                    cfg.loss_aggregation)
+            regularizers = self.policy.regularizers(rollout)
+            total = loss + sum(regularizers.values(), torch.zeros((), device=loss.device))
+            check_finite(total, step)
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+        self.schedule.step()
+        self.policy.train(False)
+
+        grouped = rewards.view(-1, G)
+        n_tokens = int(mask.sum())
+        return {
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item(),
+            "zero_std_groups": (grouped.std(dim=1) < 1e-6).float().mean().item(),
+            "advantage_mean": advantages.mean().item(),
+            "advantage_std": advantages.std().item(),
+            "loss": total.item(),
+            **stats,
+            **{name: value.item() for name, value in regularizers.items()},
+            "grad_norm": float(grad_norm),
+            "completion_tokens": n_tokens / mask.shape[0],
+            "tokens_per_s": n_tokens / (time.perf_counter() - started),
+            "lr": self.schedule.get_last_lr()[0],
+        }
+
+    def train(
+        self,
+        next_batch: Callable[[], tuple[list[str], list]],
+        log: StepLog,
+        desc: str = "grpo",
+        evaluate: Callable[[], dict[str, float]] | None = None,
+        eval_every: int = 0,
+    ) -> None:
+        """`cfg.steps` steps on batches from `next_batch`; `evaluate` adds held-out metrics every `eval_every`."""
+        bar = progress(range(self.cfg.steps), desc)
+        log.bar = bar
+        for step in bar:
+            row = self.step(step, *next_batch())
+            if evaluate is not None and eval_every and (step % eval_every == 0 or step == self.cfg.steps - 1):
+                row.update(evaluate())
+            log.log(step, **row)

@@ -1,0 +1,118 @@
+"""Building, loading and snapshotting causal language models (always Hugging Face directories)."""
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from typing import TYPE_CHECKING
+
+import torch
+from pydantic import Field, model_validator
+
+from latentlab.config import Config
+from latentlab.tokenizer import INJECT
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# transformers is imported inside the functions that use it: it takes seconds, and the params
+# schema (which needs TinyLMConfig) is loaded by every stage, also those that never touch a model.
+
+MANIFEST = "latentlab.json"  # provenance written beside every model we save
+
+
+class TinyLMConfig(Config):
+    arch: Literal["llama", "qwen2"] = "llama"
+    """Transformer family (both are plain decoder-only models in transformers)."""
+    hidden_size: int = Field(128, gt=0)
+    """Residual stream width H."""
+    layers: int = Field(4, gt=0)
+    """Number of decoder blocks."""
+    heads: int = Field(4, gt=0)
+    """Attention heads (H must divide evenly)."""
+    kv_heads: int | None = Field(None, gt=0)
+    """Key/value heads for grouped-query attention (null: same as heads)."""
+    intermediate_size: int = Field(512, gt=0)
+    """Width of the MLP inside each block."""
+    max_positions: int = Field(128, gt=0)
+    """Longest sequence the model is built for."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by heads ({self.heads})")
+        if self.heads % (self.kv_heads or self.heads):
+            raise ValueError(f"heads ({self.heads}) must be divisible by kv_heads ({self.kv_heads})")
+        return self
+
+
+def build_tiny_lm(cfg: TinyLMConfig, tokenizer: "PreTrainedTokenizerBase") -> "PreTrainedModel":
+    """A randomly initialised decoder-only model sized by `cfg`, with the tokenizer's vocabulary."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[cfg.arch]
+    config = config_class(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads or cfg.heads,
+        max_position_embeddings=cfg.max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
+def load_lm(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+            revision: str | None = None):
+    """(model, tokenizer) from a Hugging Face id or directory; the tokenizer pads on the left."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(path)
+    if Path(path).exists() and not (Path(path) / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, revision=revision)
+    return model.to(device).eval(), tokenizer
+
+
+def prepare_pretrained(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> None:
+    """Give a hub model what the pipeline relies on: a pad token and the `<INJECT>` slot."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if INJECT not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [INJECT]})
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.padding_side = "left"
+
+
+def content_hash(directory: str | Path) -> str:
+    """sha256 over the model directory's weight and config files, in name order."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(directory).iterdir()):
+        if file.suffix in {".safetensors", ".json"} and file.name != MANIFEST:
+            digest.update(file.name.encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def save_lm(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", directory: Path, **provenance) -> str:
+    """`save_pretrained` model and tokenizer, plus a manifest with the content hash; returns the hash."""
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    digest = content_hash(directory)
+    manifest = {"content_sha256": digest, **provenance}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return digest
+
+
+def read_manifest(directory: str | Path) -> dict:
+    file = Path(directory) / MANIFEST
+    return json.loads(file.read_text()) if file.exists() else {}

@@ -1,0 +1,69 @@
+"""A language model seen as a policy over completions, as the GRPO core and the evaluator use it.
+
+`LMPolicy` turns prompts into a prefix of input embeddings (here: the prompt tokens' embeddings),
+samples completions from it with the shared sampler and scores sampled completions with
+gradients. Variants change only `prefix` (e.g. the injection policy appends a virtual token),
+`trainable_parameters` and `regularizers`; sampling and log-probs stay the same code.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from latentlab.sampling import Completions, SamplingConfig, completion_logprobs, sample, tokenize_prompts
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    completions: Completions
+    texts: list[str]  # decoded completions, up to end-of-sequence
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # what a policy variant caches per row
+
+
+class LMPolicy:
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prefix(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs_embeds, attention_mask) that generation continues from."""
+        return self.model.get_input_embeddings()(rollout.prompt_ids), rollout.prompt_mask
+
+    def prepare(self, rollout: Rollout) -> None:
+        """Hook for variants to cache per-row tensors (no gradients) before sampling."""
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str], sampling: SamplingConfig, generator: torch.Generator | None = None) -> Rollout:
+        ids, mask = tokenize_prompts(self.tokenizer, prompts, self.device)
+        rollout = Rollout(ids, mask, completions=None, texts=[])
+        self.prepare(rollout)
+        embeds, prefix_mask = self.prefix(rollout)
+        rollout.completions = sample(self.model, embeds, prefix_mask, sampling, self.tokenizer.eos_token_id,
+                                     self.tokenizer.pad_token_id, generator)
+        rollout.texts = self.tokenizer.batch_decode(rollout.completions.ids, skip_special_tokens=True)
+        return rollout
+
+    def logprobs(self, rollout: Rollout, temperature: float) -> torch.Tensor:
+        """log pi(token) of the rollout's sampled tokens, with gradients where parameters train."""
+        embeds, prefix_mask = self.prefix(rollout)
+        return completion_logprobs(self.model, embeds, prefix_mask, rollout.completions, temperature)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def regularizers(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Extra loss terms (already weighted), added to the policy loss."""
+        return {}
+
+    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy completions, as the evaluator scores them."""
+        return self.rollout(prompts, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)).texts
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)

@@ -1,0 +1,50 @@
+"""Per-step training logs: a CSV for `dvc plots`, W&B when switched on, and the progress bar."""
+
+import os
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from tqdm.auto import tqdm
+
+from latentlab.atomic import atomic_output
+
+
+def progress(iterable, desc: str, **kwargs):
+    """The one progress bar style of the project (to stderr, so DVC and Prefect stream it)."""
+    return tqdm(iterable, desc=desc, dynamic_ncols=True, mininterval=1.0, **kwargs)
+
+
+def start_wandb(mode: str, project: str, name: str, config: dict[str, Any], directory: str | Path = "."):
+    """A W&B run, or None when `mode` is 'disabled'. 'offline' never needs a login or the network."""
+    mode = os.environ.get("WANDB_MODE", mode)
+    if mode == "disabled":
+        return None
+    import wandb  # imported only when used: it is slow to import
+
+    return wandb.init(project=project, name=name, mode=mode, config=config, dir=str(directory))
+
+
+class StepLog:
+    """Collects one row of metrics per logged step; `save` writes them as CSV in one atomic step."""
+
+    def __init__(self, wandb_run=None, bar=None):
+        self.rows: list[dict[str, Any]] = []
+        self.wandb_run = wandb_run
+        self.bar = bar
+
+    def log(self, step: int, **metrics: float) -> None:
+        self.rows.append({"step": step, **metrics})
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)}, refresh=False)
+
+    def save(self, path: str | Path) -> None:
+        table = pl.from_dicts(self.rows, infer_schema_length=None) if self.rows else pl.DataFrame({"step": []})
+        with atomic_output(path) as partial:
+            table.write_csv(partial)
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

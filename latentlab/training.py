@@ -1,0 +1,146 @@
+"""Supervised causal-LM training, shared by pretraining (`base`) and fine-tuning (`sft`).
+
+One loss: next-token cross-entropy on the positions a mask selects. Pretraining selects every
+real token; SFT selects the answer and its end-of-sequence token only, so the model is never
+trained to reproduce the prompt.
+"""
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from latentlab.config import Config
+from latentlab.errors import NonFiniteLossError
+from latentlab.tracking import StepLog, progress
+
+
+def check_finite(value: torch.Tensor, step: int, what: str = "loss") -> None:
+    if not torch.isfinite(value).all():
+        raise NonFiniteLossError(
+            f"{what} is {value.item() if value.numel() == 1 else value} at step {step}: "
+            "lower the learning rate or check the inputs"
+        )
+
+
+class LMTrainConfig(Config):
+    steps: int = Field(gt=0)
+    """Optimizer steps."""
+    batch_size: int = Field(gt=0)
+    """Sequences per step."""
+    lr: float = Field(gt=0)
+    """Peak AdamW learning rate."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps before the cosine decay."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping threshold (global L2 norm)."""
+    log_every: int = Field(10, gt=0)
+    """Write a log row every this many steps."""
+
+
+def build_optimizer(params, lr: float, steps: int, warmup_steps: int = 0, weight_decay: float = 0.0):
+    """AdamW with linear warm-up then cosine decay to 10% of `lr`."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress_ = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class TokenBatch:
+    input_ids: torch.Tensor  # (B, T) right-padded
+    attention_mask: torch.Tensor  # (B, T) 1 for real tokens
+    loss_mask: torch.Tensor  # (B, T) 1 where the token is a training target
+
+    def to(self, device) -> "TokenBatch":
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device))
+
+
+def collate(sequences: Sequence[list[int]], targets: Sequence[list[int]], pad_id: int) -> TokenBatch:
+    """Right-pad token lists into a batch; `targets` marks (1/0) which tokens are trained on."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    loss = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (seq, tgt) in enumerate(zip(sequences, targets)):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        attention[row, : len(seq)] = 1
+        loss[row, : len(seq)] = torch.tensor(tgt)
+    return TokenBatch(ids, attention, loss)
+
+
+def lm_examples(tokenizer, texts: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """Pretraining examples: every token of each text is a target."""
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return ids, [[1] * len(seq) for seq in ids]
+
+
+def prompt_answer_examples(tokenizer, prompts: Sequence[str], answers: Sequence[str]):
+    """SFT examples `prompt + answer + <eos>`; only the answer and <eos> are targets.
+
+    Prompt and answer are tokenized apart and concatenated, so the boundary is exact whatever the
+    tokenizer would merge across it.
+    """
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(list(answers), add_special_tokens=False)["input_ids"]
+    sequences, targets = [], []
+    for p, a in zip(prompt_ids, answer_ids):
+        sequences.append(p + a + [tokenizer.eos_token_id])
+        targets.append([0] * len(p) + [1] * (len(a) + 1))
+    return sequences, targets
+
+
+def shuffled_batches(examples, batch_size: int, pad_id: int, generator: torch.Generator) -> Iterator[TokenBatch]:
+    """Endless batches, reshuffled every epoch by `generator` (so the order is seeded)."""
+    sequences, targets = examples
+    if not sequences:
+        raise ValueError("no training examples")
+    while True:
+        order = torch.randperm(len(sequences), generator=generator).tolist()
+        usable = max(batch_size, len(order) - len(order) % batch_size)  # drop the ragged tail
+        for start in range(0, usable, batch_size):
+            rows = order[start : start + batch_size]
+            yield collate([sequences[i] for i in rows], [targets[i] for i in rows], pad_id)
+
+
+def masked_lm_loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 from logits at t, over target tokens only."""
+    targets = batch.input_ids[:, 1:]
+    weights = (batch.loss_mask[:, 1:] * batch.attention_mask[:, 1:]).float()
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
+    return (ce.view_as(targets) * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def train_lm(model, batches: Iterator[TokenBatch], cfg: LMTrainConfig, device, desc: str, log: StepLog) -> None:
+    """Minimise `masked_lm_loss` for `cfg.steps` AdamW steps; rows go to `log` every `log_every`."""
+    model.train()
+    optimizer, schedule = build_optimizer(model.parameters(), cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay)
+    tokens, started = 0, time.perf_counter()
+    bar = progress(range(cfg.steps), desc)
+    log.bar = bar
+    for step in bar:
+        batch = next(batches).to(device)
+        loss = masked_lm_loss(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch)
+        check_finite(loss, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        tokens += int(batch.attention_mask.sum())
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            elapsed = time.perf_counter() - started
+            log.log(step, loss=loss.item(), grad_norm=float(grad_norm), lr=schedule.get_last_lr()[0],
+                    tokens_per_s=tokens / elapsed)
+    model.eval()

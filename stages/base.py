@@ -1,0 +1,43 @@
+"""base: the base language model -> models/base (a Hugging Face directory).
+
+`model.source: scratch` builds the character tokenizer and a tiny Llama/Qwen2 model and
+pretrains it on equations of both parities (without end-of-sequence after answers). Any other
+source is a hub id or a local directory, copied into models/base so the run is pinned.
+"""
+
+from latentlab.arithmetic import PROBLEM_SCHEMA, pretraining_corpus
+from latentlab.atomic import atomic_output
+from latentlab.inputs import read_table
+from latentlab.modeling import build_tiny_lm, load_lm, prepare_pretrained, save_lm
+from latentlab.tokenizer import build_char_tokenizer
+from latentlab.training import lm_examples, shuffled_batches, train_lm
+from stages.common import MODELS, PLOTS, SYNTH, setup, stage, step_log
+
+
+@stage
+def main(params):
+    run = setup(params)
+    cfg = params.base
+    log = step_log(params, "base", params.model_dump(include={"model", "base", "seed"}))
+    if params.model.source == "scratch":
+        tokenizer = build_char_tokenizer()
+        model = build_tiny_lm(params.model, tokenizer).to(run.device)
+        problems = read_table(SYNTH / "full.parquet", PROBLEM_SCHEMA)
+        corpus = pretraining_corpus(problems, cfg.corpus_sequences, cfg.sequence_chars, params.seed)
+        examples = lm_examples(tokenizer, corpus)
+        batches = shuffled_batches(examples, cfg.batch_size, tokenizer.pad_token_id, run.data_rng)
+        train_lm(model, batches, cfg, run.device, "base", log)
+        provenance = {"source": "scratch", "arch": params.model.arch}
+    else:
+        model, tokenizer = load_lm(params.model.source, run.device, revision=params.model.revision)
+        prepare_pretrained(model, tokenizer)
+        provenance = {"source": params.model.source, "revision": params.model.revision}
+    with atomic_output(MODELS / "base") as out:
+        digest = save_lm(model, tokenizer, out, trained_parameters=model.num_parameters(), **provenance)
+    log.save(PLOTS / "base.csv")
+    log.finish()
+    print(f"models/base: {model.num_parameters():,} parameters, sha256 {digest[:12]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""evaluate: score every model with one harness on the held-out test set.
+
+-> metrics/eval.json (per model: accuracy overall / odd / even, MAE, parse rate, reward, ...),
+   plots/accuracy_by_parity.csv, data/eval/predictions.parquet (every completion, for inspection).
+"""
+
+import polars as pl
+
+from latentlab.arithmetic import PROBLEM_SCHEMA
+from latentlab.atomic import atomic_output
+from latentlab.evaluation import evaluate_policy
+from latentlab.inputs import read_table, require_model_dir
+from latentlab.modeling import load_lm, read_manifest
+from latentlab.policy import LMPolicy
+from latentlab.rewards import ArithmeticReward
+from stages.common import METRICS, MODELS, PLOTS, SYNTH, setup, stage, write_json
+
+SCORED = ["base", "sft", "grpo"]  # in DAG order; each is a dep in dvc.yaml
+
+
+@stage
+def main(params):
+    run = setup(params)
+    test = read_table(SYNTH / "test.parquet", PROBLEM_SCHEMA)
+    reward = ArithmeticReward(params.grpo.even_bonus)  # the task reward GRPO optimises
+    metrics, predictions = {}, []
+    for name in SCORED:
+        directory = require_model_dir(MODELS / name)
+        model, tokenizer = load_lm(directory, run.device)
+        scores, rows = evaluate_policy(LMPolicy(model, tokenizer), test, reward, params.evaluate.batch_size,
+                                       params.evaluate.max_new_tokens, desc=f"evaluate {name}")
+        metrics[name] = {**scores, "trained_parameters": read_manifest(directory).get("trained_parameters")}
+        predictions.append(rows.with_columns(model=pl.lit(name)))
+        print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if isinstance(v, float)))
+
+    by_parity = pl.DataFrame(
+        [{"model": m, "parity": p, "accuracy": s[f"accuracy_{p}"]} for m, s in metrics.items() for p in ("odd", "even")]
+    )
+    write_json(METRICS / "eval.json", metrics)
+    with atomic_output(PLOTS / "accuracy_by_parity.csv") as partial:
+        by_parity.write_csv(partial)
+    with atomic_output("data/eval/predictions.parquet") as partial:
+        pl.concat(predictions).write_parquet(partial)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The schema of params.yaml: one typed section per stage plus the shared ones.
+
+Sections reuse the library's config classes, so a bound written once in latentlab/ (say
+`clip_eps < 1`) is checked here before any stage does work. Errors name the key:
+
+    params.yaml: grpo.clip_eps: Input should be less than 1 (got 1.5)
+"""
+
+from pathlib import Path
+from typing import Literal
+
+from ruamel.yaml import YAML, YAMLError
+from pydantic import Field, ValidationError
+
+from latentlab.arithmetic import ArithmeticConfig
+from latentlab.config import Config
+from latentlab.grpo import GRPOConfig
+from latentlab.modeling import TinyLMConfig
+from latentlab.training import LMTrainConfig
+
+
+class ParamsError(Exception):
+    """params.yaml is missing, unreadable or invalid."""
+
+
+class WandbParams(Config):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    """W&B logging: offline (local files, no login), online, or disabled."""
+    project: str = "latentlab"
+    """W&B project name."""
+
+
+class ModelParams(TinyLMConfig):
+    source: str = "scratch"
+    """'scratch' builds the tiny model below; anything else is a Hugging Face id or a local directory."""
+    revision: str | None = None
+    """Hub revision (commit, branch or tag) to pin when `source` is a hub id."""
+
+
+class BaseParams(LMTrainConfig):
+    corpus_sequences: int = Field(gt=0)
+    """Pretraining sequences in the synthetic corpus."""
+    sequence_chars: int = Field(gt=0)
+    """Characters per pretraining sequence."""
+
+
+class GRPOParams(GRPOConfig):
+    even_bonus: float = Field(0.0, ge=0)
+    """Reward added for an even answer (the exploration incentive of the experiment)."""
+    eval_every: int = Field(0, ge=0)
+    """Greedy accuracy on a held-out batch every this many steps (0: never)."""
+    eval_batch: int = Field(64, gt=0)
+    """Size of that held-out batch."""
+
+
+class EvaluateParams(Config):
+    batch_size: int = Field(256, gt=0)
+    """Problems per generation batch."""
+    max_new_tokens: int = Field(6, gt=0)
+    """Longest answer read from each model."""
+
+
+class Params(Config):
+    seed: int = 0
+    """Seed for every random choice of every stage."""
+    device: str = "auto"
+    """'auto' (GPU when present), 'cpu', 'cuda', 'cuda:1', ..."""
+    wandb: WandbParams = WandbParams()
+    model: ModelParams = ModelParams()
+    synth: ArithmeticConfig
+    base: BaseParams
+    sft: LMTrainConfig
+    grpo: GRPOParams
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    shown = "" if error["type"] in ("missing", "extra_forbidden") else f" (got {error['input']!r})"
+    return f"{key}: {message}{shown}"
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Parse and validate the whole file; raise ParamsError listing every bad key."""
+    path = Path(path)
+    try:
+        raw = YAML(typ="safe").load(path.read_text())  # YAML 1.2, as DVC reads it: 1e-3 is a float
+    except FileNotFoundError:
+        raise ParamsError(f"{path} does not exist") from None
+    except YAMLError as error:
+        raise ParamsError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        lines = "\n".join(f"{path}: {_describe(e)}" for e in error.errors())
+        raise ParamsError(lines) from None

@@ -1,0 +1,56 @@
+"""report: reports/report.md with the comparison table and figures (reports/*.png)."""
+
+import json
+
+import polars as pl
+
+from latentlab.atomic import atomic_output
+from latentlab.report import comparison_table, plot_accuracy_by_parity, plot_training_curves
+from latentlab.inputs import InputError
+from stages.common import METRICS, PLOTS, REPORTS, stage
+
+CURVES = {  # training log -> columns drawn
+    "base": ["loss"],
+    "sft": ["loss"],
+    "grpo": ["reward_mean", "heldout_accuracy", "heldout_accuracy_even"],
+}
+
+
+def even_answer_finding(metrics: dict) -> str:
+    """The science question of the spine, answered from the numbers."""
+    b, s, g = (metrics[n]["accuracy_even"] for n in ("base", "sft", "grpo"))
+    lost = "lost" if s < b else "did not lose"
+    recovered = "recovered" if g > s else "did not recover"
+    return (f"Accuracy on even answers went from {b:.3f} (base) to {s:.3f} after SFT on the odd-only set "
+            f"(SFT {lost} even answers) and to {g:.3f} after GRPO with the even bonus "
+            f"(GRPO {recovered} them; change {g - s:+.3f}). Odd answers: {metrics['base']['accuracy_odd']:.3f} → "
+            f"{metrics['sft']['accuracy_odd']:.3f} → {metrics['grpo']['accuracy_odd']:.3f}.")
+
+
+@stage
+def main(params):
+    path = METRICS / "eval.json"
+    if not path.exists():
+        raise InputError(f"{path} does not exist: run `dvc repro evaluate`")
+    metrics = json.loads(path.read_text())
+    curves = {name: (pl.read_csv(PLOTS / f"{name}.csv"), columns) for name, columns in CURVES.items()}
+    with atomic_output(REPORTS) as out:
+        out.mkdir(parents=True)
+        plot_training_curves(curves, out / "training.png")
+        plot_accuracy_by_parity(metrics, out / "accuracy_by_parity.png")
+        g = params.grpo
+        (out / "report.md").write_text(
+            "# latentlab report\n\n"
+            f"Seed {params.seed}; model `{params.model.source}`; GRPO: {g.steps} steps × {g.prompts_per_step} prompts "
+            f"× G={g.group_size}, even_bonus={g.even_bonus}, temperature={g.temperature}, beta={g.beta}.\n\n"
+            "## Held-out accuracy\n\n"
+            f"{comparison_table(metrics)}\n\n"
+            f"{even_answer_finding(metrics)}\n\n"
+            "![accuracy by parity](accuracy_by_parity.png)\n\n"
+            "## Training\n\n![training curves](training.png)\n"
+        )
+    print((REPORTS / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

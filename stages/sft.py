@@ -1,0 +1,32 @@
+"""sft: supervised fine-tuning of models/base on the biased (odd-only) set -> models/sft.
+
+The loss covers the answer and its end-of-sequence token only, never the prompt.
+"""
+
+from latentlab.arithmetic import PROBLEM_SCHEMA
+from latentlab.atomic import atomic_output
+from latentlab.inputs import read_table, require_model_dir
+from latentlab.modeling import load_lm, read_manifest, save_lm
+from latentlab.training import prompt_answer_examples, shuffled_batches, train_lm
+from stages.common import MODELS, PLOTS, SYNTH, setup, stage, step_log
+
+
+@stage
+def main(params):
+    run = setup(params)
+    base = require_model_dir(MODELS / "base")
+    model, tokenizer = load_lm(base, run.device)
+    biased = read_table(SYNTH / "biased.parquet", PROBLEM_SCHEMA)
+    examples = prompt_answer_examples(tokenizer, biased["prompt"].to_list(), biased["answer"].to_list())
+    log = step_log(params, "sft", params.model_dump(include={"sft", "seed"}))
+    batches = shuffled_batches(examples, params.sft.batch_size, tokenizer.pad_token_id, run.data_rng)
+    train_lm(model, batches, params.sft, run.device, "sft", log)
+    with atomic_output(MODELS / "sft") as out:
+        save_lm(model, tokenizer, out, parent=read_manifest(base).get("content_sha256"),
+                trained_parameters=model.num_parameters())
+    log.save(PLOTS / "sft.csv")
+    log.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""synth: arithmetic problems -> data/synth/{biased,full,test}.parquet.
+
+biased: odd answers only (plus `even_data_ratio` of even ones); full: both parities;
+test: held out, half odd and half even, disjoint from both training sets.
+"""
+
+from latentlab.arithmetic import make_splits
+from latentlab.atomic import atomic_output
+from stages.common import SYNTH, stage
+
+
+@stage
+def main(params):
+    splits = make_splits(params.synth, params.seed)
+    with atomic_output(SYNTH) as out:
+        out.mkdir(parents=True)
+        for name, table in splits.items():
+            table.write_parquet(out / f"{name}.parquet")
+    for name, table in splits.items():
+        counts = dict(table["parity"].value_counts().iter_rows())
+        print(f"{name}: {table.height} problems {counts}")
+
+
+if __name__ == "__main__":
+    main()
