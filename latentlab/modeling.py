@@ -107,6 +107,11 @@ def save_lm(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", dire
     """`save_pretrained` model and tokenizer, plus a manifest with the content hash; returns the hash."""
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+    return write_manifest(directory, **provenance)
+
+
+def write_manifest(directory: Path, **provenance) -> str:
+    """The manifest of a saved directory: its content hash plus `provenance`; returns the hash."""
     digest = content_hash(directory)
     manifest = {"content_sha256": digest, **provenance}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -10,11 +10,13 @@ one teacher-forced pass. Alignment: the logits at position t predict the token a
 logits of the last prompt position score the first completion token.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from pydantic import Field
 
+from latentlab.capture import LayerCapture
 from latentlab.config import Config
 
 
@@ -96,18 +98,30 @@ def sample(
     eos_id: int,
     pad_id: int,
     generator: torch.Generator | None = None,
+    *,
+    past_key_values=None,
+    capture: LayerCapture | None = None,
+    on_token: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> Completions:
     """Continue each left-padded prefix of embeddings `(B, P, H)` for up to `cfg.max_new_tokens`.
 
     The prefix is encoded once; every later step feeds only the newest token against the KV cache.
     Rows that have emitted end-of-sequence keep running (cheaper than re-packing the batch) but
     their further tokens are replaced by padding and masked out; the loop stops when all are done.
+
+    past_key_values: a cache that already holds the first columns of `attention_mask`; then
+        `inputs_embeds` are only the new positions that continue it (e.g. a virtual token).
+    capture, on_token: with an active `LayerCapture`, `on_token(t, states, alive)` receives, for
+        generated token t, the chosen layers' states `(B, L, H)` at the position that predicted it
+        (the last prefix position for t = 0) and which rows were still generating.
     """
-    batch = inputs_embeds.shape[0]
+    if on_token is not None and capture is None:
+        raise ValueError("on_token needs an active LayerCapture to read hidden states from")
+    batch, new = inputs_embeds.shape[:2]
     device = inputs_embeds.device
-    positions = positions_from_mask(attention_mask)
+    positions = positions_from_mask(attention_mask)[:, -new:]
     out = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=positions,
-                use_cache=True, logits_to_keep=1)
+                past_key_values=past_key_values, use_cache=True, logits_to_keep=1)
     next_position = positions[:, -1] + 1
     ids = torch.full((batch, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((batch, cfg.max_new_tokens), device=device)
@@ -120,6 +134,8 @@ def sample(
         ids[:, t] = torch.where(alive, tokens, pad_id)
         logprobs[:, t] = torch.where(alive, token_logprobs, 0.0)
         mask[:, t] = alive
+        if on_token is not None:
+            on_token(t, capture.last_position(), alive)
         finished |= tokens == eos_id
         steps = t + 1
         if finished.all() or t == cfg.max_new_tokens - 1:

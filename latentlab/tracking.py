@@ -25,8 +25,23 @@ def start_wandb(mode: str, project: str, name: str, config: dict[str, Any], dire
     return wandb.init(project=project, name=name, mode=mode, config=config, dir=str(directory))
 
 
+def is_speed(metric: str) -> bool:
+    """Wall-clock measurements (tokens_per_s, seconds_per_step): they differ on every run."""
+    return metric.endswith("_per_s") or metric.startswith("seconds")
+
+
+def _write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
+    table = pl.from_dicts(rows, infer_schema_length=None) if rows else pl.DataFrame({"step": []})
+    with atomic_output(path) as partial:
+        table.write_csv(partial)
+
+
 class StepLog:
-    """Collects one row of metrics per logged step; `save` writes them as CSV in one atomic step."""
+    """Collects one row of metrics per logged step; `save` writes them as CSV in one atomic step.
+
+    Speed columns go to a file of their own, so the main log is identical for the same seed and a
+    rerun does not make the stages that read it look stale.
+    """
 
     def __init__(self, wandb_run=None, bar=None):
         self.rows: list[dict[str, Any]] = []
@@ -40,10 +55,12 @@ class StepLog:
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)}, refresh=False)
 
-    def save(self, path: str | Path) -> None:
-        table = pl.from_dicts(self.rows, infer_schema_length=None) if self.rows else pl.DataFrame({"step": []})
-        with atomic_output(path) as partial:
-            table.write_csv(partial)
+    def save(self, path: str | Path, speed_path: str | Path | None = None) -> None:
+        """Write the log to `path` and its speed columns to `speed_path` (default: `<name>_speed.csv`)."""
+        path = Path(path)
+        speed_path = speed_path or path.with_name(f"{path.stem}_speed.csv")
+        _write_csv([{k: v for k, v in row.items() if not is_speed(k)} for row in self.rows], path)
+        _write_csv([{k: v for k, v in row.items() if k == "step" or is_speed(k)} for row in self.rows], speed_path)
 
     def finish(self) -> None:
         if self.wandb_run is not None:

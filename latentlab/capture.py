@@ -1,0 +1,81 @@
+"""Capture chosen layers' hidden states with forward hooks, indexed as `output_hidden_states` is.
+
+Index 0 is the input of the first block (the embeddings), index i < L the input of block i, and
+index L (or -1) the output of the final norm, exactly the tuple Hugging Face returns. Hooks keep
+only the layers asked for, so nothing forces every layer of every step to be materialised.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def decoder_blocks(model) -> tuple[nn.ModuleList, nn.Module]:
+    """(the decoder blocks, the final norm) of a Hugging Face causal LM."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for blocks_name, norm_name in (("layers", "norm"), ("h", "ln_f")):
+        blocks, norm = getattr(decoder, blocks_name, None), getattr(decoder, norm_name, None)
+        if isinstance(blocks, nn.ModuleList) and norm is not None:
+            return blocks, norm
+    raise TypeError(f"cannot find the decoder blocks of {type(model).__name__}")
+
+
+def resolve_layers(layers: Sequence[int], num_blocks: int) -> list[int]:
+    """Map indices (negative allowed) into 0..num_blocks; an index out of range is an error naming it."""
+    count = num_blocks + 1
+    resolved = []
+    for index in layers:
+        if not -count <= index < count:
+            raise IndexError(f"layer {index} is out of range: this model has hidden states 0..{num_blocks} "
+                             f"(or -{count}..-1)")
+        resolved.append(index % count)
+    return resolved
+
+
+class LayerCapture:
+    """Context manager: while active, `states` holds the latest forward pass's chosen layers.
+
+        with LayerCapture(model, [-1]) as capture:
+            model(input_ids=ids)
+            capture.stacked()        # (B, T, len(layers), H)
+    """
+
+    def __init__(self, model, layers: Sequence[int]):
+        blocks, self._norm = decoder_blocks(model)
+        self._blocks = blocks
+        self.layers = resolve_layers(layers, len(blocks))
+        self.states: dict[int, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _keep(self, index: int):
+        def pre_hook(module, args, kwargs):
+            self.states[index] = args[0] if args else kwargs["hidden_states"]
+
+        def post_hook(module, args, output):
+            self.states[index] = output[0] if isinstance(output, tuple) else output
+
+        return pre_hook, post_hook
+
+    def __enter__(self) -> "LayerCapture":
+        for index in set(self.layers):
+            pre_hook, post_hook = self._keep(index)
+            if index < len(self._blocks):  # input of block `index`
+                self._handles.append(self._blocks[index].register_forward_pre_hook(pre_hook, with_kwargs=True))
+            else:  # after the final norm
+                self._handles.append(self._norm.register_forward_hook(post_hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.states.clear()
+
+    def stacked(self) -> torch.Tensor:
+        """The latest pass's states, `(B, T, L, H)` with layers in the order asked for."""
+        return torch.stack([self.states[i] for i in self.layers], dim=2)
+
+    def last_position(self) -> torch.Tensor:
+        """`(B, L, H)`: the states of the last position of the latest pass."""
+        return torch.stack([self.states[i][:, -1] for i in self.layers], dim=1)

@@ -1,0 +1,285 @@
+"""Hidden states of chosen layers over batches of prompts: one core for every mode.
+
+`Extractor` serves the `label` stage (latentlab/labelling.py), `latentlab serve` and re-extraction:
+
+- prompt (`tokens: 1`): one forward pass over the prompt, deterministic; the mean is over the
+  prompt's positions.
+- generate (`tokens: N > 1`): N tokens from the shared sampler; the mean is over the states at the
+  positions that produced each generated token: the last prompt position for token 0, then the
+  position of each generated token, up to and including the one that produced end-of-sequence.
+  These are exactly `generate(output_hidden_states=True)`'s `hidden_states[t][layer][:, -1]`, read
+  with forward hooks while sampling, so no step ever materialises every layer and no second pass runs.
+- text (re-extraction): prompt + given completion tokens in one teacher-forced pass, pooled over
+  the same positions as generate, so re-extracting a generated text reproduces its vector.
+
+Padding and positions after end-of-sequence never enter a mean. Layers are numbered as
+`output_hidden_states` numbers them (0: embeddings, -1: the final norm's output).
+"""
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from latentlab.capture import LayerCapture, decoder_blocks, resolve_layers
+from latentlab.config import Config
+from latentlab.modeling import content_hash, read_manifest
+from latentlab.sampling import SamplingConfig, positions_from_mask, sample
+
+POSITIONS = {
+    "prompt": "the prompt's tokens",
+    "generate": "the positions that produced each generated token (last prompt position, then each "
+                "generated token), up to and including end-of-sequence",
+    "text": "the positions that produce each given completion token (last prompt position, then each "
+            "completion token but the last), as in generate",
+}
+
+
+class ExtractConfig(Config):
+    layers: list[int] = Field(default_factory=lambda: [-1], min_length=1)
+    """Hidden states to keep, numbered as output_hidden_states: 0 embeddings, -1 the final norm's output."""
+    tokens: int = Field(1, gt=0)
+    """1: prompt only (one forward pass, pooled over the prompt); N > 1: generate N tokens, pool over them."""
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature when generating (0: greedy)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass when generating."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Compute dtype of the model (pooled sums are accumulated in float32 either way)."""
+
+    @property
+    def mode(self) -> str:
+        return "prompt" if self.tokens == 1 else "generate"
+
+
+class LabelConfig(ExtractConfig):
+    store_tokens: bool = False
+    """Also store the states of every pooled position: tokens (N, T, L, H) float16."""
+    batch_size: int = Field(256, gt=0)
+    """Rows per forward pass; also the Zarr chunk along N and the unit that seeds sampling."""
+    shard_rows: int = Field(1024, gt=0)
+    """Rows per shard file: the unit written, resumed and handed to a rank (a multiple of batch_size)."""
+
+    @model_validator(mode="after")
+    def _shards_hold_whole_batches(self):
+        if self.shard_rows % self.batch_size:
+            raise ValueError(f"shard_rows ({self.shard_rows}) must be a multiple of batch_size ({self.batch_size})")
+        return self
+
+
+@dataclass
+class TokenRows:
+    """Token ids of many rows, compact: one flat int32 array and row offsets, not a Python list per
+    row, so a dataset's tokens cost 4 bytes each (and no garbage-collector work) however many rows."""
+
+    flat: np.ndarray  # (total,) int32
+    offsets: np.ndarray  # (N + 1,) int64: row i is flat[offsets[i]:offsets[i + 1]]
+
+    @classmethod
+    def from_lists(cls, rows: Sequence[Sequence[int]]) -> "TokenRows":
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum()))
+        return cls(flat, np.concatenate([[0], np.cumsum(lengths)]))
+
+    @classmethod
+    def concat(cls, parts: Sequence["TokenRows"]) -> "TokenRows":
+        starts = np.cumsum([0] + [len(p.flat) for p in parts[:-1]])
+        offsets = [parts[0].offsets[:1]] + [p.offsets[1:] + start for p, start in zip(parts, starts)]
+        return cls(np.concatenate([p.flat for p in parts]), np.concatenate(offsets))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __getitem__(self, rows: slice) -> "TokenRows":
+        start, stop, _ = rows.indices(len(self))
+        first, last = self.offsets[start], self.offsets[stop]
+        return TokenRows(self.flat[first:last], self.offsets[start : stop + 1] - first)
+
+    def arrays(self) -> list[np.ndarray]:
+        """One array per row (for a Parquet list column)."""
+        return np.split(self.flat, self.offsets[1:-1])
+
+    def padded(self, pad_id: int, device, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) `(N, width)`, padded on the left (prompts: every row ends at the last column,
+        where generation starts) or on the right (completions); one copy, no loop per row."""
+        lengths = torch.from_numpy(self.lengths)
+        width = int(lengths.max())
+        columns = torch.arange(width)
+        mask = columns >= width - lengths[:, None] if left else columns < lengths[:, None]
+        ids = torch.full((len(self), width), pad_id, dtype=torch.long)
+        ids[mask] = torch.from_numpy(self.flat).long()  # row-major: each row's tokens in order
+        return ids.to(device), mask.long().to(device)
+
+
+@dataclass
+class Extracted:
+    """One batch's result, on the CPU."""
+
+    pooled: torch.Tensor  # (B, L, H) float32
+    counts: torch.Tensor  # (B,) positions in each mean (generate: tokens sampled, end-of-sequence included)
+    tokens: torch.Tensor | None = None  # (B, T, L, H) float16, zeros where not pooled
+    token_ids: TokenRows | None = None  # generate: sampled ids, end-of-sequence included
+    ended: torch.Tensor | None = None  # generate: stopped at end-of-sequence
+    log_prob: torch.Tensor | None = None  # generate: sum of the sampled tokens' log-probs
+
+
+def _masked_mean(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of `(B, T, L, H)` over T where `mask (B, T)` is set, in float32; and the counts."""
+    weights = mask.to(torch.float32)
+    counts = weights.sum(1)
+    sums = torch.einsum("btlh,bt->blh", states.float(), weights)
+    return sums / counts.clamp(min=1)[:, None, None], counts.long()
+
+
+class Extractor:
+    """Mean-pooled hidden states of the configured layers for batches of prompts (see the module doc)."""
+
+    def __init__(self, model, tokenizer, cfg: ExtractConfig):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        try:
+            self.layer_indices = resolve_layers(cfg.layers, len(decoder_blocks(model)[0]))
+        except IndexError as error:
+            raise ValueError(f"layers: {error}") from None
+        self.hidden_size = model.config.hidden_size
+        self.context = getattr(model.config, "max_position_embeddings", None)
+        self.sampling = SamplingConfig(max_new_tokens=cfg.tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, texts: Sequence[str], chunk: int = 4096) -> TokenRows:
+        """Token ids of each text, no special tokens added. In chunks: the tokenizer's per-row
+        objects would otherwise cost about a kilobyte for every row of a dataset at once."""
+        return TokenRows.concat([TokenRows.from_lists([])] + [
+            TokenRows.from_lists(self.tokenizer(list(texts[i : i + chunk]), add_special_tokens=False)["input_ids"])
+            for i in range(0, len(texts), chunk)])
+
+    def decode(self, token_ids: TokenRows) -> list[str]:
+        """The text of generated tokens (special tokens skipped). Kept out of `__call__` so the
+        label stage decodes in its writer thread, off the path of the next batch."""
+        return self.tokenizer.batch_decode([row.tolist() for row in token_ids.arrays()], skip_special_tokens=True)
+
+    def completion_ids(self, texts: Sequence[str], ended: Sequence[bool] | None = None) -> TokenRows:
+        """Token ids of given completions, with end-of-sequence appended where `ended`. Decoding and
+        encoding again is exact only where the tokenizer allows it (e.g. no special tokens in the
+        middle); the labels table keeps `token_ids` for exact re-extraction."""
+        eos = self.tokenizer.eos_token_id
+        encoded = self.encode(texts)
+        if ended is None:
+            return encoded
+        return TokenRows.from_lists([list(x) + [eos] if e else list(x) for x, e in zip(encoded.arrays(), ended)])
+
+    def check(self, prompts: TokenRows, ids: Sequence, completions: TokenRows | None = None) -> int:
+        """Refuse, before any work, what cannot be labelled (`ids` name the rows in messages);
+        return T, the positions per row of the `tokens` array."""
+        if len(prompts) == 0:
+            raise ValueError("no rows to label: the dataset is empty")
+        lengths = prompts.lengths
+        if completions is not None:
+            extra = completions.lengths
+        else:
+            extra = np.full(len(prompts), 0 if self.cfg.mode == "prompt" else self.cfg.tokens)
+        checks = [(lengths == 0, lambda row: "the prompt is empty after tokenization")]
+        if completions is not None:
+            checks.append((extra == 0, lambda row: "no completion tokens to re-extract"))
+        if self.context is not None:
+            checks.append((lengths + extra > self.context, lambda row: (
+                f"{lengths[row]} prompt tokens + {extra[row]} more exceed the model's context of "
+                f"{self.context} positions (max_position_embeddings)")))
+        for bad, message in checks:
+            if bad.any():
+                row = int(np.argmax(bad))
+                raise ValueError(f"row id={ids[row]}: {message(row)}")
+        if completions is not None:
+            return int(extra.max())
+        return int(lengths.max()) if self.cfg.mode == "prompt" else self.cfg.tokens
+
+    def __call__(self, prompts: Sequence[str] | TokenRows, generator: torch.Generator | None = None,
+                 store_tokens: bool = False, width: int | None = None,
+                 completions: TokenRows | None = None) -> Extracted:
+        """Pool one batch of prompts (text, or token ids from `encode`). `width` is T of the
+        `tokens` array (default: this batch's widest row)."""
+        if not isinstance(prompts, TokenRows):
+            prompts = self.encode(prompts)
+        ids, mask = prompts.padded(self.tokenizer.pad_token_id, self.device, left=True)
+        with torch.no_grad(), LayerCapture(self.model, self.cfg.layers) as capture:
+            if completions is not None:
+                out = self._teacher_forced(ids, mask, completions, capture)
+            elif self.cfg.mode == "prompt":
+                out = self._prompt(ids, mask, capture)
+            else:
+                return self._generate(ids, mask, capture, generator, store_tokens)
+        states, keep = out
+        pooled, counts = _masked_mean(states, keep)
+        tokens = None
+        if store_tokens:
+            tokens = _left_align(states, keep, width or states.shape[1]).to(torch.float16).cpu()
+        return Extracted(pooled.cpu(), counts.cpu(), tokens)
+
+    def _forward(self, ids, mask, capture) -> torch.Tensor:
+        # logits of the last position only: the vocabulary projection is not what we are after
+        self.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                   use_cache=False, logits_to_keep=1)
+        return capture.stacked()
+
+    def _prompt(self, ids, mask, capture):
+        return self._forward(ids, mask, capture), mask.bool()
+
+    def _teacher_forced(self, ids, mask, completions, capture):
+        comp, comp_mask = completions.padded(self.tokenizer.pad_token_id, self.device, left=False)
+        states = self._forward(torch.cat([ids, comp], 1), torch.cat([mask, comp_mask], 1), capture)
+        start = ids.shape[1] - 1  # the last prompt position produces completion token 0
+        return states[:, start : start + comp.shape[1]], comp_mask.bool()
+
+    def _generate(self, ids, mask, capture, generator, store_tokens) -> Extracted:
+        batch, layers = ids.shape[0], len(self.cfg.layers)
+        sums = torch.zeros((batch, layers, self.hidden_size), dtype=torch.float32, device=self.device)
+        tokens = (torch.zeros((batch, self.cfg.tokens, layers, self.hidden_size), dtype=torch.float16,
+                              device=self.device) if store_tokens else None)
+
+        def on_token(t: int, states: torch.Tensor, alive: torch.Tensor) -> None:
+            # running sums: only the chosen layers of the newest position are ever held
+            states = torch.where(alive[:, None, None], states, 0)
+            sums.add_(states.float())
+            if tokens is not None:
+                tokens[:, t] = states
+
+        embeds = self.model.get_input_embeddings()(ids)
+        done = sample(self.model, embeds, mask, self.sampling, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                      generator, capture=capture, on_token=on_token)
+        counts = done.lengths
+        ended = (done.ids == self.tokenizer.eos_token_id).any(1)
+        return Extracted(
+            pooled=(sums / counts[:, None, None]).cpu(), counts=counts.cpu(),
+            tokens=tokens.cpu() if tokens is not None else None,
+            token_ids=TokenRows(done.ids[done.mask].int().cpu().numpy(),
+                                np.concatenate([[0], counts.cumsum(0).cpu().numpy()])),
+            ended=ended.cpu(), log_prob=done.logprobs.sum(1).cpu(),
+        )
+
+
+def _left_align(states: torch.Tensor, keep: torch.Tensor, width: int) -> torch.Tensor:
+    """`(B, T', L, H)` -> `(B, width, L, H)` with each row's kept positions first, zeros after."""
+    batch, _, layers, hidden = states.shape
+    first = keep.long().argmax(1)  # kept positions are contiguous: left padding, or right padding after
+    index = (first[:, None] + torch.arange(width, device=states.device)).clamp(max=states.shape[1] - 1)
+    gathered = states.gather(1, index[:, :, None, None].expand(batch, width, layers, hidden))
+    valid = torch.arange(width, device=states.device)[None] < keep.sum(1, keepdim=True)
+    return torch.where(valid[:, :, None, None], gathered, 0)
+
+
+def describe_model(directory: str | Path) -> dict:
+    """Provenance for the store's attributes: where the model came from and its content hash."""
+    manifest = read_manifest(directory)
+    return {"path": str(directory), "source": manifest.get("source", str(directory)),
+            "sha256": manifest.get("content_sha256") or content_hash(directory)}

@@ -1,0 +1,270 @@
+"""Labelling a dataset into a Zarr v3 store of hidden states, resumably and across torchrun ranks.
+
+Store (one per dataset): `pooled (N, L, H)` float32, optional `tokens (N, T, L, H)` float16 (zeros
+where a position was not pooled), `ids (N,)`, `n_positions (N,)` (positions in each mean), and
+attributes: model (path, source, sha256), layers, mode, tokens, pooling, positions, dtype, ...
+Chunks of `batch_size` rows sit inside shard files of `shard_rows` rows: a store is a few files.
+
+Resume and atomicity: a run writes into a work directory outside the DVC outputs (DVC deletes
+outputs before it runs a stage), one whole shard at a time, each shard followed by a done-marker
+file. A rerun of the same job (same fingerprint: config, seed, model hash, rows) skips the marked
+shards; sampling is seeded per batch, so a shard's content does not depend on which shards ran
+before it and the final store is identical to an uninterrupted run. Only when every shard is
+marked is the store flagged `complete: true` and renamed onto its final path; readers
+(`open_store`) refuse a store that is not complete. Under torchrun, rank r takes shards
+r, r + world, ...: disjoint files, no locking, and the same store as one process.
+"""
+
+import gc
+import hashlib
+import json
+import shutil
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+import zarr
+from zarr.codecs import ZstdCodec
+
+from latentlab.atomic import atomic_output
+from latentlab.distributed import Ranks
+from latentlab.hidden import POSITIONS, Extracted, Extractor, LabelConfig, TokenRows
+from latentlab.tracking import progress
+
+FORMAT = "latentlab.hidden/1"
+# hidden states are nearly incompressible noise, but per-token arrays hold zeros where a row had
+# ended: zstd level 1 shrinks those as well as the default level 3 does, in about half the time
+COMPRESSOR = ZstdCodec(level=1)
+
+
+def add_rows_array(group: zarr.Group, name: str, shape: tuple, dtype, batch_rows: int, shard_rows: int,
+                   chunk_tail: tuple | None = None) -> zarr.Array:
+    """An array chunked along N: `batch_rows`-row chunks (of `chunk_tail` beyond N, default: whole
+    rows) inside `shard_rows`-row shard files."""
+    rest = tuple(shape[1:])
+    if not rest:  # 1-D: one plain chunk per shard is already one file per shard
+        return group.create_array(name, shape=shape, dtype=dtype, chunks=(shard_rows,), fill_value=0,
+                                  compressors=COMPRESSOR)
+    return group.create_array(name, shape=shape, dtype=dtype, chunks=(batch_rows, *(chunk_tail or rest)),
+                              shards=(shard_rows, *rest), fill_value=0, compressors=COMPRESSOR)
+
+
+def create_store(path: Path, rows: int, layers: int, hidden: int, width: int | None, attrs: dict,
+                 batch_rows: int, shard_rows: int) -> zarr.Group:
+    """An empty store: pooled, ids, n_positions, and tokens when `width` (T) is given."""
+    group = zarr.open_group(path, mode="w", zarr_format=3, attributes=attrs)
+    add_rows_array(group, "pooled", (rows, layers, hidden), "float32", batch_rows, shard_rows)
+    add_rows_array(group, "ids", (rows,), "int64", batch_rows, shard_rows)
+    add_rows_array(group, "n_positions", (rows,), "int32", batch_rows, shard_rows)
+    if width is not None:
+        # a chunk per layer: reading one layer's tokens reads only that layer
+        add_rows_array(group, "tokens", (rows, width, layers, hidden), "float16", batch_rows, shard_rows,
+                       chunk_tail=(width, 1, hidden))
+    return group
+
+
+def open_store(path: str | Path) -> zarr.Group:
+    """A finished store, read-only; a store that was never completed is refused."""
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise FileNotFoundError(f"{path} is not a Zarr store (no zarr.json); run the stage that writes it")
+    group = zarr.open_group(path, mode="r")
+    if group.attrs.get("complete") is not True:
+        raise ValueError(f"{path} is incomplete (attribute complete is not true): a run did not finish")
+    return group
+
+
+def layer_position(group: zarr.Group, layer: int) -> int:
+    """Where `layer`, as it was asked for (e.g. -1), sits along the L axis of a store's arrays."""
+    layers = group.attrs["layers"]
+    if layer not in layers:
+        raise ValueError(f"layer {layer} is not in {group.store_path} (it holds layers {layers})")
+    return layers.index(layer)
+
+
+def read_pooled(path: str | Path, layer: int) -> np.ndarray:
+    """`(N, H)` pooled vectors of one layer of a finished store."""
+    group = open_store(path)
+    return group["pooled"][:, layer_position(group, layer)]
+
+
+# ---- labelling a dataset, resumably -------------------------------------------------------------
+
+@dataclass
+class Job:
+    """A dataset checked and ready to label, and the identity (`fingerprint`) of its result."""
+
+    name: str
+    rows: pl.DataFrame  # at least `id` and `prompt`
+    cfg: LabelConfig
+    seed: int
+    model: dict  # describe_model(...)
+    prompts: TokenRows  # tokenized once
+    width: int  # T of the tokens array
+    completions: TokenRows | None  # re-extraction: the given completions' token ids
+    fingerprint: str
+
+    @property
+    def shards(self) -> int:
+        return -(-self.rows.height // self.cfg.shard_rows)
+
+    def shard_span(self, shard: int) -> tuple[int, int]:
+        return shard * self.cfg.shard_rows, min(self.rows.height, (shard + 1) * self.cfg.shard_rows)
+
+    def attributes(self, extractor: Extractor) -> dict:
+        mode = "text" if self.completions is not None else self.cfg.mode
+        return {
+            "format": FORMAT, "complete": False, "fingerprint": self.fingerprint, "model": self.model,
+            "layers": list(self.cfg.layers), "layer_indices": extractor.layer_indices, "mode": mode,
+            "tokens": self.cfg.tokens, "pooling": "mean", "positions": POSITIONS[mode], "dtype": self.cfg.dtype,
+            "hidden_size": extractor.hidden_size, "rows": self.rows.height, "seed": self.seed,
+            "temperature": self.cfg.temperature, "top_p": self.cfg.top_p,
+        }
+
+
+def prepare(extractor: Extractor, name: str, rows: pl.DataFrame, cfg: LabelConfig, seed: int, model: dict,
+            completions: TokenRows | None = None) -> Job:
+    """Tokenize once and check every row (empty data, context length) before any work. With
+    `completions` (token ids per row): re-extract them in one teacher-forced pass, not generate."""
+    prompts, ids = extractor.encode(rows["prompt"].to_list()), rows["id"].to_numpy()
+    try:
+        width = extractor.check(prompts, ids, completions)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+    # what the result depends on; not the world size: any number of ranks resumes any other's work
+    digest = hashlib.sha256(json.dumps([FORMAT, cfg.model_dump(), seed, model, name], sort_keys=True).encode())
+    for tokens in (prompts, completions) if completions is not None else (prompts,):
+        digest.update(tokens.flat.tobytes() + tokens.offsets.tobytes())
+    digest.update(ids.tobytes())
+    return Job(name, rows, cfg, seed, model, prompts, width, completions, digest.hexdigest())
+
+
+def _batch_generator(job: Job, batch: int, device: torch.device) -> torch.Generator:
+    """A sampling stream per (seed, dataset, batch): a batch's tokens never depend on what ran before."""
+    state = np.random.SeedSequence([job.seed, zlib.crc32(job.name.encode()), batch]).generate_state(1)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
+def label(extractor: Extractor, job: Job, store: Path, table: Path | None, work: Path, ranks: Ranks = Ranks()) -> None:
+    """Label `job` into `store` (and `table`: the rows plus what was generated), resuming from `work`."""
+    parts, done = work / "store.zarr", work / "done"
+    if ranks.rank == 0:
+        _start_or_resume(extractor, job, work)
+    ranks.barrier()  # the store exists before any rank writes into it
+
+    shards = [s for s in range(job.shards) if s % ranks.world == ranks.rank and not (done / f"{s}").exists()]
+    todo = sum(hi - lo for lo, hi in map(job.shard_span, shards))
+    group = zarr.open_group(parts, mode="r+")
+    arrays = {name: group[name] for name in group.array_keys()}  # opened once: each open reads metadata
+    # one writer thread: shard s is compressed and written while shard s + 1 is computed
+    with progress(None, f"label {job.name}", total=todo, unit="row", disable=ranks.rank != 0) as bar, \
+            ThreadPoolExecutor(1) as writer, _frozen_gc():
+        started, positions, pending = time.perf_counter(), 0, None
+
+        def tick(rows: int, pooled_positions: int) -> None:
+            nonlocal positions
+            positions += pooled_positions
+            bar.set_postfix_str(f"{positions / (time.perf_counter() - started):,.0f} tokens/s", refresh=False)
+            bar.update(rows)
+
+        for shard in shards:
+            results = _extract_shard(extractor, job, shard, tick)
+            if pending is not None:
+                pending.result()  # at most two shards in memory; a write error stops the run here
+            pending = writer.submit(_write_shard, job, shard, results, arrays, work, extractor.decode)
+        if pending is not None:
+            pending.result()
+    ranks.barrier()  # every shard is written before rank 0 looks
+    if ranks.rank == 0:
+        _finish(job, work, store, table)
+
+
+@contextmanager
+def _frozen_gc() -> Iterator[None]:
+    """Keep the objects that exist now (model, tokenizer, libraries: hundreds of thousands) out of
+    the cyclic collector's sight while labelling: the per-row texts and id lists trigger full
+    collections, and each would walk them all (about a tenth of the time with a small model)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _start_or_resume(extractor: Extractor, job: Job, work: Path) -> None:
+    """Keep an unfinished run of the very same job; anything else in `work` is stale and goes."""
+    parts, done = work / "store.zarr", work / "done"
+    try:
+        same = zarr.open_group(parts, mode="r").attrs.get("fingerprint") == job.fingerprint
+    except Exception:  # missing or damaged: start over
+        same = False
+    if same:
+        print(f"label {job.name}: resuming, {len(list(done.iterdir()))} of {job.shards} shard(s) already done")
+        return
+    shutil.rmtree(work, ignore_errors=True)
+    done.mkdir(parents=True)
+    with atomic_output(parts) as partial:  # a kill while creating leaves no half-made store to resume
+        create_store(partial, job.rows.height, len(job.cfg.layers), extractor.hidden_size,
+                     job.width if job.cfg.store_tokens else None, job.attributes(extractor),
+                     job.cfg.batch_size, job.cfg.shard_rows)
+
+
+def _extract_shard(extractor: Extractor, job: Job, shard: int, tick: Callable[[int, int], None]) -> list[Extracted]:
+    """One shard, batch by batch; each batch samples from its own seeded stream."""
+    lo, hi = job.shard_span(shard)
+    batch_size = job.cfg.batch_size
+    results = []
+    for start in range(lo, hi, batch_size):
+        stop = min(start + batch_size, hi)
+        completions = job.completions[start:stop] if job.completions is not None else None
+        generator = _batch_generator(job, start // batch_size, extractor.device)
+        result = extractor(job.prompts[start:stop], generator, job.cfg.store_tokens, job.width, completions)
+        results.append(result)
+        tick(stop - start, int(result.counts.sum()))
+    return results
+
+
+def _write_shard(job: Job, shard: int, results: list[Extracted], arrays: dict[str, zarr.Array], work: Path,
+                 decode: Callable[[TokenRows], list[str]]) -> None:
+    """Write a shard whole (every shard file is written exactly once), its rows, then its done-marker."""
+    lo, hi = job.shard_span(shard)
+    counts = torch.cat([r.counts for r in results]).numpy().astype(np.int32)
+    arrays["pooled"][lo:hi] = torch.cat([r.pooled for r in results]).numpy()
+    arrays["ids"][lo:hi] = job.rows["id"][lo:hi].to_numpy()
+    arrays["n_positions"][lo:hi] = counts
+    if job.cfg.store_tokens:
+        arrays["tokens"][lo:hi] = torch.cat([r.tokens for r in results]).numpy()
+    extra = {"n_positions": pl.Series(counts, dtype=pl.Int32)}
+    if results[0].token_ids is not None:  # generated: the text and what it took
+        extra |= {
+            "text_generated": pl.Series(decode(TokenRows.concat([r.token_ids for r in results])), dtype=pl.String),
+            # (polars reads equal-length arrays as a fixed-size Array: the cast keeps every shard a List)
+            "token_ids": pl.Series([t for r in results for t in r.token_ids.arrays()]).cast(pl.List(pl.Int32)),
+            "n_tokens": pl.Series(counts, dtype=pl.Int32),
+            "ended": pl.Series(torch.cat([r.ended for r in results]).numpy(), dtype=pl.Boolean),
+            "log_prob": pl.Series(torch.cat([r.log_prob for r in results]).numpy(), dtype=pl.Float32),
+        }
+    with atomic_output(work / "rows" / f"{shard}.parquet") as partial:
+        job.rows[lo:hi].with_columns(**extra).write_parquet(partial)
+    (work / "done" / f"{shard}").touch()  # last: a marker always means a whole shard
+
+
+def _finish(job: Job, work: Path, store: Path, table: Path | None) -> None:
+    """Flag the store complete and move it (and the row table) into place; only then drop the work."""
+    missing = [s for s in range(job.shards) if not (work / "done" / f"{s}").exists()]
+    if missing:
+        raise RuntimeError(f"label {job.name}: shards {missing} were not written; rerun to resume")
+    if table is not None:  # the table first: killed before the store moves, a rerun only finishes
+        with atomic_output(table) as partial:  # streamed, shard after shard, in order
+            pl.scan_parquet([work / "rows" / f"{s}.parquet" for s in range(job.shards)]).sink_parquet(partial)
+    zarr.open_group(work / "store.zarr", mode="r+").attrs["complete"] = True
+    with atomic_output(store) as partial:
+        shutil.move(work / "store.zarr", partial)  # a rename when work and store share a file system
+    shutil.rmtree(work)

@@ -1,0 +1,100 @@
+"""The reference pipeline's NPZ files, in and out of hidden-state stores.
+
+Reference keys: `obs, next_obs, action, reward, done, log_prob` (transitions), `text_generated`
+(one string per row) and `hidden_state (N, T, H)` float32, one layer's states of every position.
+Export also writes `n_positions (N,)` (how many of the T positions hold states; the reference
+averaged all T, padding included), and import honours it when present.
+
+No pickle: text is written as fixed-width unicode and every file is read with allow_pickle=False.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from latentlab.atomic import atomic_output
+from latentlab.labelling import FORMAT, add_rows_array, create_store, layer_position, open_store
+
+TRANSITION_KEYS = ("obs", "next_obs", "action", "reward", "done", "log_prob")
+REFERENCE_KEYS = (*TRANSITION_KEYS, "text_generated", "hidden_state")
+
+
+def _is_text(array: np.ndarray) -> bool:
+    return array.dtype.kind in "US"
+
+
+def export_npz(store: str | Path, out: str | Path, table: str | Path | None = None, layer: int | None = None) -> list[str]:
+    """Write `store` (one layer: `layer` as it was asked for, default the last) and the row table's
+    text as a reference NPZ; returns the keys written."""
+    group = open_store(store)
+    j = layer_position(group, group.attrs["layers"][-1] if layer is None else layer)
+    # per-position states when stored; else the pooled vector as a single position, which the
+    # reference's mean over dim 1 turns back into the same vector
+    hidden = group["tokens"][:, :, j] if "tokens" in group else group["pooled"][:, j][:, None]
+    arrays = {"hidden_state": hidden.astype(np.float32), "n_positions": group["n_positions"][:]}
+    rows = pl.read_parquet(table) if table is not None else pl.DataFrame()
+    for key in TRANSITION_KEYS:
+        if key in group:
+            arrays[key] = group[key][:]
+        elif key in rows.columns:
+            arrays[key] = np.array(rows[key].to_list(), dtype=str if rows[key].dtype == pl.String else None)
+    if "obs" not in arrays and "prompt" in rows.columns:  # text observations: the prompts
+        arrays["obs"] = np.array(rows["prompt"].to_list(), dtype=str)
+    if "text_generated" in rows.columns:
+        arrays["text_generated"] = np.array(rows["text_generated"].to_list(), dtype=str)
+    with atomic_output(out) as partial, open(partial, "wb") as file:  # a file object: savez adds no suffix
+        np.savez(file, **arrays)
+    return list(arrays)
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+    arrays = {}
+    with np.load(path, allow_pickle=False) as data:
+        for key in data.files:
+            try:
+                arrays[key] = data[key]
+            except ValueError as error:  # an object array: it would need pickle
+                raise ValueError(f"{path}: {key} is an object array, which needs pickle to load; save text as "
+                                 "fixed-width unicode (np.array(texts, dtype=str))") from error
+    if "hidden_state" not in arrays:
+        raise ValueError(f"{path} has no hidden_state (it has {sorted(arrays)})")
+    return arrays
+
+
+def import_npz(path: str | Path, store: str | Path, table: str | Path | None = None, layer: int = -1,
+               batch_rows: int = 256, shard_rows: int = 1024) -> int:
+    """A reference NPZ as a store (`pooled`, `tokens`, and the numeric transition arrays) plus a row
+    table (`id`, `text_generated` and any text arrays); `layer` records which layer it held. Returns N."""
+    path = Path(path)
+    arrays = _load(path)
+    hidden = arrays.pop("hidden_state")
+    hidden = hidden[:, None] if hidden.ndim == 2 else hidden  # (N, H): already pooled, one position
+    rows, width, size = hidden.shape
+    wrong = {k: a.shape for k, a in arrays.items() if a.shape[:1] != (rows,)}
+    if wrong:
+        raise ValueError(f"{path}: arrays must all have {rows} rows like hidden_state; these do not: {wrong}")
+    counts = arrays.pop("n_positions", np.full(rows, width)).astype(np.int32)
+    keep = np.arange(width)[None] < counts[:, None]
+    pooled = (hidden * keep[..., None]).sum(1, dtype=np.float64) / np.maximum(counts, 1)[:, None]
+    attrs = {
+        "format": FORMAT, "complete": True, "model": {"source": f"imported from {path.name}"}, "layers": [layer],
+        "mode": "imported", "tokens": width, "pooling": "mean",
+        "positions": "the first n_positions of the file's T positions (all T without n_positions)",
+        "dtype": str(hidden.dtype), "hidden_size": size, "rows": rows,
+    }
+    shard_rows = max(batch_rows, shard_rows // batch_rows * batch_rows)
+    with atomic_output(store) as partial:
+        group = create_store(partial, rows, 1, size, width, attrs, batch_rows, shard_rows)
+        group["pooled"][:] = pooled[:, None].astype(np.float32)
+        group["tokens"][:] = hidden[:, :, None].astype(np.float16)
+        group["ids"][:] = np.arange(rows)
+        group["n_positions"][:] = counts
+        for key, array in arrays.items():
+            if not _is_text(array):
+                add_rows_array(group, key, array.shape, array.dtype, batch_rows, shard_rows)[:] = array
+    if table is not None:
+        text = {k: a.tolist() for k, a in arrays.items() if _is_text(a)}
+        with atomic_output(table) as partial:
+            pl.DataFrame({"id": np.arange(rows), **text}).write_parquet(partial)
+    return rows

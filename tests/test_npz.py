@@ -1,0 +1,102 @@
+"""Reference NPZ import/export, and re-extraction from the command line (`latentlab extract`)."""
+
+import numpy as np
+import polars as pl
+import pytest
+
+from latentlab.cli import main as cli
+from latentlab.hidden import Extractor, LabelConfig, describe_model
+from latentlab.labelling import label, open_store, prepare
+from latentlab.modeling import load_lm
+from latentlab.npz import REFERENCE_KEYS, export_npz, import_npz
+from tests.label_fixtures import save_model
+
+N, T, H = 10, 6, 16
+
+
+def reference_npz(path):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "obs": rng.integers(0, 255, (N, 8, 8, 3), dtype=np.uint8),
+        "next_obs": rng.integers(0, 255, (N, 8, 8, 3), dtype=np.uint8),
+        "action": rng.integers(0, 4, N),
+        "reward": rng.normal(size=N).astype(np.float32),
+        "done": rng.random(N) < 0.3,
+        "log_prob": rng.normal(size=N).astype(np.float32),
+        "text_generated": np.array([f"move {i} left" * (i % 3) for i in range(N)]),
+        "hidden_state": rng.normal(size=(N, T, H)).astype(np.float32),
+    }
+    np.savez(path, **arrays)
+    return arrays
+
+
+def test_reference_npz_round_trips_through_a_store(tmp_path):
+    original = reference_npz(tmp_path / "ref.npz")
+    assert import_npz(tmp_path / "ref.npz", tmp_path / "ref.zarr", tmp_path / "ref.parquet", batch_rows=4,
+                      shard_rows=8) == N
+    store = open_store(tmp_path / "ref.zarr")
+    assert store["tokens"].shape == (N, T, 1, H) and store["tokens"].dtype == np.float16
+    np.testing.assert_allclose(store["pooled"][:, 0], original["hidden_state"].mean(1), atol=1e-6)
+    assert store["obs"].shape == (N, 8, 8, 3) and store.attrs["mode"] == "imported"
+
+    export_npz(tmp_path / "ref.zarr", tmp_path / "back.npz", tmp_path / "ref.parquet")
+    with np.load(tmp_path / "back.npz", allow_pickle=False) as back:
+        assert set(REFERENCE_KEYS) <= set(back.files)
+        for key in REFERENCE_KEYS:
+            assert back[key].dtype == original[key].dtype, key
+            if key == "hidden_state":  # stored as float16: half the bytes, 3 significant digits
+                np.testing.assert_allclose(back[key], original[key], rtol=1e-3, atol=1e-3)
+            else:
+                np.testing.assert_array_equal(back[key], original[key])
+
+
+def test_an_object_array_is_refused_not_unpickled(tmp_path):
+    np.savez(tmp_path / "pickled.npz", hidden_state=np.zeros((2, 1, 4), np.float32),
+             text_generated=np.array(["a", None], dtype=object))
+    with pytest.raises(ValueError, match="text_generated is an object array, which needs pickle"):
+        import_npz(tmp_path / "pickled.npz", tmp_path / "out.zarr")
+    assert not (tmp_path / "out.zarr").exists()
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, tiny_lm):
+    """A generation-mode store with per-token states, and its row table, made by the library."""
+    root = tmp_path_factory.mktemp("labelled")
+    model_dir = save_model(tiny_lm, root / "model")
+    model, tokenizer = load_lm(model_dir)
+    cfg = LabelConfig(layers=[0, -1], tokens=6, temperature=2.0, store_tokens=True, batch_size=4, shard_rows=8)
+    rows = pl.DataFrame({"id": list(range(100, 112)), "prompt": [f"{i}+{i}=" for i in range(12)]})
+    extractor = Extractor(model, tokenizer, cfg)
+    label(extractor, prepare(extractor, "rows", rows, cfg, 0, describe_model(model_dir)), root / "rows.zarr",
+          root / "rows.parquet", root / "work")
+    return root
+
+
+def test_a_labelled_store_exports_to_the_reference_keys(labelled, tmp_path):
+    export_npz(labelled / "rows.zarr", tmp_path / "out.npz", labelled / "rows.parquet")
+    store, rows = open_store(labelled / "rows.zarr"), pl.read_parquet(labelled / "rows.parquet")
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as out:
+        hidden, counts = out["hidden_state"], out["n_positions"]
+        assert hidden.shape == (12, 6, 32) and hidden.dtype == np.float32
+        np.testing.assert_array_equal(hidden, store["tokens"][:, :, 1].astype(np.float32))
+        np.testing.assert_allclose(hidden.sum(1) / counts[:, None], store["pooled"][:, 1], atol=2e-3)
+        assert out["text_generated"].tolist() == rows["text_generated"].to_list()
+        assert out["obs"].tolist() == rows["prompt"].to_list()
+        np.testing.assert_array_equal(out["log_prob"], rows["log_prob"].to_numpy())
+
+
+def test_cli_extract_re_extracts_generated_tokens_to_the_same_vectors(labelled, tmp_path):
+    cli(["extract", "--model", str(labelled / "model"), "--rows", str(labelled / "rows.parquet"),
+         "--out", str(tmp_path / "again.zarr"), "--ids-column", "token_ids", "--layers", "0", "-1",
+         "--batch-size", "5", "--shard-rows", "5", "--device", "cpu"])
+    again, first = open_store(tmp_path / "again.zarr"), open_store(labelled / "rows.zarr")
+    assert again.attrs["mode"] == "text"
+    np.testing.assert_array_equal(again["n_positions"][:], first["n_positions"][:])
+    np.testing.assert_allclose(again["pooled"][:], first["pooled"][:], atol=1e-5)
+
+
+def test_cli_says_what_is_wrong_in_one_line(labelled, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli(["extract", "--model", str(labelled / "model"), "--rows", str(labelled / "rows.parquet"),
+             "--out", str(tmp_path / "x.zarr"), "--text-column", "nope"])
+    assert "has no column 'nope'" in capsys.readouterr().err

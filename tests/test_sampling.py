@@ -1,0 +1,111 @@
+"""The one sampler: log-prob alignment, end-of-sequence, left padding, capture and cache reuse."""
+
+import pytest
+import torch
+
+from latentlab.capture import LayerCapture
+from latentlab.sampling import SamplingConfig, completion_logprobs, sample, tokenize_prompts
+
+PROMPTS = ["3+4=", "12-5=", "40+9=", "1+1=", "48-47="]
+
+
+def _sample(model, tokenizer, prompts, cfg, seed=0, **kwargs):
+    ids, mask = tokenize_prompts(tokenizer, prompts, "cpu")
+    embeds = model.get_input_embeddings()(ids)
+    completions = sample(model, embeds, mask, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                         torch.Generator().manual_seed(seed), **kwargs)
+    return ids, mask, embeds, completions
+
+
+@torch.no_grad()
+def test_sampled_logprobs_match_a_slow_token_by_token_reference(tiny_lm):
+    model, tokenizer = tiny_lm
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0.7)
+    ids, mask, embeds, completions = _sample(model, tokenizer, PROMPTS, cfg)
+    teacher_forced = completion_logprobs(model, embeds, mask, completions, temperature=0.7)
+    for row, prompt in enumerate(PROMPTS):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for t in range(int(completions.mask[row].sum())):
+            # no padding, no cache: the whole sequence up to token t, read the last logits
+            sequence = torch.tensor([prompt_ids + completions.ids[row, :t].tolist()])
+            logits = model(input_ids=sequence).logits[0, -1]
+            expected = torch.log_softmax(logits / 0.7, -1)[completions.ids[row, t]]
+            assert completions.logprobs[row, t].item() == pytest.approx(expected.item(), abs=1e-4)
+            assert teacher_forced[row, t].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_everything_after_eos_is_padding_and_masked(tiny_lm):
+    model, tokenizer = tiny_lm
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    _, _, _, completions = _sample(model, tokenizer, PROMPTS * 16, SamplingConfig(max_new_tokens=24, temperature=1.5))
+    finished = 0
+    for ids, mask, logprobs in zip(completions.ids, completions.mask, completions.logprobs):
+        hits = (ids == eos).nonzero()
+        if len(hits):
+            finished += 1
+            end = hits[0].item()
+            assert mask[: end + 1].all() and not mask[end + 1 :].any()
+            assert (ids[end + 1 :] == pad).all() and (logprobs[end + 1 :] == 0).all()
+        else:
+            assert mask.all()
+    assert 0 < finished < len(completions.ids)  # both cases were exercised
+
+
+def test_greedy_output_does_not_depend_on_left_padding(tiny_lm):
+    model, tokenizer = tiny_lm
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    alone = _sample(model, tokenizer, ["1+1="], cfg)[3]
+    batched = _sample(model, tokenizer, ["1+1=", "48-47=", "12+30="], cfg)[3]
+    n = int(alone.mask[0].sum())
+    assert batched.ids[0, :n].tolist() == alone.ids[0, :n].tolist()
+
+
+def test_tiny_top_p_is_greedy_and_noise_changes_samples_not_logprobs(tiny_lm):
+    model, tokenizer = tiny_lm
+    greedy = _sample(model, tokenizer, PROMPTS, SamplingConfig(max_new_tokens=6, temperature=0.0))[3]
+    nucleus = _sample(model, tokenizer, PROMPTS, SamplingConfig(max_new_tokens=6, temperature=1.0, top_p=1e-6))[3]
+    assert torch.equal(greedy.ids, nucleus.ids)
+    plain = _sample(model, tokenizer, PROMPTS * 4, SamplingConfig(max_new_tokens=6), seed=1)
+    noisy = _sample(model, tokenizer, PROMPTS * 4, SamplingConfig(max_new_tokens=6, logit_noise=3.0), seed=1)
+    assert not torch.equal(plain[3].ids, noisy[3].ids)
+    _, mask, embeds, completions = noisy
+    with torch.no_grad():  # log-probs stay those of pi = softmax(logits / T), without the noise
+        assert torch.allclose(completion_logprobs(model, embeds, mask, completions), completions.logprobs, atol=1e-4)
+
+
+@torch.no_grad()
+def test_captured_states_are_those_that_predicted_each_token(tiny_lm):
+    model, tokenizer = tiny_lm
+    seen = {}
+    with LayerCapture(model, [0, 1, -1]) as capture:
+        ids, mask, embeds, completions = _sample(
+            model, tokenizer, PROMPTS, SamplingConfig(max_new_tokens=5, temperature=1.0), capture=capture,
+            on_token=lambda t, states, alive: seen.__setitem__(t, (states.clone(), alive.clone())))
+    full = torch.cat([ids, completions.ids], 1)
+    full_mask = torch.cat([mask, completions.mask.long()], 1)
+    reference = model(input_ids=full, attention_mask=full_mask, output_hidden_states=True,
+                      position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).hidden_states
+    prompt_len = ids.shape[1]
+    for t, (states, alive) in seen.items():
+        assert torch.equal(alive, completions.mask[:, t])
+        for j, layer in enumerate([0, 1, -1]):
+            expected = reference[layer][:, prompt_len - 1 + t]  # the position whose logits chose token t
+            assert torch.allclose(states[:, j][alive], expected[alive], atol=1e-4)
+
+
+def test_layer_out_of_range_is_a_clear_error(tiny_lm):
+    model, _ = tiny_lm
+    with pytest.raises(IndexError, match="layer 3 is out of range"):
+        LayerCapture(model, [3])
+
+
+@torch.no_grad()
+def test_continuing_a_cache_equals_encoding_the_whole_prefix(tiny_lm):
+    model, tokenizer = tiny_lm
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    ids, mask, embeds, whole = _sample(model, tokenizer, PROMPTS, cfg)
+    head = model(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1],
+                 position_ids=(mask[:, :-1].cumsum(-1) - 1).clamp(min=0), use_cache=True)
+    continued = sample(model, embeds[:, -1:], mask, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                       past_key_values=head.past_key_values)
+    assert torch.equal(whole.ids, continued.ids)
