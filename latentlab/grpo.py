@@ -94,8 +94,10 @@ def grpo_loss(
     aggregation: str = "sequence",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The negated GRPO objective `-J` over `(B, T)` token log-probs; returns (loss, stats)."""
-    mask = mask.float()
-    ratio = torch.exp(logprobs - old_logprobs)
+    mask = mask.bool()
+    # log-ratios are zeroed (not multiplied by 0) where masked, so whatever sits after an
+    # end-of-sequence can never turn into inf * 0 = NaN
+    ratio = torch.exp(torch.where(mask, logprobs - old_logprobs, 0.0))
     adv = advantages[:, None]
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
     per_token = -surrogate
@@ -103,21 +105,22 @@ def grpo_loss(
     if beta > 0:
         if ref_logprobs is None:
             raise ValueError("beta > 0 needs reference log-probs")
-        log_ref_ratio = ref_logprobs - logprobs
+        log_ref_ratio = torch.where(mask, ref_logprobs - logprobs, 0.0)
         kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
         per_token = per_token + beta * kl
 
     def reduce(values: torch.Tensor) -> torch.Tensor:
+        values = torch.where(mask, values, 0.0)
         if aggregation == "sequence":
-            return ((values * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-        return (values * mask).sum() / mask.sum().clamp(min=1)
+            return (values.sum(1) / mask.sum(1).clamp(min=1)).mean()
+        return values.sum() / mask.sum().clamp(min=1)
 
     loss = reduce(per_token)
     clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps) & (adv > 0))
     stats = {
         "policy_loss": reduce(-surrogate).item(),
         "kl": reduce(kl).item(),
-        "clip_fraction": ((clipped.float() * mask).sum() / mask.sum().clamp(min=1)).item(),
+        "clip_fraction": ((clipped & mask).sum() / mask.sum().clamp(min=1)).item(),
     }
     return loss, stats
 
@@ -173,6 +176,7 @@ class GRPOTrainer:
 
         grouped = rewards.view(-1, G)
         n_tokens = int(mask.sum())
+        seconds = time.perf_counter() - started
         return {
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item(),
@@ -184,7 +188,8 @@ class GRPOTrainer:
             **{name: value.item() for name, value in regularizers.items()},
             "grad_norm": float(grad_norm),
             "completion_tokens": n_tokens / mask.shape[0],
-            "tokens_per_s": n_tokens / (time.perf_counter() - started),
+            "tokens_per_s": n_tokens / seconds,
+            "seconds_per_step": seconds,
             "lr": self.schedule.get_last_lr()[0],
         }
 
