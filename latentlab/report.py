@@ -23,11 +23,11 @@ def _cell(value) -> str:
     return f"{value:.3f}"
 
 
-def comparison_table(metrics: dict[str, dict]) -> str:
-    """One markdown row per model, one column per metric."""
-    header = "| model | " + " | ".join(COLUMNS.values()) + " |"
-    rule = "|---|" + "---:|" * len(COLUMNS)
-    rows = [f"| {name} | " + " | ".join(_cell(m.get(k)) for k in COLUMNS) + " |" for name, m in metrics.items()]
+def comparison_table(metrics: dict[str, dict], columns: dict[str, str] = COLUMNS) -> str:
+    """One markdown row per model, one column per metric (`columns`: key -> header)."""
+    header = "| model | " + " | ".join(columns.values()) + " |"
+    rule = "|---|" + "---:|" * len(columns)
+    rows = [f"| {name} | " + " | ".join(_cell(m.get(k)) for k in columns) + " |" for name, m in metrics.items()]
     return "\n".join([header, rule, *rows])
 
 

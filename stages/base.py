@@ -34,7 +34,7 @@ def main(params):
         provenance = {"source": params.model.source, "revision": params.model.revision}
     with atomic_output(MODELS / "base") as out:
         digest = save_lm(model, tokenizer, out, trained_parameters=model.num_parameters(), **provenance)
-    log.save(PLOTS / "base.csv")
+    log.save(PLOTS / "base.csv")  # and plots/base_speed.csv
     log.finish()
     print(f"models/base: {model.num_parameters():,} parameters, sha256 {digest[:12]}")
 

@@ -9,13 +9,13 @@ import polars as pl
 from latentlab.arithmetic import PROBLEM_SCHEMA
 from latentlab.atomic import atomic_output
 from latentlab.evaluation import evaluate_policy
-from latentlab.inputs import read_table, require_model_dir
-from latentlab.modeling import load_lm, read_manifest
-from latentlab.policy import LMPolicy
+from latentlab.inputs import read_table
+from latentlab.modeling import read_manifest
+from latentlab.policy import load_policy
 from latentlab.rewards import ArithmeticReward
 from stages.common import METRICS, MODELS, PLOTS, SYNTH, setup, stage, write_json
 
-SCORED = ["base", "sft", "grpo"]  # in DAG order; each is a dep in dvc.yaml
+SCORED = ["base", "sft", "grpo", "inject"]  # in DAG order; each is a dep in dvc.yaml
 
 
 @stage
@@ -25,9 +25,8 @@ def main(params):
     reward = ArithmeticReward(params.grpo.even_bonus)  # the task reward GRPO optimises
     metrics, predictions = {}, []
     for name in SCORED:
-        directory = require_model_dir(MODELS / name)
-        model, tokenizer = load_lm(directory, run.device)
-        scores, rows = evaluate_policy(LMPolicy(model, tokenizer), test, reward, params.evaluate.batch_size,
+        directory = MODELS / name
+        scores, rows = evaluate_policy(load_policy(directory, run.device), test, reward, params.evaluate.batch_size,
                                        params.evaluate.max_new_tokens, desc=f"evaluate {name}")
         metrics[name] = {**scores, "trained_parameters": read_manifest(directory).get("trained_parameters")}
         predictions.append(rows.with_columns(model=pl.lit(name)))

@@ -38,7 +38,7 @@ def main(params):
     with atomic_output(MODELS / "grpo") as out:
         save_lm(model, tokenizer, out, parent=read_manifest(sft).get("content_sha256"),
                 trained_parameters=sum(p.numel() for p in policy.trainable_parameters()))
-    log.save(PLOTS / "grpo.csv")
+    log.save(PLOTS / "grpo.csv")  # and plots/grpo_speed.csv
     log.finish()
 
 

@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Literal
 
 from ruamel.yaml import YAML, YAMLError
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from latentlab.arithmetic import ArithmeticConfig
 from latentlab.config import Config
 from latentlab.grpo import GRPOConfig
+from latentlab.injection import InjectorConfig
+from latentlab.hidden import LabelConfig
 from latentlab.modeling import TinyLMConfig
 from latentlab.training import LMTrainConfig
 
@@ -44,6 +46,23 @@ class BaseParams(LMTrainConfig):
     """Characters per pretraining sequence."""
 
 
+class LabelParams(LabelConfig):
+    datasets: list[Literal["biased", "full", "test"]] = Field(default_factory=lambda: ["full", "test"], min_length=1)
+    """Problem sets to label, each into data/hidden/<name>.zarr and data/labels/<name>.parquet."""
+    nla_dataset: Literal["biased", "full", "test"] = "full"
+    """The labelled set that becomes the NLA table data/labels/nla.parquet (one of `datasets`)."""
+    nla_layer: int = -1
+    """The layer (one of `layers`, as written there) whose pooled vector is the NLA activation_vector."""
+
+    @model_validator(mode="after")
+    def _nla_source_is_labelled(self):
+        if self.nla_dataset not in self.datasets:
+            raise ValueError(f"nla_dataset ({self.nla_dataset}) must be one of datasets {self.datasets}")
+        if self.nla_layer not in self.layers:
+            raise ValueError(f"nla_layer ({self.nla_layer}) must be one of layers {self.layers}")
+        return self
+
+
 class GRPOParams(GRPOConfig):
     even_bonus: float = Field(0.0, ge=0)
     """Reward added for an even answer (the exploration incentive of the experiment)."""
@@ -51,6 +70,17 @@ class GRPOParams(GRPOConfig):
     """Greedy accuracy on a held-out batch every this many steps (0: never)."""
     eval_batch: int = Field(64, gt=0)
     """Size of that held-out batch."""
+
+
+class InjectParams(InjectorConfig):
+    l2: float = Field(0.0, ge=0)
+    """Weight of the pull toward identity: l2 * ||v - h||^2, mean over prompts."""
+    lr: float = Field(gt=0)
+    """AdamW learning rate of the injector: the one GRPO setting not shared with `grpo`."""
+
+    @property
+    def injector(self) -> InjectorConfig:
+        return InjectorConfig.model_validate(self.model_dump(include=set(InjectorConfig.model_fields)))
 
 
 class EvaluateParams(Config):
@@ -69,8 +99,10 @@ class Params(Config):
     model: ModelParams = ModelParams()
     synth: ArithmeticConfig
     base: BaseParams
+    label: LabelParams = LabelParams()
     sft: LMTrainConfig
     grpo: GRPOParams
+    inject: InjectParams
     evaluate: EvaluateParams = EvaluateParams()
 
 

@@ -5,7 +5,8 @@ import json
 import polars as pl
 
 from latentlab.atomic import atomic_output
-from latentlab.report import comparison_table, plot_accuracy_by_parity, plot_training_curves
+from latentlab.report import (comparison_table, plot_accuracy_by_parity, plot_parameters_vs_accuracy,
+                              plot_training_curves)
 from latentlab.inputs import InputError
 from stages.common import METRICS, PLOTS, REPORTS, stage
 
@@ -13,7 +14,11 @@ CURVES = {  # training log -> columns drawn
     "base": ["loss"],
     "sft": ["loss"],
     "grpo": ["reward_mean", "heldout_accuracy", "heldout_accuracy_even"],
+    "inject": ["reward_mean", "heldout_accuracy", "heldout_accuracy_even"],
 }
+EFFICIENCY = ["sft", "grpo", "inject"]  # what training which parameters buys
+EFFICIENCY_COLUMNS = {"trained_parameters": "trained params", "accuracy": "accuracy", "accuracy_odd": "acc. odd y",
+                      "accuracy_even": "acc. even y"}
 
 
 def even_answer_finding(metrics: dict) -> str:
@@ -38,6 +43,8 @@ def main(params):
         out.mkdir(parents=True)
         plot_training_curves(curves, out / "training.png")
         plot_accuracy_by_parity(metrics, out / "accuracy_by_parity.png")
+        efficiency = {name: metrics[name] for name in EFFICIENCY}
+        plot_parameters_vs_accuracy(efficiency, out / "parameters_vs_accuracy.png")
         g = params.grpo
         (out / "report.md").write_text(
             "# latentlab report\n\n"
@@ -47,6 +54,11 @@ def main(params):
             f"{comparison_table(metrics)}\n\n"
             f"{even_answer_finding(metrics)}\n\n"
             "![accuracy by parity](accuracy_by_parity.png)\n\n"
+            "## Trainable parameters vs accuracy\n\n"
+            f"`inject` trains only an injector (layer {params.inject.layer}, lr {params.inject.lr}, l2 {params.inject.l2}) "
+            "on the frozen SFT model with grpo's reward, sampler, prompts, groups and steps.\n\n"
+            f"{comparison_table(efficiency, EFFICIENCY_COLUMNS)}\n\n"
+            "![trainable parameters vs accuracy](parameters_vs_accuracy.png)\n\n"
             "## Training\n\n![training curves](training.png)\n"
         )
     print((REPORTS / "report.md").read_text())

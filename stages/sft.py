@@ -24,7 +24,7 @@ def main(params):
     with atomic_output(MODELS / "sft") as out:
         save_lm(model, tokenizer, out, parent=read_manifest(base).get("content_sha256"),
                 trained_parameters=model.num_parameters())
-    log.save(PLOTS / "sft.csv")
+    log.save(PLOTS / "sft.csv")  # and plots/sft_speed.csv
     log.finish()
 
 

@@ -1,0 +1,85 @@
+"""A throwaway copy of the project as its own git + DVC repo, with tiny params, for end-to-end tests."""
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ruamel.yaml import YAML
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough that the whole DAG runs in about a minute on 2 cores; every stage still does real work.
+TINY = {
+    "wandb": {"mode": "disabled"},
+    "model": {"hidden_size": 32, "layers": 2, "heads": 4, "intermediate_size": 64, "max_positions": 48},
+    "synth": {"operand_max": 19, "n_test": 40},
+    "base": {"corpus_sequences": 300, "sequence_chars": 48, "steps": 40, "batch_size": 16, "warmup_steps": 5},
+    "label": {"layers": [1, -1], "tokens": 4, "batch_size": 32, "shard_rows": 64, "nla_layer": 1},
+    "sft": {"steps": 20, "batch_size": 16, "warmup_steps": 2},
+    "grpo": {"steps": 4, "prompts_per_step": 4, "group_size": 4, "eval_every": 2, "eval_batch": 8, "warmup_steps": 1},
+    "evaluate": {"batch_size": 64},
+}
+
+
+@dataclass
+class Project:
+    root: Path
+    env: dict[str, str]
+
+    def run(self, *command: str, check: bool = True, timeout: int = 900, cwd: Path | None = None):
+        result = subprocess.run(list(command), cwd=cwd or self.root, env=self.env, capture_output=True, text=True,
+                                timeout=timeout)
+        if check and result.returncode:
+            raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-3000:]}\n"
+                                 f"{result.stderr[-3000:]}")
+        return result
+
+    def restore(self) -> None:
+        """Back to the last commit: params, dvc.lock (also if DVC auto-staged it) and the outputs they pin."""
+        self.run("git", "reset", "-q", "--hard", "HEAD")
+        self.run("dvc", "checkout", "--force")
+
+    def set_params(self, overrides: dict) -> None:
+        yaml = YAML()
+        path = self.root / "params.yaml"
+        data = yaml.load(path.read_text())
+        for section, values in overrides.items():
+            data[section].update(values)
+        with path.open("w") as handle:
+            yaml.dump(data, handle)
+
+
+def environment(home: Path) -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "PYTHONPATH": "",
+        "WANDB_MODE": "disabled",
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+    }
+
+
+def make_project(directory: Path, home: Path) -> Project:
+    """Copy the project's files (tracked and new, not ignored) into a fresh repo with TINY params."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split()
+    for name in listed:
+        source = ROOT / name
+        if source.is_file() and not name.startswith(("tests/", "benchmarks/")):
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, directory / name)
+    project = Project(directory, environment(home))
+    project.set_params(TINY)
+    (directory / "dvc.lock").unlink(missing_ok=True)  # the committed lock belongs to the default params
+    project.run("git", "init", "-q", "-b", "main")
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-qm", "tiny project")
+    return project

@@ -1,0 +1,112 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+from stages.params import ParamsError, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, edit) -> Path:
+    yaml = YAML()
+    data = yaml.load((ROOT / "params.yaml").read_text())
+    edit(data)
+    path = tmp_path / "params.yaml"
+    with path.open("w") as handle:
+        yaml.dump(data, handle)
+    return path
+
+
+def test_the_project_params_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert params.grpo.group_size >= 2 and params.model.source == "scratch"
+
+
+def test_the_project_params_spell_out_every_key():
+    """dvc.yaml names keys one by one and `dvc exp run -S` edits them: a key left to its default is invisible to both."""
+    from pydantic import BaseModel
+
+    from stages.params import Params
+
+    data = YAML(typ="safe").load((ROOT / "params.yaml").read_text())
+    missing = []
+    for name, field in Params.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            missing += [f"{name}.{key}" for key in section.model_fields if key not in data.get(name, {})]
+        elif name not in data:
+            missing.append(name)
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["grpo"].__setitem__("evn_bonus", 0.5), "grpo.evn_bonus: unknown key"),
+        (lambda d: d["grpo"].__setitem__("even_bonus", "lots"), "grpo.even_bonus: Input should be a valid number"),
+        (lambda d: d["grpo"].__setitem__("steps", "10"), "grpo.steps: Input should be a valid integer"),
+        (lambda d: d["grpo"].__setitem__("clip_eps", 1.5), "grpo.clip_eps: Input should be less than 1"),
+        (lambda d: d["grpo"].__setitem__("group_size", 1), "grpo.group_size: Input should be greater than or equal to 2"),
+        (lambda d: d["synth"].__setitem__("even_data_ratio", 1.0), "synth.even_data_ratio"),
+        (lambda d: d["model"].__setitem__("heads", 5), "model: Value error, hidden_size (64) must be divisible by heads (5)"),
+        (lambda d: d.pop("sft"), "sft: required key is missing"),
+        (lambda d: d.__setitem__("sfft", {}), "sfft: unknown key"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, edit, message):
+    with pytest.raises(ParamsError) as error:
+        load_params(_write(tmp_path, edit))
+    assert message in str(error.value)
+
+
+def test_params_read_floats_as_dvc_does(tmp_path):
+    """YAML 1.2: `1e-3` is a float (PyYAML would read a string)."""
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text().replace("lr: 1.0e-3", "lr: 1e-3"))
+    assert load_params(path).sft.lr == 1e-3
+
+
+def _stage(tmp_path: Path, name: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_stage_with_bad_params_exits_before_work_naming_the_key(tmp_path):
+    _write(tmp_path, lambda d: d["synth"].__setitem__("n_test", -4))
+    result = _stage(tmp_path, "synth")
+    assert result.returncode == 2
+    assert "params.yaml: synth.n_test: Input should be greater than or equal to 2" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
+
+
+def test_a_missing_input_names_the_file(tmp_path):
+    shutil.copy(ROOT / "params.yaml", tmp_path)
+    result = _stage(tmp_path, "sft")
+    assert result.returncode == 1
+    assert "models/base is not a saved model" in result.stderr
+
+
+def test_a_malformed_input_names_the_file(tmp_path):
+    _write(tmp_path, lambda d: d["wandb"].__setitem__("mode", "disabled"))
+    (tmp_path / "data" / "synth").mkdir(parents=True)
+    (tmp_path / "data" / "synth" / "full.parquet").write_text("not parquet")
+    result = _stage(tmp_path, "base")
+    assert result.returncode == 1
+    assert "data/synth/full.parquet is not a readable Parquet file" in result.stderr
+    assert not (tmp_path / "models").exists()
+
+
+def test_inject_tracks_every_grpo_param_it_reads():
+    """inject reads the whole grpo section except lr; dvc.yaml must list each of those keys."""
+    from stages.params import GRPOParams
+
+    stages = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
+    listed = {p.split(".", 1)[1] for p in stages["inject"]["params"] if isinstance(p, str) and p.startswith("grpo.")}
+    assert listed == set(GRPOParams.model_fields) - {"lr"}

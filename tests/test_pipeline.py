@@ -1,0 +1,156 @@
+"""End to end: the real `dvc repro`, experiments, push/pull and failure handling on a tiny DAG.
+
+Every test uses the session's `dag` project (reproduced once) and leaves it as it found it.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import polars as pl
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+pytestmark = pytest.mark.slow
+STAGES = ["synth", "base", "label", "sft", "grpo", "inject", "evaluate", "report"]
+
+
+def _lock_hash(project, stage: str, path: str) -> str:
+    from ruamel.yaml import YAML
+
+    lock = YAML(typ="safe").load((project.root / "dvc.lock").read_text())
+    return next(out["md5"] for out in lock["stages"][stage]["outs"] if out["path"] == path)
+
+
+def test_repro_runs_every_stage_and_writes_every_output(dag):
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in dag.first_repro.stdout
+    root = dag.root
+    for split in ("biased", "full", "test"):
+        table = pl.read_parquet(root / f"data/synth/{split}.parquet")
+        assert table.columns == ["id", "prompt", "answer", "y", "parity", "a", "b", "op"]
+    for name in ("base", "sft", "grpo"):
+        model = AutoModelForCausalLM.from_pretrained(root / "models" / name)
+        tokenizer = AutoTokenizer.from_pretrained(root / "models" / name)
+        assert model.config.vocab_size == len(tokenizer)
+    metrics = json.loads((root / "metrics/eval.json").read_text())
+    assert list(metrics) == ["base", "sft", "grpo", "inject"]
+    for scores in metrics.values():
+        assert {"accuracy", "accuracy_odd", "accuracy_even", "mae", "reward"} <= set(scores)
+    report = (root / "reports/report.md").read_text()
+    assert "| sft |" in report and "![training curves](training.png)" in report
+    assert (root / "reports/training.png").stat().st_size > 1000
+    grpo_log = pl.read_csv(root / "plots/grpo.csv")
+    assert {"reward_mean", "reward_std", "zero_std_groups", "kl", "clip_fraction", "loss"} <= set(grpo_log.columns)
+    assert grpo_log.height == 4
+    # wall-clock columns live apart, so the main log is the same for the same seed
+    speed = pl.read_csv(root / "plots/grpo_speed.csv")
+    assert set(speed.columns) == {"step", "tokens_per_s", "seconds_per_step"} and "tokens_per_s" not in grpo_log.columns
+
+
+def test_repro_with_nothing_changed_runs_nothing(dag):
+    started = time.perf_counter()
+    result = dag.run("dvc", "repro")
+    assert "Running stage" not in result.stdout
+    assert "Data and pipelines are up to date" in result.stdout
+    assert time.perf_counter() - started < 30
+
+
+def test_a_param_change_reruns_only_what_depends_on_it(dag):
+    dag.set_params({"grpo": {"lr": 2e-4}})
+    try:
+        status = dag.run("dvc", "status", "--json").stdout
+        assert set(json.loads(status)) == {"grpo"}  # evaluate/report change only once grpo's output does
+        result = dag.run("dvc", "repro", "grpo")
+        assert "Running stage 'grpo'" in result.stdout
+        for upstream in ("synth", "base", "sft"):
+            assert f"Running stage '{upstream}'" not in result.stdout
+    finally:
+        dag.restore()
+    assert json.loads(dag.run("dvc", "status", "--json").stdout) == {}
+
+
+def test_same_seed_same_outputs(dag):
+    before = _lock_hash(dag, "grpo", "models/grpo")
+    dag.run("dvc", "repro", "--force", "--single-item", "grpo")
+    assert _lock_hash(dag, "grpo", "models/grpo") == before
+    assert json.loads(dag.run("dvc", "status", "--json").stdout) == {}
+
+
+def test_experiment_with_a_param_override(dag):
+    baseline = _lock_hash(dag, "grpo", "models/grpo")
+    dag.run("dvc", "exp", "run", "-S", "grpo.even_bonus=0.5", "--name", "bonus05")
+    try:
+        assert _lock_hash(dag, "grpo", "models/grpo") != baseline  # the override reached training
+        rows = json.loads(dag.run("dvc", "exp", "show", "--json").stdout)
+        workspace_params = json.dumps(rows)
+        assert "bonus05" in workspace_params
+        diff = json.loads(dag.run("dvc", "params", "diff", "main", "--json").stdout)
+        assert diff["params.yaml"]["grpo.even_bonus"]["new"] == 0.5
+        # --all: the tiny models may answer the same despite new weights; the table must still be there
+        metrics_diff = dag.run("dvc", "metrics", "diff", "main", "--all").stdout
+        assert "metrics/eval.json" in metrics_diff and "grpo.reward" in metrics_diff
+        plots = dag.run("dvc", "plots", "show", "-o", str(dag.root / "plots_html")).stdout
+        assert (dag.root / "plots_html" / "index.html").exists(), plots
+    finally:
+        dag.restore()
+
+
+def test_push_then_pull_into_a_fresh_clone(dag, tmp_path):
+    remote = tmp_path / "remote"
+    dag.run("dvc", "remote", "add", "--local", "-d", "storage", str(remote))
+    try:
+        dag.run("dvc", "push")
+        clone = tmp_path / "clone"
+        dag.run("git", "clone", "-q", str(dag.root), str(clone))
+        dag.run("dvc", "remote", "add", "--local", "-d", "storage", str(remote), cwd=clone)
+        dag.run("dvc", "pull", cwd=clone)
+        status = dag.run("dvc", "status", "--json", cwd=clone).stdout
+        assert json.loads(status) == {}
+        for path in ("models/grpo/model.safetensors", "data/synth/test.parquet", "metrics/eval.json"):
+            assert (clone / path).read_bytes() == (dag.root / path).read_bytes()
+    finally:
+        dag.run("dvc", "remote", "remove", "--local", "storage")
+
+
+def test_a_stage_killed_half_way_leaves_nothing_valid(dag):
+    dag.set_params({"sft": {"steps": 3000}})  # long enough to be killed while training
+    process = subprocess.Popen(["dvc", "repro", "--single-item", "sft"], cwd=dag.root, env=dag.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output = b""
+        while b"sft:" not in output:  # the progress bar: training has started
+            chunk = process.stdout.read1(4096)
+            assert chunk, output.decode()[-2000:]
+            output += chunk
+        time.sleep(1.0)
+        os.killpg(process.pid, signal.SIGKILL)  # dvc and the stage's python process under it
+        process.wait(timeout=30)
+        assert not (dag.root / "models/sft").exists()  # DVC removed the old output, nothing new was moved in
+        assert "sft" in json.loads(dag.run("dvc", "status", "--json").stdout)
+    finally:
+        dag.run("git", "checkout", "HEAD", "--", "params.yaml")
+    # DVC reruns sft or, as its params are back to the committed ones, restores the output from its cache
+    dag.run("dvc", "repro")
+    assert (dag.root / "models/sft/model.safetensors").is_file()
+    assert json.loads(dag.run("dvc", "status", "--json").stdout) == {}
+    assert not list((dag.root / "models").glob(".sft.partial-*"))
+    assert dag.run("git", "status", "--porcelain").stdout == ""  # same outputs as before: dvc.lock unchanged
+
+
+def test_base_from_a_local_hugging_face_directory(dag, tmp_path):
+    source = tmp_path / "local-model"
+    import shutil
+
+    shutil.copytree(dag.root / "models/sft", source)  # any HF causal-LM directory
+    dag.set_params({"model": {"source": str(source)}})
+    try:
+        result = dag.run("dvc", "repro", "--single-item", "base")
+        assert "Running stage 'base'" in result.stdout
+        manifest = json.loads((dag.root / "models/base/latentlab.json").read_text())
+        assert manifest["source"] == str(source)
+        assert (dag.root / "models/base/model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
+    finally:
+        dag.restore()
