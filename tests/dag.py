@@ -40,6 +40,7 @@ class Project:
     def restore(self) -> None:
         """Back to the last commit: params, dvc.lock (also if DVC auto-staged it) and the outputs they pin."""
         self.run("git", "reset", "-q", "--hard", "HEAD")
+        self.run("git", "clean", "-q", "-d", "--force")  # stray untracked files; ignored outputs stay
         self.run("dvc", "checkout", "--force")
 
     def set_params(self, overrides: dict) -> None:

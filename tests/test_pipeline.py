@@ -79,7 +79,7 @@ def test_same_seed_same_outputs(dag):
     assert json.loads(dag.run("dvc", "status", "--json").stdout) == {}
 
 
-def test_experiment_with_a_param_override(dag):
+def test_experiment_with_a_param_override(dag, tmp_path):
     baseline = _lock_hash(dag, "grpo", "models/grpo")
     dag.run("dvc", "exp", "run", "-S", "grpo.even_bonus=0.5", "--name", "bonus05")
     try:
@@ -92,8 +92,8 @@ def test_experiment_with_a_param_override(dag):
         # --all: the tiny models may answer the same despite new weights; the table must still be there
         metrics_diff = dag.run("dvc", "metrics", "diff", "main", "--all").stdout
         assert "metrics/eval.json" in metrics_diff and "grpo.reward" in metrics_diff
-        plots = dag.run("dvc", "plots", "show", "-o", str(dag.root / "plots_html")).stdout
-        assert (dag.root / "plots_html" / "index.html").exists(), plots
+        plots = dag.run("dvc", "plots", "show", "-o", str(tmp_path / "plots_html")).stdout
+        assert (tmp_path / "plots_html" / "index.html").exists(), plots
     finally:
         dag.restore()
 
