@@ -61,9 +61,10 @@ def heldout_monitor(policy: LMPolicy, problems: pl.DataFrame, reward_fn: Callabl
     """A callable for training loops: greedy accuracy (overall / odd / even) on a fixed held-out batch."""
 
     def monitor() -> dict[str, float]:
-        was_training = policy.model.training
+        # eval mode for greedy decoding; a trainer switches modes itself at the start of every step
+        # (reading `policy.model.training` back would be wrong for a policy whose model is frozen)
+        policy.train(False)
         metrics, _ = score(policy.generate(problems["prompt"].to_list(), max_new_tokens), problems, reward_fn)
-        policy.train(was_training)
         return {f"heldout_{k}": metrics[k] for k in ("accuracy", "accuracy_odd", "accuracy_even")}
 
     return monitor
