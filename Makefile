@@ -1,11 +1,11 @@
 # make run   set up (when needed) and reproduce the default DAG
-# make test  set up (when needed) and run the test suite, as CI does
+# make test  set up (when needed), lint (ruff check + format check) and run the test suite, as CI does
 SHELL := /bin/bash
 VENV := .venv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONHASHSEED := 0
 
-.PHONY: setup run test bench lock clean-venv
+.PHONY: setup run test lint bench lock clean-venv
 
 setup: $(VENV)/.installed
 
@@ -18,8 +18,12 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 run: setup
 	dvc repro
 
-test: setup
+test: setup lint
 	python -m pytest
+
+lint: setup
+	ruff check .
+	ruff format --check .
 
 bench: setup
 	@for script in benchmarks/*.py; do python $$script; done

@@ -10,7 +10,7 @@ the model is loaded.
   reference  `generate(output_hidden_states=True, return_dict_in_generate=True)` (every layer at every
              step), the last layer of every token kept in memory, `np.savez` at the end; in prompt
              mode one forward pass with `output_hidden_states=True`, every prompt position kept
-  label      the `label` stage's path (latentlab.labelling): hooks on the chosen layer, pooled sums
+  label      the `label` stage's path (latentlab.hidden.labelling): hooks on the chosen layer, pooled sums
              on the fly, sharded Zarr written shard by shard; `label` stores per-token float16 states
              too (as the reference keeps them), `label_pooled` only the pooled vectors
   bare       the same sampler / forward pass with no extraction and nothing written: the ceiling
@@ -49,13 +49,14 @@ def rss_bytes() -> int:
 
 def benchmark_prompts(rows: int) -> list[str]:
     """The default DAG's training prompts, repeated as needed."""
-    from latentlab.arithmetic import ArithmeticConfig, make_splits
+    from latentlab.tasks.arithmetic import ArithmeticConfig, make_splits
 
     pool = make_splits(ArithmeticConfig(), 0)["full"]["prompt"].to_list()
     return [pool[i % len(pool)] for i in range(rows)]
 
 
 # ---- the three approaches (run inside a child process) ------------------------------------------
+
 
 def run_reference(model, tokenizer, prompts, tokens, batch_size, out: Path) -> dict:
     import numpy as np
@@ -64,19 +65,29 @@ def run_reference(model, tokenizer, prompts, tokens, batch_size, out: Path) -> d
     kept, texts = [], []  # every batch's last-layer states, held until the end as the reference does
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False)
+            enc = tokenizer(
+                prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            )
             if tokens == 1:
                 kept.append(model(**enc, output_hidden_states=True).hidden_states[-1].numpy())
                 continue
-            result = model.generate(**enc, max_new_tokens=tokens, do_sample=True, temperature=1.0, top_k=0,
-                                    top_p=1.0, output_hidden_states=True, return_dict_in_generate=True,
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            result = model.generate(
+                **enc,
+                max_new_tokens=tokens,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                output_hidden_states=True,
+                return_dict_in_generate=True,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
             states = torch.stack([step[-1][:, -1] for step in result.hidden_states], 1)  # (B, steps, H)
             padded = torch.zeros((states.shape[0], tokens, states.shape[2]))
             padded[:, : states.shape[1]] = states
             kept.append(padded.numpy())
-            texts += tokenizer.batch_decode(result.sequences[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            texts += tokenizer.batch_decode(result.sequences[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     width = max(k.shape[1] for k in kept)
     hidden = np.concatenate([np.pad(k, ((0, 0), (0, width - k.shape[1]), (0, 0))) for k in kept])
     np.savez(out / "reference.npz", hidden_state=hidden, text_generated=np.array(texts or [""] * len(prompts)))
@@ -86,25 +97,28 @@ def run_reference(model, tokenizer, prompts, tokens, batch_size, out: Path) -> d
 def run_label(model, tokenizer, prompts, tokens, batch_size, out: Path, store_tokens: bool) -> dict:
     import polars as pl
 
-    from latentlab.hidden import Extractor, LabelConfig
-    from latentlab.labelling import label, prepare
+    from latentlab.hidden.extract import Extractor
+    from latentlab.hidden.labelling import LabelConfig, label, prepare
 
-    cfg = LabelConfig(layers=[-1], tokens=tokens, store_tokens=store_tokens, batch_size=batch_size,
-                      shard_rows=4 * batch_size)
+    cfg = LabelConfig(
+        layers=[-1], tokens=tokens, store_tokens=store_tokens, batch_size=batch_size, shard_rows=4 * batch_size
+    )
     rows = pl.DataFrame({"id": list(range(len(prompts))), "prompt": prompts})
     extractor = Extractor(model, tokenizer, cfg)
     job = prepare(extractor, "bench", rows, cfg, 0, {"source": "benchmark"})
     label(extractor, job, out / "bench.zarr", out / "bench.parquet", out / "work")
     tokens_array = out / "bench.zarr" / "tokens"
-    return {"bytes": directory_bytes(out / "bench.zarr"),
-            "tokens_array_bytes": directory_bytes(tokens_array) if tokens_array.exists() else 0}
+    return {
+        "bytes": directory_bytes(out / "bench.zarr"),
+        "tokens_array_bytes": directory_bytes(tokens_array) if tokens_array.exists() else 0,
+    }
 
 
 def run_bare(model, tokenizer, prompts, tokens, batch_size, out: Path) -> dict:
     import torch
 
-    from latentlab.hidden import TokenRows
-    from latentlab.sampling import SamplingConfig, positions_from_mask, sample
+    from latentlab.hidden.extract import TokenRows
+    from latentlab.lm.sampling import SamplingConfig, positions_from_mask, sample
 
     sampling = SamplingConfig(max_new_tokens=tokens)
     encoded = TokenRows.from_lists(tokenizer(prompts, add_special_tokens=False)["input_ids"])  # once, as label does
@@ -112,11 +126,23 @@ def run_bare(model, tokenizer, prompts, tokens, batch_size, out: Path) -> dict:
         for start in range(0, len(prompts), batch_size):
             ids, mask = encoded[start : start + batch_size].padded(tokenizer.pad_token_id, "cpu", left=True)
             if tokens == 1:
-                model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False,
-                      logits_to_keep=1)
+                model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions_from_mask(mask),
+                    use_cache=False,
+                    logits_to_keep=1,
+                )
             else:
-                sample(model, model.get_input_embeddings()(ids), mask, sampling, tokenizer.eos_token_id,
-                       tokenizer.pad_token_id, torch.Generator().manual_seed(start))
+                sample(
+                    model,
+                    model.get_input_embeddings()(ids),
+                    mask,
+                    sampling,
+                    tokenizer.eos_token_id,
+                    tokenizer.pad_token_id,
+                    torch.Generator().manual_seed(start),
+                )
     return {"bytes": 0}
 
 
@@ -124,15 +150,19 @@ def child(approach: str, model_dir: Path, rows: int, tokens: int, args) -> dict:
     """One timed run of one approach (after a one-batch warm-up), in a process of its own."""
     import torch
 
-    from latentlab.modeling import load_lm
+    from latentlab.lm.modeling import load_lm
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tokenizer = load_lm(model_dir)
     gc.freeze()  # as `label` does, for every approach: no full collection walks the model's objects
     prompts = benchmark_prompts(rows)
-    run = {"reference": run_reference, "bare": run_bare, "label": lambda *a: run_label(*a, store_tokens=True),
-           "label_pooled": lambda *a: run_label(*a, store_tokens=False)}[approach]
+    run = {
+        "reference": run_reference,
+        "bare": run_bare,
+        "label": lambda *a: run_label(*a, store_tokens=True),
+        "label_pooled": lambda *a: run_label(*a, store_tokens=False),
+    }[approach]
     with tempfile.TemporaryDirectory() as warm_up:
         run(model, tokenizer, prompts[: args.batch_size], tokens, args.batch_size, Path(warm_up))
     loaded = rss_bytes()
@@ -141,8 +171,13 @@ def child(approach: str, model_dir: Path, rows: int, tokens: int, args) -> dict:
         sizes = run(model, tokenizer, prompts, tokens, args.batch_size, Path(out))
         seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"seconds": seconds, "peak_rss_mb": peak / 2**20, "peak_over_loaded_mb": (peak - loaded) / 2**20,
-            **sizes, "positions": rows * tokens if tokens > 1 else sum(map(len, prompts))}
+    return {
+        "seconds": seconds,
+        "peak_rss_mb": peak / 2**20,
+        "peak_over_loaded_mb": (peak - loaded) / 2**20,
+        **sizes,
+        "positions": rows * tokens if tokens > 1 else sum(map(len, prompts)),
+    }
 
 
 def in_fresh_process(function, *args):
@@ -171,10 +206,11 @@ def in_fresh_process(function, *args):
 
 # ---- the comparison (the parent process) --------------------------------------------------------
 
+
 def build_model(directory: Path, layers: int) -> str:
     """A random model of the default DAG's size (H=64, 4 heads, MLP 256) with `layers` blocks."""
-    from latentlab.modeling import TinyLMConfig, build_tiny_lm, save_lm
-    from latentlab.tokenizer import build_char_tokenizer
+    from latentlab.lm.modeling import TinyLMConfig, build_tiny_lm, save_lm
+    from latentlab.lm.tokenizer import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
     cfg = TinyLMConfig(hidden_size=64, layers=layers, heads=4, intermediate_size=256, max_positions=128)
@@ -193,7 +229,8 @@ def compare(model: Path, rows: int, tokens: int, args) -> dict:
     for approach, results in runs.items():
         seconds = min(r["seconds"] for r in results)
         summary[approach] = {
-            "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 1),
+            "seconds": round(seconds, 3),
+            "rows_per_s": round(rows / seconds, 1),
             "tokens_per_s": round(positions / seconds, 1),
             "peak_rss_mb": round(max(r["peak_rss_mb"] for r in results), 1),
             "peak_over_loaded_mb": round(max(r["peak_over_loaded_mb"] for r in results), 1),
@@ -209,7 +246,8 @@ def compare(model: Path, rows: int, tokens: int, args) -> dict:
         "bytes_over_npz": {  # the whole store (pooled float32 included) and its per-token array alone
             "store_with_tokens": round(b["bytes"] / a["bytes"], 3),
             "tokens_array_vs_hidden_state": round(b["tokens_array_bytes"] / a["hidden_state_bytes"], 3),
-            "store_pooled_only": round(bp["bytes"] / a["bytes"], 4)},
+            "store_pooled_only": round(bp["bytes"] / a["bytes"], 4),
+        },
     }
 
 
@@ -232,7 +270,7 @@ def main() -> None:
     import transformers  # noqa: F401
     import zarr  # noqa: F401
 
-    import latentlab.labelling  # noqa: F401
+    import latentlab.hidden.labelling  # noqa: F401
 
     with tempfile.TemporaryDirectory() as tmp:
         default, deep = Path(tmp) / "default", Path(tmp) / "deep"
@@ -243,9 +281,13 @@ def main() -> None:
             f"deep: {args.deep_layers} layers, {args.rows} rows": (deep, args.rows),
             f"rows x4: 4 layers, {4 * args.rows} rows": (default, 4 * args.rows),
         }
-        results = {name: {"prompt (tokens 1)": compare(model, rows, 1, args),
-                          f"generate (tokens {args.tokens})": compare(model, rows, args.tokens, args)}
-                   for name, (model, rows) in scenarios.items()}
+        results = {
+            name: {
+                "prompt (tokens 1)": compare(model, rows, 1, args),
+                f"generate (tokens {args.tokens})": compare(model, rows, args.tokens, args),
+            }
+            for name, (model, rows) in scenarios.items()
+        }
     summary = {}  # the ratios side by side: by depth, and memory at 1x vs 4x the rows
     for mode in next(iter(results.values())):
         by_scenario = {name.split(":")[0]: modes[mode] for name, modes in results.items()}
@@ -253,16 +295,32 @@ def main() -> None:
             "b_over_a": {name: r["b_over_a"] for name, r in by_scenario.items()},
             "b_over_c": {name: r["b_over_c"] for name, r in by_scenario.items()},
             "peak_over_loaded_mb (default -> rows x4)": {
-                approach: [by_scenario["default"][approach]["peak_over_loaded_mb"],
-                           by_scenario["rows x4"][approach]["peak_over_loaded_mb"]] for approach in APPROACHES},
+                approach: [
+                    by_scenario["default"][approach]["peak_over_loaded_mb"],
+                    by_scenario["rows x4"][approach]["peak_over_loaded_mb"],
+                ]
+                for approach in APPROACHES
+            },
             "bytes_over_npz": by_scenario["default"]["bytes_over_npz"],
         }
     report = {
         "summary": summary,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "threads": args.threads, "torch": torch.__version__, "python": platform.python_version()},
-        "settings": {"rows": args.rows, "tokens": args.tokens, "batch_size": args.batch_size, "hidden_size": 64,
-                     "layers_kept": [-1], "shard_rows": 4 * args.batch_size, "repeats": args.repeats},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "settings": {
+            "rows": args.rows,
+            "tokens": args.tokens,
+            "batch_size": args.batch_size,
+            "hidden_size": 64,
+            "layers_kept": [-1],
+            "shard_rows": 4 * args.batch_size,
+            "repeats": args.repeats,
+        },
         "results": results,
     }
     print(json.dumps(report, indent=2))

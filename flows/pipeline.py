@@ -109,8 +109,14 @@ def main() -> None:
     parser.add_argument("--push", dest="push_at_end", action="store_true", help="dvc push at the end")
     parser.add_argument("--remote", help="DVC remote for --push (default: the default remote)")
     args = parser.parse_args()
-    pipeline(repo=args.repo, force_stage=args.force_stage, params=_parse_set(args.set) or None,
-             experiment_name=args.experiment_name, push_at_end=args.push_at_end, remote=args.remote)
+    pipeline(
+        repo=args.repo,
+        force_stage=args.force_stage,
+        params=_parse_set(args.set) or None,
+        experiment_name=args.experiment_name,
+        push_at_end=args.push_at_end,
+        remote=args.remote,
+    )
 
 
 if __name__ == "__main__":

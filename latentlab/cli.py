@@ -16,23 +16,28 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from latentlab import serve
-from latentlab.errors import InputError
+from latentlab.common.errors import InputError
+from latentlab.hidden import serve
 
 
 def extract(args: argparse.Namespace) -> None:
     import polars as pl
     import torch
 
-    from latentlab.hidden import Extractor, LabelConfig, TokenRows, describe_model
-    from latentlab.inputs import read_table
-    from latentlab.labelling import label, prepare
-    from latentlab.modeling import load_lm
-    from latentlab.runtime import resolve_device, seed_everything
+    from latentlab.common.inputs import read_table
+    from latentlab.common.runtime import resolve_device, seed_everything
+    from latentlab.hidden.extract import Extractor, TokenRows
+    from latentlab.hidden.labelling import LabelConfig, label, prepare
+    from latentlab.lm.modeling import describe_model, load_lm
 
     seed_everything(args.seed)
-    cfg = LabelConfig(layers=args.layers, store_tokens=args.store_tokens, batch_size=args.batch_size,
-                      shard_rows=args.shard_rows, dtype=args.dtype)
+    cfg = LabelConfig(
+        layers=args.layers,
+        store_tokens=args.store_tokens,
+        batch_size=args.batch_size,
+        shard_rows=args.shard_rows,
+        dtype=args.dtype,
+    )
     column = args.ids_column or args.text_column
     rows = read_table(args.rows, {"id": pl.Int64, "prompt": pl.String})
     if column not in rows.columns:
@@ -52,14 +57,14 @@ def extract(args: argparse.Namespace) -> None:
 
 
 def npz_export(args: argparse.Namespace) -> None:
-    from latentlab.npz import export_npz
+    from latentlab.hidden.npz import export_npz
 
     keys = export_npz(args.store, args.out, args.table, args.layer)
     print(f"{args.out}: {', '.join(keys)}")
 
 
 def npz_import(args: argparse.Namespace) -> None:
-    from latentlab.npz import import_npz
+    from latentlab.hidden.npz import import_npz
 
     rows = import_npz(args.npz, args.store, args.table, args.layer)
     print(f"{args.store}: {rows} rows imported from {args.npz}")
@@ -75,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = commands.add_parser("extract", help="re-extract hidden states of existing text (teacher-forced)")
     ex.add_argument("--model", default="models/base")
-    ex.add_argument("--rows", required=True, help="Parquet with id, prompt and the text (e.g. data/labels/full.parquet)")
+    ex.add_argument(
+        "--rows", required=True, help="Parquet with id, prompt and the text (e.g. data/labels/full.parquet)"
+    )
     ex.add_argument("--out", required=True, help="the Zarr store to write")
     ex.add_argument("--table-out", help="also write the rows with n_positions here (Parquet)")
     ex.add_argument("--text-column", default="text_generated")
@@ -111,8 +118,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.run(args)
     except ValidationError as error:  # an option out of bounds: name it, one line
-        print("error: " + "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
-                                    for e in error.errors()), file=sys.stderr)
+        print(
+            "error: "
+            + "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors()),
+            file=sys.stderr,
+        )
         sys.exit(2)
     except (ValueError, FileNotFoundError, InputError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -5,12 +5,12 @@ pretrains it on equations of both parities (without end-of-sequence after answer
 source is a hub id or a local directory, copied into models/base so the run is pinned.
 """
 
-from latentlab.arithmetic import PROBLEM_SCHEMA, pretraining_corpus
-from latentlab.atomic import atomic_output
-from latentlab.inputs import read_table
-from latentlab.modeling import build_tiny_lm, load_lm, prepare_pretrained, save_lm
-from latentlab.tokenizer import build_char_tokenizer
-from latentlab.training import lm_examples, shuffled_batches, train_lm
+from latentlab.common.atomic import atomic_output
+from latentlab.common.inputs import read_table
+from latentlab.lm.modeling import build_tiny_lm, load_lm, prepare_pretrained, save_lm
+from latentlab.lm.tokenizer import build_char_tokenizer
+from latentlab.lm.training import lm_examples, shuffled_batches, train_lm
+from latentlab.tasks.arithmetic import PROBLEM_SCHEMA, pretraining_corpus
 from stages.common import MODELS, PLOTS, SYNTH, setup, stage, step_log
 
 

@@ -6,11 +6,15 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from latentlab.atomic import atomic_output
-from latentlab.errors import InputError, NonFiniteLossError
-from latentlab.tracking import StepLog, start_wandb
+from latentlab.common.atomic import atomic_output
+from latentlab.common.errors import InputError, NonFiniteLossError
+from latentlab.common.tracking import StepLog, start_wandb
 from stages.params import Params, ParamsError, load_params
+
+if TYPE_CHECKING:
+    import torch
 
 SYNTH = Path("data/synth")
 MODELS = Path("models")
@@ -46,12 +50,13 @@ def setup(params: Params) -> Run:
     """Seed everything and pick the device; separate seeded streams for data order and sampling."""
     import torch  # here, not at module level: synth and report never need it
 
-    from latentlab.runtime import resolve_device, seed_everything
+    from latentlab.common.runtime import resolve_device, seed_everything
 
     seed_everything(params.seed)
     device = resolve_device(params.device)
-    return Run(device, torch.Generator().manual_seed(params.seed),
-               torch.Generator(device=device).manual_seed(params.seed + 1))
+    return Run(
+        device, torch.Generator().manual_seed(params.seed), torch.Generator(device=device).manual_seed(params.seed + 1)
+    )
 
 
 def step_log(params: Params, name: str, config: dict) -> StepLog:

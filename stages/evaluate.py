@@ -6,13 +6,13 @@
 
 import polars as pl
 
-from latentlab.arithmetic import PROBLEM_SCHEMA
-from latentlab.atomic import atomic_output
-from latentlab.evaluation import evaluate_policy
-from latentlab.inputs import read_table
-from latentlab.modeling import read_manifest
-from latentlab.policy import load_policy
-from latentlab.rewards import ArithmeticReward
+from latentlab.common.atomic import atomic_output
+from latentlab.common.inputs import read_table
+from latentlab.lm.modeling import read_manifest
+from latentlab.policies.loading import load_policy
+from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
+from latentlab.tasks.evaluation import evaluate_policy
+from latentlab.tasks.rewards import ArithmeticReward
 from stages.common import METRICS, MODELS, PLOTS, SYNTH, setup, stage, write_json
 
 SCORED = ["base", "sft", "grpo", "inject"]  # in DAG order; each is a dep in dvc.yaml
@@ -26,8 +26,14 @@ def main(params):
     metrics, predictions = {}, []
     for name in SCORED:
         directory = MODELS / name
-        scores, rows = evaluate_policy(load_policy(directory, run.device), test, reward, params.evaluate.batch_size,
-                                       params.evaluate.max_new_tokens, desc=f"evaluate {name}")
+        scores, rows = evaluate_policy(
+            load_policy(directory, run.device),
+            test,
+            reward,
+            params.evaluate.batch_size,
+            params.evaluate.max_new_tokens,
+            desc=f"evaluate {name}",
+        )
         metrics[name] = {**scores, "trained_parameters": read_manifest(directory).get("trained_parameters")}
         predictions.append(rows.with_columns(model=pl.lit(name)))
         print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in scores.items() if isinstance(v, float)))

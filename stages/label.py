@@ -14,13 +14,14 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from latentlab.arithmetic import PROBLEM_SCHEMA
-from latentlab.atomic import atomic_output
-from latentlab.distributed import distributed
-from latentlab.hidden import Extractor, describe_model
-from latentlab.inputs import read_table, require_model_dir
-from latentlab.labelling import label, prepare, read_pooled
-from latentlab.modeling import load_lm
+from latentlab.common.atomic import atomic_output
+from latentlab.common.distributed import distributed
+from latentlab.common.inputs import read_table, require_model_dir
+from latentlab.hidden.extract import Extractor
+from latentlab.hidden.labelling import label, prepare
+from latentlab.hidden.store import read_pooled
+from latentlab.lm.modeling import describe_model, load_lm
+from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
 from stages.common import MODELS, SYNTH, setup, stage
 
 HIDDEN, LABELS, WORK = Path("data/hidden"), Path("data/labels"), Path("data/.partial/label")
@@ -36,8 +37,10 @@ def main(params):
         extractor = Extractor(model, tokenizer, cfg)
         info = describe_model(base)
         # every set is checked (empty, too long for the context) before any is labelled
-        jobs = [prepare(extractor, name, read_table(SYNTH / f"{name}.parquet", PROBLEM_SCHEMA), cfg, params.seed, info)
-                for name in cfg.datasets]
+        jobs = [
+            prepare(extractor, name, read_table(SYNTH / f"{name}.parquet", PROBLEM_SCHEMA), cfg, params.seed, info)
+            for name in cfg.datasets
+        ]
         for job in jobs:
             label(extractor, job, HIDDEN / f"{job.name}.zarr", LABELS / f"{job.name}.parquet", WORK / job.name, ranks)
         if ranks.rank == 0:
@@ -49,11 +52,14 @@ def write_nla_table(cfg) -> None:
     rows = pl.read_parquet(LABELS / f"{cfg.nla_dataset}.parquet")
     vectors = read_pooled(HIDDEN / f"{cfg.nla_dataset}.zarr", cfg.nla_layer)
     table = rows.select("id", "prompt", response="text_generated" if cfg.tokens > 1 else "answer").with_columns(
-        activation_vector=pl.Series(vectors, dtype=pl.List(pl.Float32)))
+        activation_vector=pl.Series(vectors, dtype=pl.List(pl.Float32))
+    )
     with atomic_output(LABELS / "nla.parquet") as partial:
         table.write_parquet(partial)
-    print(f"{LABELS / 'nla.parquet'}: {table.height} rows, activation_vector of layer {cfg.nla_layer} "
-          f"({vectors.shape[1]} floats)")
+    print(
+        f"{LABELS / 'nla.parquet'}: {table.height} rows, activation_vector of layer {cfg.nla_layer} "
+        f"({vectors.shape[1]} floats)"
+    )
 
 
 if __name__ == "__main__":

@@ -9,16 +9,16 @@ Sections reuse the library's config classes, so a bound written once in latentla
 from pathlib import Path
 from typing import Literal
 
-from ruamel.yaml import YAML, YAMLError
 from pydantic import Field, ValidationError, model_validator
+from ruamel.yaml import YAML, YAMLError
 
-from latentlab.arithmetic import ArithmeticConfig
-from latentlab.config import Config
-from latentlab.grpo import GRPOConfig
-from latentlab.injection import InjectorConfig
-from latentlab.hidden import LabelConfig
-from latentlab.modeling import TinyLMConfig
-from latentlab.training import LMTrainConfig
+from latentlab.common.config import Config
+from latentlab.hidden.labelling import LabelConfig
+from latentlab.lm.modeling import TinyLMConfig
+from latentlab.lm.training import LMTrainConfig
+from latentlab.policies.injection import InjectorConfig
+from latentlab.rl.grpo import GRPOSettings
+from latentlab.tasks.arithmetic import ArithmeticConfig
 
 
 class ParamsError(Exception):
@@ -63,7 +63,9 @@ class LabelParams(LabelConfig):
         return self
 
 
-class GRPOParams(GRPOConfig):
+class GRPOParams(GRPOSettings):
+    """The GRPO section shared by every stage trained with it; each stage's learning rate is in its own section."""
+
     even_bonus: float = Field(0.0, ge=0)
     """Reward added for an even answer (the exploration incentive of the experiment)."""
     eval_every: int = Field(0, ge=0)
@@ -72,11 +74,16 @@ class GRPOParams(GRPOConfig):
     """Size of that held-out batch."""
 
 
+class StageLR(Config):
+    lr: float = Field(gt=0)
+    """AdamW learning rate of what this stage trains."""
+
+
 class InjectParams(InjectorConfig):
     l2: float = Field(0.0, ge=0)
     """Weight of the pull toward identity: l2 * ||v - h||^2, mean over prompts."""
     lr: float = Field(gt=0)
-    """AdamW learning rate of the injector: the one GRPO setting not shared with `grpo`."""
+    """AdamW learning rate of the injector (GRPO's other settings: the `grpo` section)."""
 
     @property
     def injector(self) -> InjectorConfig:
@@ -102,6 +109,7 @@ class Params(Config):
     label: LabelParams = LabelParams()
     sft: LMTrainConfig
     grpo: GRPOParams
+    grpo_full: StageLR
     inject: InjectParams
     evaluate: EvaluateParams = EvaluateParams()
 

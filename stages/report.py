@@ -4,10 +4,14 @@ import json
 
 import polars as pl
 
-from latentlab.atomic import atomic_output
-from latentlab.report import (comparison_table, plot_accuracy_by_parity, plot_parameters_vs_accuracy,
-                              plot_training_curves)
-from latentlab.inputs import InputError
+from latentlab.common.atomic import atomic_output
+from latentlab.common.inputs import InputError
+from latentlab.figures import (
+    comparison_table,
+    plot_accuracy_by_parity,
+    plot_parameters_vs_accuracy,
+    plot_training_curves,
+)
 from stages.common import METRICS, PLOTS, REPORTS, stage
 
 CURVES = {  # training log -> columns drawn
@@ -17,8 +21,12 @@ CURVES = {  # training log -> columns drawn
     "inject": ["reward_mean", "heldout_accuracy", "heldout_accuracy_even"],
 }
 EFFICIENCY = ["sft", "grpo", "inject"]  # what training which parameters buys
-EFFICIENCY_COLUMNS = {"trained_parameters": "trained params", "accuracy": "accuracy", "accuracy_odd": "acc. odd y",
-                      "accuracy_even": "acc. even y"}
+EFFICIENCY_COLUMNS = {
+    "trained_parameters": "trained params",
+    "accuracy": "accuracy",
+    "accuracy_odd": "acc. odd y",
+    "accuracy_even": "acc. even y",
+}
 
 
 def even_answer_finding(metrics: dict) -> str:
@@ -26,10 +34,12 @@ def even_answer_finding(metrics: dict) -> str:
     b, s, g = (metrics[n]["accuracy_even"] for n in ("base", "sft", "grpo"))
     lost = "lost" if s < b else "did not lose"
     recovered = "recovered" if g > s else "did not recover"
-    return (f"Accuracy on even answers went from {b:.3f} (base) to {s:.3f} after SFT on the odd-only set "
-            f"(SFT {lost} even answers) and to {g:.3f} after GRPO with the even bonus "
-            f"(GRPO {recovered} them; change {g - s:+.3f}). Odd answers: {metrics['base']['accuracy_odd']:.3f} → "
-            f"{metrics['sft']['accuracy_odd']:.3f} → {metrics['grpo']['accuracy_odd']:.3f}.")
+    return (
+        f"Accuracy on even answers went from {b:.3f} (base) to {s:.3f} after SFT on the odd-only set "
+        f"(SFT {lost} even answers) and to {g:.3f} after GRPO with the even bonus "
+        f"(GRPO {recovered} them; change {g - s:+.3f}). Odd answers: {metrics['base']['accuracy_odd']:.3f} → "
+        f"{metrics['sft']['accuracy_odd']:.3f} → {metrics['grpo']['accuracy_odd']:.3f}."
+    )
 
 
 @stage

@@ -3,11 +3,11 @@
 The loss covers the answer and its end-of-sequence token only, never the prompt.
 """
 
-from latentlab.arithmetic import PROBLEM_SCHEMA
-from latentlab.atomic import atomic_output
-from latentlab.inputs import read_table, require_model_dir
-from latentlab.modeling import load_lm, read_manifest, save_lm
-from latentlab.training import prompt_answer_examples, shuffled_batches, train_lm
+from latentlab.common.atomic import atomic_output
+from latentlab.common.inputs import read_table, require_model_dir
+from latentlab.lm.modeling import load_lm, read_manifest, save_lm
+from latentlab.lm.training import prompt_answer_examples, shuffled_batches, train_lm
+from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
 from stages.common import MODELS, PLOTS, SYNTH, setup, stage, step_log
 
 
@@ -22,8 +22,13 @@ def main(params):
     batches = shuffled_batches(examples, params.sft.batch_size, tokenizer.pad_token_id, run.data_rng)
     train_lm(model, batches, params.sft, run.device, "sft", log)
     with atomic_output(MODELS / "sft") as out:
-        save_lm(model, tokenizer, out, parent=read_manifest(base).get("content_sha256"),
-                trained_parameters=model.num_parameters())
+        save_lm(
+            model,
+            tokenizer,
+            out,
+            parent=read_manifest(base).get("content_sha256"),
+            trained_parameters=model.num_parameters(),
+        )
     log.save(PLOTS / "sft.csv")  # and plots/sft_speed.csv
     log.finish()
 

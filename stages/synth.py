@@ -4,8 +4,8 @@ biased: odd answers only (plus `even_data_ratio` of even ones); full: both parit
 test: held out, half odd and half even, disjoint from both training sets.
 """
 
-from latentlab.arithmetic import make_splits
-from latentlab.atomic import atomic_output
+from latentlab.common.atomic import atomic_output
+from latentlab.tasks.arithmetic import make_splits
 from stages.common import SYNTH, stage
 
 

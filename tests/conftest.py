@@ -8,17 +8,10 @@ os.environ["WANDB_MODE"] = "disabled"
 
 @pytest.fixture(scope="session")
 def tiny_lm():
-    """A small random Llama with the project's character tokenizer: (model, tokenizer)."""
-    import torch
+    """tests/tiny.py's model, shared read-only by the session: (model, tokenizer). Tests that train build their own."""
+    from tests.tiny import new_tiny_lm
 
-    from latentlab.modeling import TinyLMConfig, build_tiny_lm
-    from latentlab.tokenizer import build_char_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_lm(TinyLMConfig(hidden_size=32, layers=2, heads=4, intermediate_size=64, max_positions=64),
-                          tokenizer).eval()
-    return model, tokenizer
+    return new_tiny_lm()
 
 
 @pytest.fixture(scope="session")

@@ -30,11 +30,13 @@ class Project:
     env: dict[str, str]
 
     def run(self, *command: str, check: bool = True, timeout: int = 900, cwd: Path | None = None):
-        result = subprocess.run(list(command), cwd=cwd or self.root, env=self.env, capture_output=True, text=True,
-                                timeout=timeout)
+        result = subprocess.run(
+            list(command), cwd=cwd or self.root, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         if check and result.returncode:
-            raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-3000:]}\n"
-                                 f"{result.stderr[-3000:]}")
+            raise AssertionError(
+                f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            )
         return result
 
     def restore(self) -> None:
@@ -63,15 +65,22 @@ def environment(home: Path) -> dict[str, str]:
         "PREFECT_HOME": str(home / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@example.com",
     }
 
 
 def make_project(directory: Path, home: Path) -> Project:
     """Copy the project's files (tracked and new, not ignored) into a fresh repo with TINY params."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.split()
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for name in listed:
         source = ROOT / name
         if source.is_file() and not name.startswith(("tests/", "benchmarks/")):

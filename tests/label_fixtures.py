@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from latentlab.arithmetic import ArithmeticConfig, make_splits
-from latentlab.modeling import save_lm
+from latentlab.lm.modeling import save_lm
+from latentlab.tasks.arithmetic import ArithmeticConfig, make_splits
 
 REPO = Path(__file__).resolve().parents[1]
 # one thread everywhere: a single process and each torchrun worker then run the same kernels
@@ -41,8 +41,15 @@ def scratch_repo(root: Path, model: Path, label: dict) -> Path:
 def start_stage(repo: Path, nproc: int = 1) -> subprocess.Popen:
     command = [sys.executable, "-m", "stages.label"]
     if nproc > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "stages.label"]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "stages.label",
+        ]
     return subprocess.Popen(command, cwd=repo, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -1,7 +1,7 @@
 import polars as pl
 import pytest
 
-from latentlab.arithmetic import ArithmeticConfig, all_problems, make_splits, parse_answer, pretraining_corpus
+from latentlab.tasks.arithmetic import ArithmeticConfig, all_problems, make_splits, parse_answer, pretraining_corpus
 
 CFG = ArithmeticConfig(operand_min=0, operand_max=19, ops=["+", "-"], n_test=60)
 

@@ -1,6 +1,6 @@
 import pytest
 
-from latentlab.atomic import atomic_output
+from latentlab.common.atomic import atomic_output
 
 
 def test_success_replaces_the_target(tmp_path):

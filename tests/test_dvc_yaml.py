@@ -50,8 +50,9 @@ def test_every_imported_project_file_is_a_dependency(name):
     assert sorted(wanted - deps) == []
 
 
-def test_inject_reads_every_grpo_param_but_the_learning_rate():
+@pytest.mark.parametrize("name, own", [("grpo", "grpo_full"), ("inject", "inject")])
+def test_grpo_stages_track_the_shared_section_and_their_own_learning_rate(name, own):
+    """The shared `grpo` section holds no learning rate; each GRPO stage tracks it whole plus its own section."""
     params = YAML(typ="safe").load((ROOT / "params.yaml").read_text())
-    declared = {key for key in STAGES["inject"]["params"] if isinstance(key, str)}
-    assert {f"grpo.{key}" for key in params["grpo"] if key != "lr"} <= declared
-    assert "grpo.lr" not in declared
+    assert "lr" not in params["grpo"] and "lr" in params[own]
+    assert {"grpo", own} <= set(STAGES[name]["params"])

@@ -24,11 +24,20 @@ def server(dag, tmp_path_factory):
     """A real Prefect server; yields the environment that points flows and clients at it."""
     home = tmp_path_factory.mktemp("prefect")
     port = _free_port()
-    env = {**dag.env, "PREFECT_HOME": str(home), "PREFECT_SERVER_UI_ENABLED": "false",
-           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    env = {
+        **dag.env,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+    }
     log = (home / "server.log").open("w")
-    process = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                               env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     api = f"http://127.0.0.1:{port}/api"
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -56,24 +65,36 @@ def _latest_flow_run(env) -> dict:
 
 
 def _task_runs(env, flow_run_id: str) -> list[dict]:
-    return _post(env, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}},
-                                            "sort": "EXPECTED_START_TIME_ASC", "limit": 100})
+    return _post(
+        env,
+        "/task_runs/filter",
+        {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 100},
+    )
 
 
 def _logs(env, flow_run_id: str) -> list[dict]:
     """Every log line of a flow run (the API returns at most 200 a call)."""
     logs: list[dict] = []
     while True:
-        page = _post(env, "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200,
-                                           "offset": len(logs), "sort": "TIMESTAMP_ASC"})
+        page = _post(
+            env,
+            "/logs/filter",
+            {
+                "logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                "limit": 200,
+                "offset": len(logs),
+                "sort": "TIMESTAMP_ASC",
+            },
+        )
         logs += page
         if len(page) < 200:
             return logs
 
 
 def _flow(dag, env, *args, check=True):
-    result = subprocess.run(["python", "-m", "flows.pipeline", *args], cwd=dag.root, env=env, capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run(
+        ["python", "-m", "flows.pipeline", *args], cwd=dag.root, env=env, capture_output=True, text=True, timeout=900
+    )
     if check and result.returncode:
         raise AssertionError(result.stdout[-3000:] + result.stderr[-3000:])
     return result
@@ -98,13 +119,19 @@ def test_flow_runs_one_task_per_stage_in_dvc_order(dag, server):
 
 
 def test_flow_publishes_metrics_and_report_artifacts(dag, server):
-    table = _post(server, "/artifacts/filter", {"artifacts": {"key": {"any_": ["latentlab-metrics"]}},
-                                                "sort": "CREATED_DESC", "limit": 1})[0]
+    table = _post(
+        server,
+        "/artifacts/filter",
+        {"artifacts": {"key": {"any_": ["latentlab-metrics"]}}, "sort": "CREATED_DESC", "limit": 1},
+    )[0]
     rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
     assert [row["model"] for row in rows][:3] == ["base", "sft", "grpo"]
     assert all("accuracy_even" in row for row in rows)
-    report = _post(server, "/artifacts/filter", {"artifacts": {"key": {"any_": ["latentlab-report"]}},
-                                                 "sort": "CREATED_DESC", "limit": 1})[0]
+    report = _post(
+        server,
+        "/artifacts/filter",
+        {"artifacts": {"key": {"any_": ["latentlab-report"]}}, "sort": "CREATED_DESC", "limit": 1},
+    )[0]
     assert report["type"] == "markdown" and "# latentlab report" in report["data"]
 
 
@@ -145,8 +172,13 @@ def test_an_unknown_override_fails_before_any_stage_runs(dag, server):
 
 def test_the_deployment_is_served_on_a_cron_schedule_and_runs(dag, server, tmp_path):
     log = (tmp_path / "serve.log").open("w")
-    serving = subprocess.Popen(["python", "-m", "flows.deploy", "--name", "ci", "--cron", "* * * * *"],
-                               cwd=dag.root, env=server, stdout=log, stderr=subprocess.STDOUT)
+    serving = subprocess.Popen(
+        ["python", "-m", "flows.deploy", "--name", "ci", "--cron", "* * * * *"],
+        cwd=dag.root,
+        env=server,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.time() + 60
         while not (deployments := _post(server, "/deployments/filter", {"sort": "NAME_ASC", "limit": 10})):
@@ -157,8 +189,11 @@ def test_the_deployment_is_served_on_a_cron_schedule_and_runs(dag, server, tmp_p
         assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["* * * * *"]
         deadline = time.time() + 180  # the next minute boundary, the runner's poll, the run itself
         while True:
-            runs = _post(server, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}},
-                                                       "sort": "EXPECTED_START_TIME_ASC", "limit": 10})
+            runs = _post(
+                server,
+                "/flow_runs/filter",
+                {"deployments": {"id": {"any_": [deployment["id"]]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 10},
+            )
             if any(r["state_type"] == "COMPLETED" for r in runs):
                 break
             assert not any(r["state_type"] in ("FAILED", "CRASHED") for r in runs), runs

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from latentlab.grpo import GRPOConfig, GRPOTrainer, group_advantages, grpo_loss
-from latentlab.policy import LMPolicy
+from latentlab.policies.lm_policy import LMPolicy
+from latentlab.rl.grpo import GRPOConfig, GRPOTrainer, group_advantages, grpo_loss
 
 
 def test_advantages_are_group_normalised_by_hand():
@@ -55,8 +55,15 @@ def test_clipped_loss_matches_hand_computation():
 def test_k3_kl_penalty_matches_hand_computation():
     logprobs = torch.log(torch.tensor([[0.5]]))
     ref = torch.log(torch.tensor([[1.0]]))  # log(pi_ref / pi) = log 2
-    loss, stats = grpo_loss(logprobs, logprobs.clone(), torch.tensor([0.0]), torch.ones(1, 1, dtype=torch.bool),
-                            clip_eps=0.2, beta=0.1, ref_logprobs=ref)
+    loss, stats = grpo_loss(
+        logprobs,
+        logprobs.clone(),
+        torch.tensor([0.0]),
+        torch.ones(1, 1, dtype=torch.bool),
+        clip_eps=0.2,
+        beta=0.1,
+        ref_logprobs=ref,
+    )
     kl = 2 - math.log(2) - 1  # e^d - d - 1 with d = log 2
     assert stats["kl"] == pytest.approx(kl, rel=1e-6)
     assert loss.item() == pytest.approx(0.1 * kl, rel=1e-6)
@@ -94,14 +101,10 @@ def test_beta_without_reference_is_refused(tiny_lm):
 
 def test_short_grpo_run_raises_the_reward():
     """A real run on a fresh tiny model: reward = share of '7' characters in the completion."""
-    from latentlab.modeling import TinyLMConfig, build_tiny_lm
-    from latentlab.tokenizer import build_char_tokenizer
-    from latentlab.tracking import StepLog
+    from latentlab.common.tracking import StepLog
+    from tests.tiny import new_tiny_lm
 
-    torch.manual_seed(0)
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_lm(TinyLMConfig(hidden_size=32, layers=2, heads=4, intermediate_size=64, max_positions=32),
-                          tokenizer)
+    model, tokenizer = new_tiny_lm()
     cfg = GRPOConfig(steps=30, prompts_per_step=4, group_size=8, max_new_tokens=4, lr=3e-2, temperature=1.0)
 
     def sevens(completions, targets):

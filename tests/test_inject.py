@@ -6,34 +6,23 @@ import json
 import pytest
 import torch
 
-from latentlab.errors import InputError
-from latentlab.grpo import GRPOConfig, GRPOTrainer, grpo_loss
-from latentlab.injection import InjectionPolicy, InjectorConfig, build_injector, save_injector
-from latentlab.modeling import MANIFEST, TinyLMConfig, build_tiny_lm, save_lm
-from latentlab.policy import LMPolicy, load_policy
-from latentlab.sampling import SamplingConfig
-from latentlab.tokenizer import build_char_tokenizer
-from latentlab.tracking import StepLog
+from latentlab.common.errors import InputError
+from latentlab.common.tracking import StepLog
+from latentlab.lm.modeling import MANIFEST, save_lm
+from latentlab.lm.sampling import SamplingConfig
+from latentlab.policies.injection import InjectionPolicy, InjectorConfig, build_injector, save_injector
+from latentlab.policies.lm_policy import LMPolicy
+from latentlab.policies.loading import load_policy
+from latentlab.rl.grpo import GRPOConfig, GRPOTrainer, grpo_loss
+from tests.tiny import new_tiny_lm
 
 PROMPTS = ["3+4=", "12-5=", "40+9=", "1+1=", "48-47="]
 
 
-def _tiny_lm(embedding_scale: float = 1.0):
-    """A fresh random Llama (each test freezes or trains its own). `embedding_scale` sharpens the tied
-    output layer: at the default init its logits are too flat for any input to steer them far."""
-    torch.manual_seed(0)
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_lm(TinyLMConfig(hidden_size=32, layers=2, heads=4, intermediate_size=64, max_positions=64),
-                          tokenizer).eval()
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(embedding_scale)
-    return model, tokenizer
-
-
-def _policy(cfg: InjectorConfig = InjectorConfig(), perturb: bool = False, l2: float = 0.0, **lm):
+def _policy(cfg: InjectorConfig | None = None, perturb: bool = False, l2: float = 0.0, **lm):
     """An injection policy; `perturb` gives the zero-initialised last layer random weights (v != h)."""
-    model, tokenizer = _tiny_lm(**lm)
-    injector = build_injector(model, cfg)
+    model, tokenizer = new_tiny_lm(**lm)
+    injector = build_injector(model, cfg or InjectorConfig())
     if perturb:
         torch.manual_seed(1)
         torch.nn.init.normal_(injector.mlp[-1].weight, std=0.3)
@@ -91,8 +80,9 @@ def test_training_moves_only_the_injector_and_no_gradient_reaches_the_base():
 def test_logprobs_score_exactly_the_sampled_tokens_against_a_slow_reference():
     policy = _policy(perturb=True)
     temperature = 0.7
-    rollout = policy.rollout(PROMPTS, SamplingConfig(max_new_tokens=6, temperature=temperature),
-                             torch.Generator().manual_seed(0))
+    rollout = policy.rollout(
+        PROMPTS, SamplingConfig(max_new_tokens=6, temperature=temperature), torch.Generator().manual_seed(0)
+    )
     teacher_forced = policy.logprobs(rollout, temperature)  # one pass over [prompt, v, completion]
     embed = policy.model.get_input_embeddings()
     for row, prompt in enumerate(PROMPTS):
@@ -112,8 +102,9 @@ def test_logprobs_score_exactly_the_sampled_tokens_against_a_slow_reference():
 
 def test_tokens_after_eos_change_neither_the_loss_nor_its_gradient():
     policy = _policy(perturb=True, l2=0.1)
-    rollout = policy.rollout(PROMPTS, SamplingConfig(max_new_tokens=6, temperature=1.5),
-                             torch.Generator().manual_seed(0))
+    rollout = policy.rollout(
+        PROMPTS, SamplingConfig(max_new_tokens=6, temperature=1.5), torch.Generator().manual_seed(0)
+    )
     completions, eos = rollout.completions, policy.tokenizer.eos_token_id
     assert completions.ids.shape[1] == 6
     # end row r at position r % 3 (EOS included in the mask), padding after it
@@ -135,7 +126,9 @@ def test_tokens_after_eos_change_neither_the_loss_nor_its_gradient():
 
     reference_loss, reference_grads = loss_and_grad()
     after_eos = ~completions.mask
-    completions.ids[after_eos] = torch.randint(10, 40, (int(after_eos.sum()),), generator=torch.Generator().manual_seed(2))
+    completions.ids[after_eos] = torch.randint(
+        10, 40, (int(after_eos.sum()),), generator=torch.Generator().manual_seed(2)
+    )
     loss, grads = loss_and_grad()
     assert loss == pytest.approx(reference_loss, abs=1e-6)
     for grad, reference in zip(grads, reference_grads):
@@ -151,7 +144,9 @@ def test_short_grpo_run_of_the_injector_raises_the_reward():
     policy = _policy(embedding_scale=10.0)
     cfg = GRPOConfig(steps=30, prompts_per_step=4, group_size=8, max_new_tokens=2, lr=3e-2)
     log = StepLog()
-    GRPOTrainer(policy, _leading_digit, cfg, torch.Generator().manual_seed(0)).train(lambda: (PROMPTS[:4], [0] * 4), log)
+    GRPOTrainer(policy, _leading_digit, cfg, torch.Generator().manual_seed(0)).train(
+        lambda: (PROMPTS[:4], [0] * 4), log
+    )
     rewards = [row["reward_mean"] for row in log.rows]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-10:]) / 10
     assert last > first + 0.4, f"reward went from {first:.3f} to {last:.3f}"

@@ -9,16 +9,25 @@ import pytest
 import torch
 import zarr
 
-from latentlab.arithmetic import PROBLEM_SCHEMA
-from latentlab.hidden import ExtractConfig, Extractor, LabelConfig, describe_model
-from latentlab.labelling import _start_or_resume, label, open_store, prepare
-from latentlab.modeling import load_lm
-from latentlab.sampling import positions_from_mask
+from latentlab.hidden.extract import ExtractConfig, Extractor
+from latentlab.hidden.labelling import LabelConfig, _start_or_resume, label, prepare
+from latentlab.hidden.store import open_store
+from latentlab.lm.modeling import describe_model, load_lm
+from latentlab.lm.sampling import positions_from_mask
+from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
 from tests.label_fixtures import run_stage, save_model, scratch_repo, start_stage, tree_bytes
 
 PROMPTS = ["1+2=", "13-4=", "7+19=", "0-0=", "19+19=", "5-17="]
-STAGE_LABEL = {"datasets": ["full", "test"], "layers": [1, -1], "tokens": 8, "store_tokens": True,
-               "batch_size": 8, "shard_rows": 16, "nla_layer": 1, "temperature": 1.5}
+STAGE_LABEL = {
+    "datasets": ["full", "test"],
+    "layers": [1, -1],
+    "tokens": 8,
+    "store_tokens": True,
+    "batch_size": 8,
+    "shard_rows": 16,
+    "nla_layer": 1,
+    "temperature": 1.5,
+}
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +76,16 @@ def test_generate_mode_is_the_mean_of_hf_generate_hidden_states_up_to_eos(lm):
     extractor = Extractor(model, tokenizer, ExtractConfig(layers=[1, -1], tokens=6, temperature=0.0))
     result = extractor(PROMPTS)
     enc = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
-    out = model.generate(**enc, max_new_tokens=6, do_sample=False, output_hidden_states=True,
-                         return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    generated = out.sequences[:, enc["input_ids"].shape[1]:]
+    out = model.generate(
+        **enc,
+        max_new_tokens=6,
+        do_sample=False,
+        output_hidden_states=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    generated = out.sequences[:, enc["input_ids"].shape[1] :]
     assert tokenizer.batch_decode(generated, skip_special_tokens=True) == extractor.decode(result.token_ids)
     is_eos = (generated == tokenizer.eos_token_id).long()
     alive = (is_eos.cumsum(1) - is_eos) == 0  # up to and including end-of-sequence
@@ -89,7 +104,7 @@ def test_positions_after_eos_never_enter_the_mean_and_reextraction_reproduces_it
     assert ended.any() and not ended.all(), "the seed should give rows that stop early and rows that do not"
     assert (generated.counts[~ended] == 8).all() and (generated.counts < 8).any()
     for row in torch.nonzero(ended).flatten().tolist():
-        assert (generated.tokens[row, generated.counts[row]:] == 0).all()
+        assert (generated.tokens[row, generated.counts[row] :] == 0).all()
 
     # the same tokens, teacher-forced: same positions, same vectors (this is re-extraction)
     extractor = Extractor(model, tokenizer, ExtractConfig(layers=[0, -1]))
@@ -102,8 +117,10 @@ def test_positions_after_eos_never_enter_the_mean_and_reextraction_reproduces_it
     special = set(tokenizer.all_special_ids) - {tokenizer.eos_token_id}
     plain = [i for i, ids in enumerate(generated.token_ids.arrays()) if not special & set(ids.tolist())]
     assert len(plain) > len(prompts) // 2
-    from_text = extractor([prompts[i] for i in plain], completions=extractor.completion_ids(
-        [texts[i] for i in plain], [bool(ended[i]) for i in plain]))
+    from_text = extractor(
+        [prompts[i] for i in plain],
+        completions=extractor.completion_ids([texts[i] for i in plain], [bool(ended[i]) for i in plain]),
+    )
     torch.testing.assert_close(from_text.pooled, generated.pooled[plain], rtol=0, atol=1e-5)
 
 
@@ -116,7 +133,9 @@ def test_bad_inputs_are_refused_before_any_work(lm, model_dir, tmp_path):
     cfg = LabelConfig(tokens=8, batch_size=2, shard_rows=4)
     extractor = Extractor(model, tokenizer, cfg)
     rows = pl.DataFrame({"id": [0, 1], "prompt": ["1+1=", "9" * 60 + "="]})  # 61 + 8 > 64 positions
-    with pytest.raises(ValueError, match=r"long: row id=1: 61 prompt tokens \+ 8 more exceed the model's context of 64"):
+    with pytest.raises(
+        ValueError, match=r"long: row id=1: 61 prompt tokens \+ 8 more exceed the model's context of 64"
+    ):
         prepare(extractor, "long", rows, cfg, 0, describe_model(model_dir))
     with pytest.raises(ValueError, match="empty: no rows to label"):
         prepare(extractor, "empty", rows.clear(), cfg, 0, describe_model(model_dir))
@@ -188,18 +207,21 @@ def test_sigkill_then_rerun_resumes_and_gives_the_identical_store(reference_run,
     output = run_stage(repo)
     assert f"resuming, {shards_done} of 48 shard(s) already done" in output
     for name in ("full", "test"):
-        assert tree_bytes(repo / "data" / "hidden" / f"{name}.zarr") == \
-            tree_bytes(reference_run / "data" / "hidden" / f"{name}.zarr")
+        assert tree_bytes(repo / "data" / "hidden" / f"{name}.zarr") == tree_bytes(
+            reference_run / "data" / "hidden" / f"{name}.zarr"
+        )
         assert pl.read_parquet(repo / "data" / "labels" / f"{name}.parquet").equals(
-            pl.read_parquet(reference_run / "data" / "labels" / f"{name}.parquet"))
+            pl.read_parquet(reference_run / "data" / "labels" / f"{name}.parquet")
+        )
 
 
 def test_torchrun_two_ranks_write_the_same_store_as_one_process(reference_run, model_dir, tmp_path):
     repo = scratch_repo(tmp_path, model_dir, STAGE_LABEL)
     run_stage(repo, nproc=2)
     for name in ("full", "test"):
-        assert tree_bytes(repo / "data" / "hidden" / f"{name}.zarr") == \
-            tree_bytes(reference_run / "data" / "hidden" / f"{name}.zarr")
+        assert tree_bytes(repo / "data" / "hidden" / f"{name}.zarr") == tree_bytes(
+            reference_run / "data" / "hidden" / f"{name}.zarr"
+        )
     assert tree_bytes(repo / "data" / "labels") == tree_bytes(reference_run / "data" / "labels")
 
 
@@ -232,4 +254,3 @@ def test_params_refuse_an_nla_layer_that_is_not_labelled():
         LabelParams(layers=[1], nla_layer=-1)
     with pytest.raises(ValueError, match="multiple of batch_size"):
         LabelParams(batch_size=64, shard_rows=100)
-

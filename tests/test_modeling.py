@@ -3,8 +3,16 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from latentlab.modeling import TinyLMConfig, build_tiny_lm, content_hash, load_lm, prepare_pretrained, read_manifest, save_lm
-from latentlab.tokenizer import INJECT, build_char_tokenizer
+from latentlab.lm.modeling import (
+    TinyLMConfig,
+    build_tiny_lm,
+    content_hash,
+    load_lm,
+    prepare_pretrained,
+    read_manifest,
+    save_lm,
+)
+from latentlab.lm.tokenizer import INJECT, build_char_tokenizer
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -12,7 +20,12 @@ def test_saved_models_load_with_plain_transformers(tmp_path, arch):
     tokenizer = build_char_tokenizer()
     model = build_tiny_lm(TinyLMConfig(arch=arch, hidden_size=32, layers=2, heads=4, intermediate_size=64), tokenizer)
     digest = save_lm(model, tokenizer, tmp_path, source="scratch")
-    assert {p.name for p in tmp_path.iterdir()} >= {"model.safetensors", "config.json", "tokenizer.json", "latentlab.json"}
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "latentlab.json",
+    }
     assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))  # never pickle
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     loaded_tokenizer = AutoTokenizer.from_pretrained(tmp_path)

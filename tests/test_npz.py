@@ -5,10 +5,11 @@ import polars as pl
 import pytest
 
 from latentlab.cli import main as cli
-from latentlab.hidden import Extractor, LabelConfig, describe_model
-from latentlab.labelling import label, open_store, prepare
-from latentlab.modeling import load_lm
-from latentlab.npz import REFERENCE_KEYS, export_npz, import_npz
+from latentlab.hidden.extract import Extractor
+from latentlab.hidden.labelling import LabelConfig, label, prepare
+from latentlab.hidden.npz import REFERENCE_KEYS, export_npz, import_npz
+from latentlab.hidden.store import open_store
+from latentlab.lm.modeling import describe_model, load_lm
 from tests.label_fixtures import save_model
 
 N, T, H = 10, 6, 16
@@ -32,8 +33,10 @@ def reference_npz(path):
 
 def test_reference_npz_round_trips_through_a_store(tmp_path):
     original = reference_npz(tmp_path / "ref.npz")
-    assert import_npz(tmp_path / "ref.npz", tmp_path / "ref.zarr", tmp_path / "ref.parquet", batch_rows=4,
-                      shard_rows=8) == N
+    assert (
+        import_npz(tmp_path / "ref.npz", tmp_path / "ref.zarr", tmp_path / "ref.parquet", batch_rows=4, shard_rows=8)
+        == N
+    )
     store = open_store(tmp_path / "ref.zarr")
     assert store["tokens"].shape == (N, T, 1, H) and store["tokens"].dtype == np.float16
     np.testing.assert_allclose(store["pooled"][:, 0], original["hidden_state"].mean(1), atol=1e-6)
@@ -51,8 +54,11 @@ def test_reference_npz_round_trips_through_a_store(tmp_path):
 
 
 def test_an_object_array_is_refused_not_unpickled(tmp_path):
-    np.savez(tmp_path / "pickled.npz", hidden_state=np.zeros((2, 1, 4), np.float32),
-             text_generated=np.array(["a", None], dtype=object))
+    np.savez(
+        tmp_path / "pickled.npz",
+        hidden_state=np.zeros((2, 1, 4), np.float32),
+        text_generated=np.array(["a", None], dtype=object),
+    )
     with pytest.raises(ValueError, match="text_generated is an object array, which needs pickle"):
         import_npz(tmp_path / "pickled.npz", tmp_path / "out.zarr")
     assert not (tmp_path / "out.zarr").exists()
@@ -67,8 +73,13 @@ def labelled(tmp_path_factory, tiny_lm):
     cfg = LabelConfig(layers=[0, -1], tokens=6, temperature=2.0, store_tokens=True, batch_size=4, shard_rows=8)
     rows = pl.DataFrame({"id": list(range(100, 112)), "prompt": [f"{i}+{i}=" for i in range(12)]})
     extractor = Extractor(model, tokenizer, cfg)
-    label(extractor, prepare(extractor, "rows", rows, cfg, 0, describe_model(model_dir)), root / "rows.zarr",
-          root / "rows.parquet", root / "work")
+    label(
+        extractor,
+        prepare(extractor, "rows", rows, cfg, 0, describe_model(model_dir)),
+        root / "rows.zarr",
+        root / "rows.parquet",
+        root / "work",
+    )
     return root
 
 
@@ -86,9 +97,28 @@ def test_a_labelled_store_exports_to_the_reference_keys(labelled, tmp_path):
 
 
 def test_cli_extract_re_extracts_generated_tokens_to_the_same_vectors(labelled, tmp_path):
-    cli(["extract", "--model", str(labelled / "model"), "--rows", str(labelled / "rows.parquet"),
-         "--out", str(tmp_path / "again.zarr"), "--ids-column", "token_ids", "--layers", "0", "-1",
-         "--batch-size", "5", "--shard-rows", "5", "--device", "cpu"])
+    cli(
+        [
+            "extract",
+            "--model",
+            str(labelled / "model"),
+            "--rows",
+            str(labelled / "rows.parquet"),
+            "--out",
+            str(tmp_path / "again.zarr"),
+            "--ids-column",
+            "token_ids",
+            "--layers",
+            "0",
+            "-1",
+            "--batch-size",
+            "5",
+            "--shard-rows",
+            "5",
+            "--device",
+            "cpu",
+        ]
+    )
     again, first = open_store(tmp_path / "again.zarr"), open_store(labelled / "rows.zarr")
     assert again.attrs["mode"] == "text"
     np.testing.assert_array_equal(again["n_positions"][:], first["n_positions"][:])
@@ -97,6 +127,17 @@ def test_cli_extract_re_extracts_generated_tokens_to_the_same_vectors(labelled, 
 
 def test_cli_says_what_is_wrong_in_one_line(labelled, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        cli(["extract", "--model", str(labelled / "model"), "--rows", str(labelled / "rows.parquet"),
-             "--out", str(tmp_path / "x.zarr"), "--text-column", "nope"])
+        cli(
+            [
+                "extract",
+                "--model",
+                str(labelled / "model"),
+                "--rows",
+                str(labelled / "rows.parquet"),
+                "--out",
+                str(tmp_path / "x.zarr"),
+                "--text-column",
+                "nope",
+            ]
+        )
     assert "has no column 'nope'" in capsys.readouterr().err

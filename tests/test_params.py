@@ -51,9 +51,15 @@ def test_the_project_params_spell_out_every_key():
         (lambda d: d["grpo"].__setitem__("even_bonus", "lots"), "grpo.even_bonus: Input should be a valid number"),
         (lambda d: d["grpo"].__setitem__("steps", "10"), "grpo.steps: Input should be a valid integer"),
         (lambda d: d["grpo"].__setitem__("clip_eps", 1.5), "grpo.clip_eps: Input should be less than 1"),
-        (lambda d: d["grpo"].__setitem__("group_size", 1), "grpo.group_size: Input should be greater than or equal to 2"),
+        (
+            lambda d: d["grpo"].__setitem__("group_size", 1),
+            "grpo.group_size: Input should be greater than or equal to 2",
+        ),
         (lambda d: d["synth"].__setitem__("even_data_ratio", 1.0), "synth.even_data_ratio"),
-        (lambda d: d["model"].__setitem__("heads", 5), "model: Value error, hidden_size (64) must be divisible by heads (5)"),
+        (
+            lambda d: d["model"].__setitem__("heads", 5),
+            "model: Value error, hidden_size (64) must be divisible by heads (5)",
+        ),
         (lambda d: d.pop("sft"), "sft: required key is missing"),
         (lambda d: d.__setitem__("sfft", {}), "sfft: unknown key"),
     ],
@@ -73,8 +79,9 @@ def test_params_read_floats_as_dvc_does(tmp_path):
 
 def _stage(tmp_path: Path, name: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{name}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_a_stage_with_bad_params_exits_before_work_naming_the_key(tmp_path):
@@ -103,10 +110,11 @@ def test_a_malformed_input_names_the_file(tmp_path):
     assert not (tmp_path / "models").exists()
 
 
-def test_inject_tracks_every_grpo_param_it_reads():
-    """inject reads the whole grpo section except lr; dvc.yaml must list each of those keys."""
-    from stages.params import GRPOParams
+def test_grpo_config_is_validated_when_a_stage_adds_its_learning_rate():
+    """with_lr builds the full GRPOConfig through validation (no unchecked copy): a bad lr is refused."""
+    from pydantic import ValidationError
 
-    stages = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
-    listed = {p.split(".", 1)[1] for p in stages["inject"]["params"] if isinstance(p, str) and p.startswith("grpo.")}
-    assert listed == set(GRPOParams.model_fields) - {"lr"}
+    params = load_params(ROOT / "params.yaml")
+    assert params.grpo.with_lr(params.grpo_full.lr).lr == params.grpo_full.lr
+    with pytest.raises(ValidationError, match="lr"):
+        params.grpo.with_lr(-1.0)

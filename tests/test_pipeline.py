@@ -117,8 +117,14 @@ def test_push_then_pull_into_a_fresh_clone(dag, tmp_path):
 
 def test_a_stage_killed_half_way_leaves_nothing_valid(dag):
     dag.set_params({"sft": {"steps": 3000}})  # long enough to be killed while training
-    process = subprocess.Popen(["dvc", "repro", "--single-item", "sft"], cwd=dag.root, env=dag.env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        ["dvc", "repro", "--single-item", "sft"],
+        cwd=dag.root,
+        env=dag.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         output = b""
         while b"sft:" not in output:  # the progress bar: training has started

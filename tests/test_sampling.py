@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from latentlab.capture import LayerCapture
-from latentlab.sampling import SamplingConfig, completion_logprobs, sample, tokenize_prompts
+from latentlab.lm.capture import LayerCapture
+from latentlab.lm.sampling import SamplingConfig, completion_logprobs, sample, tokenize_prompts
 
 PROMPTS = ["3+4=", "12-5=", "40+9=", "1+1=", "48-47="]
 
@@ -12,8 +12,16 @@ PROMPTS = ["3+4=", "12-5=", "40+9=", "1+1=", "48-47="]
 def _sample(model, tokenizer, prompts, cfg, seed=0, **kwargs):
     ids, mask = tokenize_prompts(tokenizer, prompts, "cpu")
     embeds = model.get_input_embeddings()(ids)
-    completions = sample(model, embeds, mask, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                         torch.Generator().manual_seed(seed), **kwargs)
+    completions = sample(
+        model,
+        embeds,
+        mask,
+        cfg,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        torch.Generator().manual_seed(seed),
+        **kwargs,
+    )
     return ids, mask, embeds, completions
 
 
@@ -79,12 +87,21 @@ def test_captured_states_are_those_that_predicted_each_token(tiny_lm):
     seen = {}
     with LayerCapture(model, [0, 1, -1]) as capture:
         ids, mask, embeds, completions = _sample(
-            model, tokenizer, PROMPTS, SamplingConfig(max_new_tokens=5, temperature=1.0), capture=capture,
-            on_token=lambda t, states, alive: seen.__setitem__(t, (states.clone(), alive.clone())))
+            model,
+            tokenizer,
+            PROMPTS,
+            SamplingConfig(max_new_tokens=5, temperature=1.0),
+            capture=capture,
+            on_token=lambda t, states, alive: seen.__setitem__(t, (states.clone(), alive.clone())),
+        )
     full = torch.cat([ids, completions.ids], 1)
     full_mask = torch.cat([mask, completions.mask.long()], 1)
-    reference = model(input_ids=full, attention_mask=full_mask, output_hidden_states=True,
-                      position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).hidden_states
+    reference = model(
+        input_ids=full,
+        attention_mask=full_mask,
+        output_hidden_states=True,
+        position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0),
+    ).hidden_states
     prompt_len = ids.shape[1]
     for t, (states, alive) in seen.items():
         assert torch.equal(alive, completions.mask[:, t])
@@ -104,8 +121,19 @@ def test_continuing_a_cache_equals_encoding_the_whole_prefix(tiny_lm):
     model, tokenizer = tiny_lm
     cfg = SamplingConfig(max_new_tokens=6, temperature=0.0)
     ids, mask, embeds, whole = _sample(model, tokenizer, PROMPTS, cfg)
-    head = model(inputs_embeds=embeds[:, :-1], attention_mask=mask[:, :-1],
-                 position_ids=(mask[:, :-1].cumsum(-1) - 1).clamp(min=0), use_cache=True)
-    continued = sample(model, embeds[:, -1:], mask, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                       past_key_values=head.past_key_values)
+    head = model(
+        inputs_embeds=embeds[:, :-1],
+        attention_mask=mask[:, :-1],
+        position_ids=(mask[:, :-1].cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+    )
+    continued = sample(
+        model,
+        embeds[:, -1:],
+        mask,
+        cfg,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        past_key_values=head.past_key_values,
+    )
     assert torch.equal(whole.ids, continued.ids)

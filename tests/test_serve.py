@@ -1,4 +1,4 @@
-"""`python -m latentlab.serve`: a real server on loopback, a real HTTP client, bad input, concurrency."""
+"""`python -m latentlab.hidden.serve`: a real server on loopback, a real HTTP client, bad input, concurrency."""
 
 import json
 import subprocess
@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from latentlab.hidden import ExtractConfig, Extractor
-from latentlab.modeling import load_lm
+from latentlab.hidden.extract import ExtractConfig, Extractor
+from latentlab.lm.modeling import load_lm
 from tests.label_fixtures import ENV, save_model
 
 MAX_BATCH, MAX_BODY = 16, 4000
@@ -23,7 +23,7 @@ def model_dir(tmp_path_factory, tiny_lm):
 
 
 def start_server(model_dir, *args):
-    command = [sys.executable, "-m", "latentlab.serve", "--model", str(model_dir), "--port", "0", *args]
+    command = [sys.executable, "-m", "latentlab.hidden.serve", "--model", str(model_dir), "--port", "0", *args]
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = process.stdout.readline()
     assert "listening on http://127.0.0.1:" in line, f"server did not start: {line!r}"
@@ -32,8 +32,18 @@ def start_server(model_dir, *args):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    process, url = start_server(model_dir, "--layers", "1", "-1", "--max-batch", str(MAX_BATCH),
-                                "--max-body-bytes", str(MAX_BODY), "--batch-wait-ms", "20")
+    process, url = start_server(
+        model_dir,
+        "--layers",
+        "1",
+        "-1",
+        "--max-batch",
+        str(MAX_BATCH),
+        "--max-body-bytes",
+        str(MAX_BODY),
+        "--batch-wait-ms",
+        "20",
+    )
     yield url
     process.terminate()
     process.wait(timeout=10)
@@ -76,18 +86,21 @@ def test_one_prompt_and_a_batch_get_the_label_stage_vectors(server, model_dir):
     np.testing.assert_allclose(many["pooled"], reference.pooled.numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("body, status, message", [
-    (b"{not json", 400, "Invalid JSON"),
-    ({"prompt": 5}, 400, "prompt: Input should be a valid string"),
-    ({}, 400, "exactly one of 'prompt'"),
-    ({"prompt": "1+1=", "prompts": ["2+2="]}, 400, "exactly one of 'prompt'"),
-    ({"prompts": []}, 400, "at least 1 item"),
-    ({"prompt": "1+1=", "layers": [0]}, 400, "layers: Extra inputs are not permitted"),
-    ({"prompt": ""}, 400, "prompt 0: the prompt is empty"),
-    ({"prompt": "9" * 70}, 400, "exceed the model's context of 64 positions"),
-    ({"prompts": ["1+1="] * (MAX_BATCH + 1)}, 413, f"the limit is {MAX_BATCH}"),
-    ({"prompt": "1" * MAX_BODY}, 413, f"the limit is {MAX_BODY}"),
-])
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        (b"{not json", 400, "Invalid JSON"),
+        ({"prompt": 5}, 400, "prompt: Input should be a valid string"),
+        ({}, 400, "exactly one of 'prompt'"),
+        ({"prompt": "1+1=", "prompts": ["2+2="]}, 400, "exactly one of 'prompt'"),
+        ({"prompts": []}, 400, "at least 1 item"),
+        ({"prompt": "1+1=", "layers": [0]}, 400, "layers: Extra inputs are not permitted"),
+        ({"prompt": ""}, 400, "prompt 0: the prompt is empty"),
+        ({"prompt": "9" * 70}, 400, "exceed the model's context of 64 positions"),
+        ({"prompts": ["1+1="] * (MAX_BATCH + 1)}, 413, f"the limit is {MAX_BATCH}"),
+        ({"prompt": "1" * MAX_BODY}, 413, f"the limit is {MAX_BODY}"),
+    ],
+)
 def test_bad_requests_get_a_4xx_that_says_why(server, body, status, message):
     got, answer = call(server, "/embed", body)
     assert got == status and message in answer["error"]

@@ -1,6 +1,6 @@
 from transformers import AutoTokenizer
 
-from latentlab.tokenizer import CHARACTERS, EOS, INJECT, PAD, build_char_tokenizer
+from latentlab.lm.tokenizer import CHARACTERS, EOS, INJECT, PAD, build_char_tokenizer
 
 
 def test_round_trip_of_every_character():

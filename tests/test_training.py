@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from latentlab.errors import NonFiniteLossError
-from latentlab.tracking import StepLog
-from latentlab.training import (
+from latentlab.common.errors import NonFiniteLossError
+from latentlab.common.tracking import StepLog
+from latentlab.lm.training import (
     LMTrainConfig,
     collate,
     masked_lm_loss,

@@ -31,71 +31,29 @@ import numpy as np
 import polars as pl
 import torch
 import zarr
-from zarr.codecs import ZstdCodec
+from pydantic import Field, model_validator
 
-from latentlab.atomic import atomic_output
-from latentlab.distributed import Ranks
-from latentlab.hidden import POSITIONS, Extracted, Extractor, LabelConfig, TokenRows
-from latentlab.tracking import progress
-
-FORMAT = "latentlab.hidden/1"
-# hidden states are nearly incompressible noise, but per-token arrays hold zeros where a row had
-# ended: zstd level 1 shrinks those as well as the default level 3 does, in about half the time
-COMPRESSOR = ZstdCodec(level=1)
+from latentlab.common.atomic import atomic_output
+from latentlab.common.distributed import Ranks
+from latentlab.common.tracking import progress
+from latentlab.hidden.extract import POSITIONS, ExtractConfig, Extracted, Extractor, TokenRows
+from latentlab.hidden.store import FORMAT, create_store
 
 
-def add_rows_array(group: zarr.Group, name: str, shape: tuple, dtype, batch_rows: int, shard_rows: int,
-                   chunk_tail: tuple | None = None) -> zarr.Array:
-    """An array chunked along N: `batch_rows`-row chunks (of `chunk_tail` beyond N, default: whole
-    rows) inside `shard_rows`-row shard files."""
-    rest = tuple(shape[1:])
-    if not rest:  # 1-D: one plain chunk per shard is already one file per shard
-        return group.create_array(name, shape=shape, dtype=dtype, chunks=(shard_rows,), fill_value=0,
-                                  compressors=COMPRESSOR)
-    return group.create_array(name, shape=shape, dtype=dtype, chunks=(batch_rows, *(chunk_tail or rest)),
-                              shards=(shard_rows, *rest), fill_value=0, compressors=COMPRESSOR)
+class LabelConfig(ExtractConfig):
+    store_tokens: bool = False
+    """Also store the states of every pooled position: tokens (N, T, L, H) float16."""
+    batch_size: int = Field(256, gt=0)
+    """Rows per forward pass; also the Zarr chunk along N and the unit that seeds sampling."""
+    shard_rows: int = Field(1024, gt=0)
+    """Rows per shard file: the unit written, resumed and handed to a rank (a multiple of batch_size)."""
 
+    @model_validator(mode="after")
+    def _shards_hold_whole_batches(self):
+        if self.shard_rows % self.batch_size:
+            raise ValueError(f"shard_rows ({self.shard_rows}) must be a multiple of batch_size ({self.batch_size})")
+        return self
 
-def create_store(path: Path, rows: int, layers: int, hidden: int, width: int | None, attrs: dict,
-                 batch_rows: int, shard_rows: int) -> zarr.Group:
-    """An empty store: pooled, ids, n_positions, and tokens when `width` (T) is given."""
-    group = zarr.open_group(path, mode="w", zarr_format=3, attributes=attrs)
-    add_rows_array(group, "pooled", (rows, layers, hidden), "float32", batch_rows, shard_rows)
-    add_rows_array(group, "ids", (rows,), "int64", batch_rows, shard_rows)
-    add_rows_array(group, "n_positions", (rows,), "int32", batch_rows, shard_rows)
-    if width is not None:
-        # a chunk per layer: reading one layer's tokens reads only that layer
-        add_rows_array(group, "tokens", (rows, width, layers, hidden), "float16", batch_rows, shard_rows,
-                       chunk_tail=(width, 1, hidden))
-    return group
-
-
-def open_store(path: str | Path) -> zarr.Group:
-    """A finished store, read-only; a store that was never completed is refused."""
-    path = Path(path)
-    if not (path / "zarr.json").exists():
-        raise FileNotFoundError(f"{path} is not a Zarr store (no zarr.json); run the stage that writes it")
-    group = zarr.open_group(path, mode="r")
-    if group.attrs.get("complete") is not True:
-        raise ValueError(f"{path} is incomplete (attribute complete is not true): a run did not finish")
-    return group
-
-
-def layer_position(group: zarr.Group, layer: int) -> int:
-    """Where `layer`, as it was asked for (e.g. -1), sits along the L axis of a store's arrays."""
-    layers = group.attrs["layers"]
-    if layer not in layers:
-        raise ValueError(f"layer {layer} is not in {group.store_path} (it holds layers {layers})")
-    return layers.index(layer)
-
-
-def read_pooled(path: str | Path, layer: int) -> np.ndarray:
-    """`(N, H)` pooled vectors of one layer of a finished store."""
-    group = open_store(path)
-    return group["pooled"][:, layer_position(group, layer)]
-
-
-# ---- labelling a dataset, resumably -------------------------------------------------------------
 
 @dataclass
 class Job:
@@ -121,16 +79,34 @@ class Job:
     def attributes(self, extractor: Extractor) -> dict:
         mode = "text" if self.completions is not None else self.cfg.mode
         return {
-            "format": FORMAT, "complete": False, "fingerprint": self.fingerprint, "model": self.model,
-            "layers": list(self.cfg.layers), "layer_indices": extractor.layer_indices, "mode": mode,
-            "tokens": self.cfg.tokens, "pooling": "mean", "positions": POSITIONS[mode], "dtype": self.cfg.dtype,
-            "hidden_size": extractor.hidden_size, "rows": self.rows.height, "seed": self.seed,
-            "temperature": self.cfg.temperature, "top_p": self.cfg.top_p,
+            "format": FORMAT,
+            "complete": False,
+            "fingerprint": self.fingerprint,
+            "model": self.model,
+            "layers": list(self.cfg.layers),
+            "layer_indices": extractor.layer_indices,
+            "mode": mode,
+            "tokens": self.cfg.tokens,
+            "pooling": "mean",
+            "positions": POSITIONS[mode],
+            "dtype": self.cfg.dtype,
+            "hidden_size": extractor.hidden_size,
+            "rows": self.rows.height,
+            "seed": self.seed,
+            "temperature": self.cfg.temperature,
+            "top_p": self.cfg.top_p,
         }
 
 
-def prepare(extractor: Extractor, name: str, rows: pl.DataFrame, cfg: LabelConfig, seed: int, model: dict,
-            completions: TokenRows | None = None) -> Job:
+def prepare(
+    extractor: Extractor,
+    name: str,
+    rows: pl.DataFrame,
+    cfg: LabelConfig,
+    seed: int,
+    model: dict,
+    completions: TokenRows | None = None,
+) -> Job:
     """Tokenize once and check every row (empty data, context length) before any work. With
     `completions` (token ids per row): re-extract them in one teacher-forced pass, not generate."""
     prompts, ids = extractor.encode(rows["prompt"].to_list()), rows["id"].to_numpy()
@@ -152,8 +128,11 @@ def _batch_generator(job: Job, batch: int, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(int(state))
 
 
-def label(extractor: Extractor, job: Job, store: Path, table: Path | None, work: Path, ranks: Ranks = Ranks()) -> None:
+def label(
+    extractor: Extractor, job: Job, store: Path, table: Path | None, work: Path, ranks: Ranks | None = None
+) -> None:
     """Label `job` into `store` (and `table`: the rows plus what was generated), resuming from `work`."""
+    ranks = ranks or Ranks()
     parts, done = work / "store.zarr", work / "done"
     if ranks.rank == 0:
         _start_or_resume(extractor, job, work)
@@ -164,8 +143,11 @@ def label(extractor: Extractor, job: Job, store: Path, table: Path | None, work:
     group = zarr.open_group(parts, mode="r+")
     arrays = {name: group[name] for name in group.array_keys()}  # opened once: each open reads metadata
     # one writer thread: shard s is compressed and written while shard s + 1 is computed
-    with progress(None, f"label {job.name}", total=todo, unit="row", disable=ranks.rank != 0) as bar, \
-            ThreadPoolExecutor(1) as writer, _frozen_gc():
+    with (
+        progress(None, f"label {job.name}", total=todo, unit="row", disable=ranks.rank != 0) as bar,
+        ThreadPoolExecutor(1) as writer,
+        _frozen_gc(),
+    ):
         started, positions, pending = time.perf_counter(), 0, None
 
         def tick(rows: int, pooled_positions: int) -> None:
@@ -211,9 +193,16 @@ def _start_or_resume(extractor: Extractor, job: Job, work: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
     done.mkdir(parents=True)
     with atomic_output(parts) as partial:  # a kill while creating leaves no half-made store to resume
-        create_store(partial, job.rows.height, len(job.cfg.layers), extractor.hidden_size,
-                     job.width if job.cfg.store_tokens else None, job.attributes(extractor),
-                     job.cfg.batch_size, job.cfg.shard_rows)
+        create_store(
+            partial,
+            job.rows.height,
+            len(job.cfg.layers),
+            extractor.hidden_size,
+            job.width if job.cfg.store_tokens else None,
+            job.attributes(extractor),
+            job.cfg.batch_size,
+            job.cfg.shard_rows,
+        )
 
 
 def _extract_shard(extractor: Extractor, job: Job, shard: int, tick: Callable[[int, int], None]) -> list[Extracted]:
@@ -231,8 +220,14 @@ def _extract_shard(extractor: Extractor, job: Job, shard: int, tick: Callable[[i
     return results
 
 
-def _write_shard(job: Job, shard: int, results: list[Extracted], arrays: dict[str, zarr.Array], work: Path,
-                 decode: Callable[[TokenRows], list[str]]) -> None:
+def _write_shard(
+    job: Job,
+    shard: int,
+    results: list[Extracted],
+    arrays: dict[str, zarr.Array],
+    work: Path,
+    decode: Callable[[TokenRows], list[str]],
+) -> None:
     """Write a shard whole (every shard file is written exactly once), its rows, then its done-marker."""
     lo, hi = job.shard_span(shard)
     counts = torch.cat([r.counts for r in results]).numpy().astype(np.int32)

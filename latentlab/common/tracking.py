@@ -7,7 +7,7 @@ from typing import Any
 import polars as pl
 from tqdm.auto import tqdm
 
-from latentlab.atomic import atomic_output
+from latentlab.common.atomic import atomic_output
 
 
 def progress(iterable, desc: str, **kwargs):

@@ -1,6 +1,6 @@
 """`latentlab serve`: mean-pooled hidden states of a model over HTTP, as the reference's eval server.
 
-    python -m latentlab.serve --model models/base --layers -1 --tokens 1      # or: latentlab serve ...
+    python -m latentlab.hidden.serve --model models/base --layers -1 --tokens 1      # or: latentlab serve ...
     curl -s localhost:8000/health
     curl -s localhost:8000/embed -d '{"prompt": "12+7="}'          # {"pooled": [[...H floats] per layer], ...}
     curl -s localhost:8000/embed -d '{"prompts": ["1+1=", "2+2="]}'  # {"pooled": [[[...]]], ...}
@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 from pydantic import Field, ValidationError, model_validator
 
-from latentlab.config import Config
-from latentlab.hidden import ExtractConfig, Extractor, TokenRows, describe_model
+from latentlab.common.config import Config
+from latentlab.hidden.extract import ExtractConfig, Extractor, TokenRows
+from latentlab.lm.modeling import describe_model
 
 
 class ServeConfig(ExtractConfig):
@@ -135,10 +136,17 @@ class Batcher:
             start = 0
             for item in batch:
                 stop = start + len(item.prompts)
-                item.future.set_result({"pooled": result.pooled[start:stop].tolist(),
-                                        "n_positions": result.counts[start:stop].tolist(),
-                                        **({"texts": self.extractor.decode(result.token_ids[start:stop])}
-                                           if result.token_ids is not None else {})})
+                item.future.set_result(
+                    {
+                        "pooled": result.pooled[start:stop].tolist(),
+                        "n_positions": result.counts[start:stop].tolist(),
+                        **(
+                            {"texts": self.extractor.decode(result.token_ids[start:stop])}
+                            if result.token_ids is not None
+                            else {}
+                        ),
+                    }
+                )
                 start = stop
 
 
@@ -148,8 +156,12 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, cfg: ServeConfig, extractor: Extractor, info: dict):
         self.cfg, self.extractor, self.info = cfg, extractor, info
-        self.batcher = Batcher(extractor, cfg.max_batch, cfg.batch_wait_ms / 1000,
-                               torch.Generator(device=extractor.device).manual_seed(cfg.seed))
+        self.batcher = Batcher(
+            extractor,
+            cfg.max_batch,
+            cfg.batch_wait_ms / 1000,
+            torch.Generator(device=extractor.device).manual_seed(cfg.seed),
+        )
         super().__init__((cfg.host, cfg.port), Handler)
 
     def embed(self, body: bytes) -> dict:
@@ -160,8 +172,10 @@ class Server(ThreadingHTTPServer):
             raise RequestError(HTTPStatus.BAD_REQUEST, problems) from None
         prompts = [request.prompt] if request.prompt is not None else request.prompts
         if len(prompts) > self.cfg.max_batch:
-            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                               f"{len(prompts)} prompts in one request; the limit is {self.cfg.max_batch}")
+            raise RequestError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"{len(prompts)} prompts in one request; the limit is {self.cfg.max_batch}",
+            )
         answer = self.batcher.submit(prompts).result(timeout=300)
         if request.prompt is not None:
             answer = {k: v[0] for k, v in answer.items()}
@@ -187,8 +201,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.rstrip("/") != "/health":
             return self._error(HTTPStatus.NOT_FOUND, f"no such path {self.path}; GET /health, POST /embed")
         batcher = self.server.batcher
-        self._reply(HTTPStatus.OK, {"status": "ok", **self.server.info, "requests": batcher.served,
-                                    "batches": batcher.batches})
+        self._reply(
+            HTTPStatus.OK, {"status": "ok", **self.server.info, "requests": batcher.served, "batches": batcher.batches}
+        )
 
     def do_POST(self) -> None:
         if self.path.rstrip("/") != "/embed":
@@ -213,14 +228,21 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def build_server(cfg: ServeConfig) -> Server:
-    from latentlab.modeling import load_lm
-    from latentlab.runtime import resolve_device
+    from latentlab.common.runtime import resolve_device
+    from latentlab.lm.modeling import load_lm
 
     model, tokenizer = load_lm(cfg.model, resolve_device(cfg.device), dtype=getattr(torch, cfg.dtype))
     extractor = Extractor(model, tokenizer, cfg)
     sha256 = describe_model(cfg.model)["sha256"] if Path(cfg.model).is_dir() else None
-    info = {"model": cfg.model, "sha256": sha256, "layers": cfg.layers, "mode": cfg.mode, "tokens": cfg.tokens,
-            "hidden_size": extractor.hidden_size, "max_batch": cfg.max_batch}
+    info = {
+        "model": cfg.model,
+        "sha256": sha256,
+        "layers": cfg.layers,
+        "mode": cfg.mode,
+        "tokens": cfg.tokens,
+        "hidden_size": extractor.hidden_size,
+        "max_batch": cfg.max_batch,
+    }
     return Server(cfg, extractor, info)
 
 
@@ -244,8 +266,9 @@ def run(args: argparse.Namespace) -> None:
     cfg = ServeConfig.model_validate({k: v for k, v in vars(args).items() if k in ServeConfig.model_fields})
     server = build_server(cfg)
     host, port = server.server_address[:2]
-    print(f"latentlab serve: listening on http://{host}:{port} ({cfg.model}, {cfg.mode}, layers {cfg.layers})",
-          flush=True)
+    print(
+        f"latentlab serve: listening on http://{host}:{port} ({cfg.model}, {cfg.mode}, layers {cfg.layers})", flush=True
+    )
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     try:
         server.serve_forever()
@@ -256,6 +279,11 @@ def run(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    from latentlab.cli import main
-
-    main(["serve", *sys.argv[1:]])
+    # the same options as `latentlab serve` (cli.py builds its subcommand from add_arguments and run)
+    parser = argparse.ArgumentParser(prog="python -m latentlab.hidden.serve", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    try:
+        run(parser.parse_args())
+    except (ValueError, FileNotFoundError) as error:  # a bad option or model, in one line (ValidationError too)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

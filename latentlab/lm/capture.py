@@ -27,8 +27,9 @@ def resolve_layers(layers: Sequence[int], num_blocks: int) -> list[int]:
     resolved = []
     for index in layers:
         if not -count <= index < count:
-            raise IndexError(f"layer {index} is out of range: this model has hidden states 0..{num_blocks} "
-                             f"(or -{count}..-1)")
+            raise IndexError(
+                f"layer {index} is out of range: this model has hidden states 0..{num_blocks} (or -{count}..-1)"
+            )
         resolved.append(index % count)
     return resolved
 
@@ -36,9 +37,9 @@ def resolve_layers(layers: Sequence[int], num_blocks: int) -> list[int]:
 class LayerCapture:
     """Context manager: while active, `states` holds the latest forward pass's chosen layers.
 
-        with LayerCapture(model, [-1]) as capture:
-            model(input_ids=ids)
-            capture.stacked()        # (B, T, len(layers), H)
+    with LayerCapture(model, [-1]) as capture:
+        model(input_ids=ids)
+        capture.stacked()        # (B, T, len(layers), H)
     """
 
     def __init__(self, model, layers: Sequence[int]):

@@ -9,8 +9,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
 
 COLUMNS = {
-    "accuracy": "accuracy", "accuracy_odd": "acc. odd y", "accuracy_even": "acc. even y", "mae": "MAE",
-    "parse_rate": "parsed", "even_prediction_rate": "even predictions", "reward": "reward",
+    "accuracy": "accuracy",
+    "accuracy_odd": "acc. odd y",
+    "accuracy_even": "acc. even y",
+    "mae": "MAE",
+    "parse_rate": "parsed",
+    "even_prediction_rate": "even predictions",
+    "reward": "reward",
     "trained_parameters": "trained params",
 }
 
@@ -72,7 +77,9 @@ def plot_parameters_vs_accuracy(metrics: dict[str, dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 3.4))
     for name, m in points.items():
         ax.scatter(m["trained_parameters"], m["accuracy"])
-        ax.annotate(name, (m["trained_parameters"], m["accuracy"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(
+            name, (m["trained_parameters"], m["accuracy"]), fontsize=8, xytext=(4, 4), textcoords="offset points"
+        )
     ax.set_xscale("log")
     ax.set_xlabel("trained parameters")
     ax.set_ylabel("accuracy")

@@ -7,13 +7,10 @@ gradients. Variants change only `prefix` (e.g. the injection policy appends a vi
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from latentlab.inputs import require_model_dir
-from latentlab.modeling import load_lm
-from latentlab.sampling import Completions, SamplingConfig, completion_logprobs, sample, tokenize_prompts
+from latentlab.lm.sampling import Completions, SamplingConfig, completion_logprobs, sample, tokenize_prompts
 
 
 @dataclass
@@ -47,15 +44,25 @@ class LMPolicy:
         return None
 
     @torch.no_grad()
-    def rollout(self, prompts: list[str], sampling: SamplingConfig, generator: torch.Generator | None = None) -> Rollout:
+    def rollout(
+        self, prompts: list[str], sampling: SamplingConfig, generator: torch.Generator | None = None
+    ) -> Rollout:
         ids, mask = tokenize_prompts(self.tokenizer, prompts, self.device)
         rollout = Rollout(ids, mask, completions=None, texts=[])
         cache = self.prepare(rollout)
         embeds, prefix_mask = self.prefix(rollout)
         if cache is not None:  # the cache holds the prefix's first positions: continue after them
-            embeds = embeds[:, cache.get_seq_length():]
-        rollout.completions = sample(self.model, embeds, prefix_mask, sampling, self.tokenizer.eos_token_id,
-                                     self.tokenizer.pad_token_id, generator, past_key_values=cache)
+            embeds = embeds[:, cache.get_seq_length() :]
+        rollout.completions = sample(
+            self.model,
+            embeds,
+            prefix_mask,
+            sampling,
+            self.tokenizer.eos_token_id,
+            self.tokenizer.pad_token_id,
+            generator,
+            past_key_values=cache,
+        )
         rollout.texts = self.tokenizer.batch_decode(rollout.completions.ids, skip_special_tokens=True)
         return rollout
 
@@ -77,13 +84,3 @@ class LMPolicy:
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
-
-
-def load_policy(directory: str | Path, device: torch.device | str = "cpu") -> LMPolicy:
-    """The policy a saved directory holds: a Hugging Face model, or an injector on its frozen base."""
-    from latentlab import injection  # imported here: the injection policy is built on this module
-
-    directory = Path(directory)
-    if (directory / injection.CONFIG).exists():
-        return injection.load_injection_policy(directory, device)
-    return LMPolicy(*load_lm(require_model_dir(directory), device))

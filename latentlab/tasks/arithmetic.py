@@ -14,12 +14,19 @@ import numpy as np
 import polars as pl
 from pydantic import Field, model_validator
 
-from latentlab.config import Config
+from latentlab.common.batches import epoch_batches
+from latentlab.common.config import Config
 
 OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 PROBLEM_SCHEMA = {
-    "id": pl.Int64, "prompt": pl.String, "answer": pl.String, "y": pl.Int64,
-    "parity": pl.String, "a": pl.Int64, "b": pl.Int64, "op": pl.String,
+    "id": pl.Int64,
+    "prompt": pl.String,
+    "answer": pl.String,
+    "y": pl.Int64,
+    "parity": pl.String,
+    "a": pl.Int64,
+    "b": pl.Int64,
+    "op": pl.String,
 }
 _LEADING_INT = re.compile(r"\s*(-?\d+)")
 
@@ -70,7 +77,9 @@ def all_problems(cfg: ArithmeticConfig) -> pl.DataFrame:
             "answer": [str(v) for v in y],
             "y": y,
             "parity": ["even" if v % 2 == 0 else "odd" for v in y],
-            "a": a, "b": b, "op": ops,
+            "a": a,
+            "b": b,
+            "op": ops,
         },
         schema=PROBLEM_SCHEMA,
     )
@@ -123,13 +132,6 @@ def pretraining_corpus(problems: pl.DataFrame, n_sequences: int, seq_chars: int,
 
 def problem_batches(problems: pl.DataFrame, batch_size: int, generator):
     """Endless (prompts, y) batches of `problems`, reshuffled each epoch by a torch generator."""
-    import torch
-
     prompts, ys = problems["prompt"].to_list(), problems["y"].to_list()
-    while True:
-        order = torch.randperm(len(prompts), generator=generator).tolist()
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            rows = order[start : start + batch_size]
-            yield [prompts[i] for i in rows], [ys[i] for i in rows]
-        if len(order) < batch_size:
-            raise ValueError(f"{len(order)} problems cannot fill a batch of {batch_size}")
+    for rows in epoch_batches(len(prompts), batch_size, generator):
+        yield [prompts[i] for i in rows], [ys[i] for i in rows]

@@ -3,15 +3,13 @@
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field, model_validator
 
-from latentlab.config import Config
-from latentlab.tokenizer import INJECT
+from latentlab.common.config import Config
+from latentlab.lm.tokenizer import INJECT
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -68,8 +66,9 @@ def build_tiny_lm(cfg: TinyLMConfig, tokenizer: "PreTrainedTokenizerBase") -> "P
     return AutoModelForCausalLM.from_config(config)
 
 
-def load_lm(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-            revision: str | None = None):
+def load_lm(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, revision: str | None = None
+):
     """(model, tokenizer) from a Hugging Face id or directory; the tokenizer pads on the left."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,3 +120,13 @@ def write_manifest(directory: Path, **provenance) -> str:
 def read_manifest(directory: str | Path) -> dict:
     file = Path(directory) / MANIFEST
     return json.loads(file.read_text()) if file.exists() else {}
+
+
+def describe_model(directory: str | Path) -> dict:
+    """Provenance for the store's attributes: where the model came from and its content hash."""
+    manifest = read_manifest(directory)
+    return {
+        "path": str(directory),
+        "source": manifest.get("source", str(directory)),
+        "sha256": manifest.get("content_sha256") or content_hash(directory),
+    }

@@ -23,14 +23,17 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from latentlab.config import Config
-from latentlab.policy import LMPolicy, Rollout
-from latentlab.sampling import SamplingConfig
-from latentlab.tracking import StepLog, progress
-from latentlab.training import build_optimizer, check_finite
+from latentlab.common.config import Config
+from latentlab.common.optim import build_optimizer, check_finite
+from latentlab.common.tracking import StepLog, progress
+from latentlab.lm.sampling import SamplingConfig
+from latentlab.policies.lm_policy import LMPolicy
+from latentlab.rl.advantages import group_advantages
 
 
-class GRPOConfig(Config):
+class GRPOSettings(Config):
+    """Everything GRPO needs but the learning rate: what stages training different parameters share."""
+
     steps: int = Field(gt=0)
     """Optimizer updates (each on a fresh batch of rollouts)."""
     prompts_per_step: int = Field(gt=0)
@@ -45,8 +48,6 @@ class GRPOConfig(Config):
     """Nucleus sampling threshold."""
     exploration_noise: float = Field(0.0, ge=0)
     """Std of Gaussian noise on the logits while sampling (exploration; not part of pi)."""
-    lr: float = Field(gt=0)
-    """AdamW learning rate."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warm-up steps."""
     clip_eps: float = Field(0.2, gt=0, lt=1)
@@ -65,22 +66,21 @@ class GRPOConfig(Config):
 
     @property
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                              top_p=self.top_p, logit_noise=self.exploration_noise)
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            logit_noise=self.exploration_noise,
+        )
+
+    def with_lr(self, lr: float) -> "GRPOConfig":
+        """The full, validated config: these settings (and only these) plus a stage's learning rate."""
+        return GRPOConfig.model_validate({**self.model_dump(include=set(GRPOSettings.model_fields)), "lr": lr})
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """A_i = (r_i - mean_g) / (std_g + eps) within consecutive groups of `group_size` rewards.
-
-    std is the unbiased sample std (as TRL); a group whose rewards are all equal gets A = 0.
-    """
-    if rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    grouped = rewards.view(-1, group_size)
-    advantages = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale:
-        advantages = advantages / (grouped.std(dim=1, keepdim=True) + eps)
-    return advantages.flatten()
+class GRPOConfig(GRPOSettings):
+    lr: float = Field(gt=0)
+    """AdamW learning rate: each stage sets its own (a full model and a small add-on want different ones)."""
 
 
 def grpo_loss(
@@ -140,7 +140,9 @@ class GRPOTrainer:
             raise ValueError("GRPOConfig.beta > 0 needs a frozen reference policy")
         self.policy, self.reward_fn, self.cfg, self.generator = policy, reward_fn, cfg, generator
         self.ref_policy = ref_policy if cfg.beta > 0 else None
-        self.optimizer, self.schedule = build_optimizer(policy.trainable_parameters(), cfg.lr, cfg.steps, cfg.warmup_steps)
+        self.optimizer, self.schedule = build_optimizer(
+            policy.trainable_parameters(), cfg.lr, cfg.steps, cfg.warmup_steps
+        )
 
     def step(self, step: int, prompts: list[str], targets: list) -> dict[str, float]:
         """One batch: prompts_per_step prompts, each sampled group_size times; returns the log row."""
@@ -148,8 +150,11 @@ class GRPOTrainer:
         started = time.perf_counter()
         self.policy.train(False)  # sampling is a no-grad, dropout-free pass
         rollout = self.policy.rollout([p for p in prompts for _ in range(G)], cfg.sampling, self.generator)
-        rewards = torch.tensor(self.reward_fn(rollout.texts, [t for t in targets for _ in range(G)]),
-                               dtype=torch.float32, device=self.policy.device)
+        rewards = torch.tensor(
+            self.reward_fn(rollout.texts, [t for t in targets for _ in range(G)]),
+            dtype=torch.float32,
+            device=self.policy.device,
+        )
         advantages = group_advantages(rewards, G, cfg.scale_rewards)
         mask = rollout.completions.mask
         with torch.no_grad():
@@ -162,8 +167,9 @@ class GRPOTrainer:
         for _ in range(cfg.iterations):
             logprobs = self.policy.logprobs(rollout, cfg.temperature)
             old = logprobs.detach() if old_logprobs is None else old_logprobs
-            loss, stats = grpo_loss(logprobs, old, advantages, mask, cfg.clip_eps, cfg.beta, ref_logprobs,
-                                    cfg.loss_aggregation)
+            loss, stats = grpo_loss(
+                logprobs, old, advantages, mask, cfg.clip_eps, cfg.beta, ref_logprobs, cfg.loss_aggregation
+            )
             regularizers = self.policy.regularizers(rollout)
             total = loss + sum(regularizers.values(), torch.zeros((), device=loss.device))
             check_finite(total, step)

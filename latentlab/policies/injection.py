@@ -22,12 +22,12 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from latentlab.capture import LayerCapture
-from latentlab.config import Config
-from latentlab.errors import InputError
-from latentlab.modeling import load_lm, read_manifest, write_manifest
-from latentlab.policy import LMPolicy, Rollout
-from latentlab.sampling import positions_from_mask
+from latentlab.common.config import Config
+from latentlab.common.errors import InputError
+from latentlab.lm.capture import LayerCapture
+from latentlab.lm.modeling import load_lm, read_manifest, write_manifest
+from latentlab.lm.sampling import positions_from_mask
+from latentlab.policies.lm_policy import LMPolicy, Rollout
 
 WEIGHTS = "injector.safetensors"
 CONFIG = "injector.json"
@@ -52,8 +52,10 @@ class HiddenStateInjector(nn.Module):
         self.hidden_size, self.cfg = hidden_size, cfg
         bottleneck, width = cfg.bottleneck or max(1, hidden_size // 4), cfg.width or hidden_size
         self.mlp = nn.Sequential(
-            nn.Linear(hidden_size, bottleneck), nn.ReLU(),
-            nn.Linear(bottleneck, width), nn.ReLU(),
+            nn.Linear(hidden_size, bottleneck),
+            nn.ReLU(),
+            nn.Linear(bottleneck, width),
+            nn.ReLU(),
             nn.Linear(width, hidden_size),
         )
         # a zero last layer makes MLP(h) = 0, hence v = h; its gradient is not zero (it is the
@@ -94,8 +96,13 @@ class InjectionPolicy(LMPolicy):
         """Encode the prompt once: keep h (the chosen layer at the last position) and the KV cache."""
         mask = rollout.prompt_mask
         with LayerCapture(self.model, [self.injector.cfg.layer]) as capture:
-            out = self.model(input_ids=rollout.prompt_ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                             use_cache=True, logits_to_keep=1)
+            out = self.model(
+                input_ids=rollout.prompt_ids,
+                attention_mask=mask,
+                position_ids=positions_from_mask(mask),
+                use_cache=True,
+                logits_to_keep=1,
+            )
             rollout.extras["hidden"] = capture.last_position()[:, 0].float()  # (B, H); prompts are left-padded
         return out.past_key_values
 
@@ -124,8 +131,12 @@ def save_injector(injector: HiddenStateInjector, directory: Path, base: str | Pa
     """
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in injector.state_dict().items()}, directory / WEIGHTS)
-    config = {"base_model": str(base), "base_sha256": read_manifest(base).get("content_sha256"),
-              "hidden_size": injector.hidden_size, "injector": injector.cfg.model_dump()}
+    config = {
+        "base_model": str(base),
+        "base_sha256": read_manifest(base).get("content_sha256"),
+        "hidden_size": injector.hidden_size,
+        "injector": injector.cfg.model_dump(),
+    }
     (directory / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return write_manifest(directory, **provenance)
 
@@ -137,8 +148,10 @@ def load_injection_policy(directory: str | Path, device: torch.device | str = "c
     base, expected = config["base_model"], config["base_sha256"]
     found = read_manifest(base).get("content_sha256")
     if expected is not None and found != expected:
-        raise InputError(f"{directory} was trained on {base} with content hash {expected[:12]}…, "
-                         f"but {base} now has {found and found[:12]}: retrain the injector or restore that model")
+        raise InputError(
+            f"{directory} was trained on {base} with content hash {expected[:12]}…, "
+            f"but {base} now has {found and found[:12]}: retrain the injector or restore that model"
+        )
     model, tokenizer = load_lm(base, device)
     injector = HiddenStateInjector(config["hidden_size"], InjectorConfig.model_validate(config["injector"]))
     injector.load_state_dict(load_file(directory / WEIGHTS))

@@ -5,7 +5,6 @@ real token; SFT selects the answer and its end-of-sequence token only, so the mo
 trained to reproduce the prompt.
 """
 
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -14,17 +13,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from latentlab.config import Config
-from latentlab.errors import NonFiniteLossError
-from latentlab.tracking import StepLog, progress
-
-
-def check_finite(value: torch.Tensor, step: int, what: str = "loss") -> None:
-    if not torch.isfinite(value).all():
-        raise NonFiniteLossError(
-            f"{what} is {value.item() if value.numel() == 1 else value} at step {step}: "
-            "lower the learning rate or check the inputs"
-        )
+from latentlab.common.batches import epoch_batches
+from latentlab.common.config import Config
+from latentlab.common.optim import build_optimizer, check_finite
+from latentlab.common.tracking import StepLog, progress
+from latentlab.lm.padding import pad_sequences
 
 
 class LMTrainConfig(Config):
@@ -44,19 +37,6 @@ class LMTrainConfig(Config):
     """Write a log row every this many steps."""
 
 
-def build_optimizer(params, lr: float, steps: int, warmup_steps: int = 0, weight_decay: float = 0.0):
-    """AdamW with linear warm-up then cosine decay to 10% of `lr`."""
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress_ = (step - warmup_steps) / max(1, steps - warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 @dataclass
 class TokenBatch:
     input_ids: torch.Tensor  # (B, T) right-padded
@@ -69,14 +49,8 @@ class TokenBatch:
 
 def collate(sequences: Sequence[list[int]], targets: Sequence[list[int]], pad_id: int) -> TokenBatch:
     """Right-pad token lists into a batch; `targets` marks (1/0) which tokens are trained on."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    loss = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, (seq, tgt) in enumerate(zip(sequences, targets)):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        attention[row, : len(seq)] = 1
-        loss[row, : len(seq)] = torch.tensor(tgt)
+    ids, attention = pad_sequences(sequences, pad_id, left=False)
+    loss, _ = pad_sequences(targets, 0, left=False)
     return TokenBatch(ids, attention, loss)
 
 
@@ -106,12 +80,8 @@ def shuffled_batches(examples, batch_size: int, pad_id: int, generator: torch.Ge
     sequences, targets = examples
     if not sequences:
         raise ValueError("no training examples")
-    while True:
-        order = torch.randperm(len(sequences), generator=generator).tolist()
-        usable = max(batch_size, len(order) - len(order) % batch_size)  # drop the ragged tail
-        for start in range(0, usable, batch_size):
-            rows = order[start : start + batch_size]
-            yield collate([sequences[i] for i in rows], [targets[i] for i in rows], pad_id)
+    for rows in epoch_batches(len(sequences), batch_size, generator):
+        yield collate([sequences[i] for i in rows], [targets[i] for i in rows], pad_id)
 
 
 def masked_lm_loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
@@ -141,6 +111,11 @@ def train_lm(model, batches: Iterator[TokenBatch], cfg: LMTrainConfig, device, d
         tokens += int(batch.attention_mask.sum())
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             elapsed = time.perf_counter() - started
-            log.log(step, loss=loss.item(), grad_norm=float(grad_norm), lr=schedule.get_last_lr()[0],
-                    tokens_per_s=tokens / elapsed)
+            log.log(
+                step,
+                loss=loss.item(),
+                grad_norm=float(grad_norm),
+                lr=schedule.get_last_lr()[0],
+                tokens_per_s=tokens / elapsed,
+            )
     model.eval()

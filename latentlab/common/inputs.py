@@ -4,7 +4,7 @@ from pathlib import Path
 
 import polars as pl
 
-from latentlab.errors import InputError
+from latentlab.common.errors import InputError
 
 
 def read_table(path: str | Path, schema: dict[str, pl.DataType]) -> pl.DataFrame:
@@ -21,7 +21,9 @@ def read_table(path: str | Path, schema: dict[str, pl.DataType]) -> pl.DataFrame
         raise InputError(f"{path} lacks column(s) {missing}; it has {table.columns}")
     wrong = {c: str(table.schema[c]) for c, t in schema.items() if table.schema[c] != t}
     if wrong:
-        raise InputError(f"{path} has column(s) of the wrong type {wrong}; expected {dict((c, str(schema[c])) for c in wrong)}")
+        raise InputError(
+            f"{path} has column(s) of the wrong type {wrong}; expected {dict((c, str(schema[c])) for c in wrong)}"
+        )
     if table.height == 0:
         raise InputError(f"{path} has no rows")
     return table

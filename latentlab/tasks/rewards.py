@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from latentlab.arithmetic import parse_answer
+from latentlab.tasks.arithmetic import parse_answer
 
 
 @dataclass(frozen=True)

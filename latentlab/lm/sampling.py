@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 from pydantic import Field
 
-from latentlab.capture import LayerCapture
-from latentlab.config import Config
+from latentlab.common.config import Config
+from latentlab.lm.capture import LayerCapture
+from latentlab.lm.padding import pad_sequences
 
 
 class SamplingConfig(Config):
@@ -52,15 +53,11 @@ def tokenize_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tenso
     if not prompts:
         raise ValueError("no prompts to tokenize")
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    width = max(len(x) for x in ids)
-    out = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
     for row, x in enumerate(ids):
         if not x:
             raise ValueError(f"prompt {row} tokenizes to nothing: {prompts[row]!r}")
-        out[row, width - len(x):] = torch.tensor(x)
-        mask[row, width - len(x):] = 1
-    return out.to(device), mask.to(device)
+    ids, mask = pad_sequences(ids, tokenizer.pad_token_id, left=True)
+    return ids.to(device), mask.to(device)
 
 
 def _tempered_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -120,8 +117,14 @@ def sample(
     batch, new = inputs_embeds.shape[:2]
     device = inputs_embeds.device
     positions = positions_from_mask(attention_mask)[:, -new:]
-    out = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=positions,
-                past_key_values=past_key_values, use_cache=True, logits_to_keep=1)
+    out = model(
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        past_key_values=past_key_values,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     next_position = positions[:, -1] + 1
     ids = torch.full((batch, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((batch, cfg.max_new_tokens), device=device)
@@ -141,8 +144,14 @@ def sample(
         if finished.all() or t == cfg.max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=1)
-        out = model(input_ids=ids[:, t : t + 1], attention_mask=attention_mask, position_ids=next_position[:, None],
-                    past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=ids[:, t : t + 1],
+            attention_mask=attention_mask,
+            position_ids=next_position[:, None],
+            past_key_values=out.past_key_values,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         next_position = next_position + 1
     return Completions(ids[:, :steps], mask[:, :steps], logprobs[:, :steps])
 
@@ -163,8 +172,9 @@ def completion_logprobs(
     embeds = torch.cat([prefix_embeds, model.get_input_embeddings()(completions.ids)], dim=1)
     mask = torch.cat([prefix_mask, completions.mask.long()], dim=1)
     # keep the logits of positions prefix_len-1 .. prefix_len+length-1; the last one predicts nothing
-    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask),
-                   logits_to_keep=length + 1).logits[:, :-1]
+    logits = model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask), logits_to_keep=length + 1
+    ).logits[:, :-1]
     assert logits.shape[1] == length and prefix_len > 0
     logprobs = _tempered_logprobs(logits, temperature).gather(-1, completions.ids[..., None]).squeeze(-1)
     return logprobs * completions.mask

@@ -21,7 +21,9 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     backend.decoder = decoders.Fuse()  # join characters back without spaces
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        pad_token=PAD, eos_token=EOS, unk_token=UNK,
+        pad_token=PAD,
+        eos_token=EOS,
+        unk_token=UNK,
         additional_special_tokens=[INJECT],
         padding_side="left",  # prompts are left-padded so every prompt ends at the same position
         model_max_length=10_000,

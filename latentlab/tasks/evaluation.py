@@ -10,9 +10,9 @@ from collections.abc import Callable
 import numpy as np
 import polars as pl
 
-from latentlab.arithmetic import parse_answer
-from latentlab.policy import LMPolicy
-from latentlab.tracking import progress
+from latentlab.common.tracking import progress
+from latentlab.policies.lm_policy import LMPolicy
+from latentlab.tasks.arithmetic import parse_answer
 
 
 def score(completions: list[str], problems: pl.DataFrame, reward_fn: Callable) -> tuple[dict[str, float], pl.DataFrame]:
@@ -47,8 +47,14 @@ def score(completions: list[str], problems: pl.DataFrame, reward_fn: Callable) -
     return metrics, rows
 
 
-def evaluate_policy(policy: LMPolicy, problems: pl.DataFrame, reward_fn: Callable, batch_size: int,
-                    max_new_tokens: int, desc: str = "evaluate") -> tuple[dict[str, float], pl.DataFrame]:
+def evaluate_policy(
+    policy: LMPolicy,
+    problems: pl.DataFrame,
+    reward_fn: Callable,
+    batch_size: int,
+    max_new_tokens: int,
+    desc: str = "evaluate",
+) -> tuple[dict[str, float], pl.DataFrame]:
     """Greedy-decode every problem in batches and `score` the completions."""
     prompts = problems["prompt"].to_list()
     completions: list[str] = []

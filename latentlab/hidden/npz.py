@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from latentlab.atomic import atomic_output
-from latentlab.labelling import FORMAT, add_rows_array, create_store, layer_position, open_store
+from latentlab.common.atomic import atomic_output
+from latentlab.hidden.store import FORMAT, add_rows_array, create_store, layer_position, open_store
 
 TRANSITION_KEYS = ("obs", "next_obs", "action", "reward", "done", "log_prob")
 REFERENCE_KEYS = (*TRANSITION_KEYS, "text_generated", "hidden_state")
@@ -24,7 +24,9 @@ def _is_text(array: np.ndarray) -> bool:
     return array.dtype.kind in "US"
 
 
-def export_npz(store: str | Path, out: str | Path, table: str | Path | None = None, layer: int | None = None) -> list[str]:
+def export_npz(
+    store: str | Path, out: str | Path, table: str | Path | None = None, layer: int | None = None
+) -> list[str]:
     """Write `store` (one layer: `layer` as it was asked for, default the last) and the row table's
     text as a reference NPZ; returns the keys written."""
     group = open_store(store)
@@ -55,15 +57,23 @@ def _load(path: Path) -> dict[str, np.ndarray]:
             try:
                 arrays[key] = data[key]
             except ValueError as error:  # an object array: it would need pickle
-                raise ValueError(f"{path}: {key} is an object array, which needs pickle to load; save text as "
-                                 "fixed-width unicode (np.array(texts, dtype=str))") from error
+                raise ValueError(
+                    f"{path}: {key} is an object array, which needs pickle to load; save text as "
+                    "fixed-width unicode (np.array(texts, dtype=str))"
+                ) from error
     if "hidden_state" not in arrays:
         raise ValueError(f"{path} has no hidden_state (it has {sorted(arrays)})")
     return arrays
 
 
-def import_npz(path: str | Path, store: str | Path, table: str | Path | None = None, layer: int = -1,
-               batch_rows: int = 256, shard_rows: int = 1024) -> int:
+def import_npz(
+    path: str | Path,
+    store: str | Path,
+    table: str | Path | None = None,
+    layer: int = -1,
+    batch_rows: int = 256,
+    shard_rows: int = 1024,
+) -> int:
     """A reference NPZ as a store (`pooled`, `tokens`, and the numeric transition arrays) plus a row
     table (`id`, `text_generated` and any text arrays); `layer` records which layer it held. Returns N."""
     path = Path(path)
@@ -78,10 +88,17 @@ def import_npz(path: str | Path, store: str | Path, table: str | Path | None = N
     keep = np.arange(width)[None] < counts[:, None]
     pooled = (hidden * keep[..., None]).sum(1, dtype=np.float64) / np.maximum(counts, 1)[:, None]
     attrs = {
-        "format": FORMAT, "complete": True, "model": {"source": f"imported from {path.name}"}, "layers": [layer],
-        "mode": "imported", "tokens": width, "pooling": "mean",
+        "format": FORMAT,
+        "complete": True,
+        "model": {"source": f"imported from {path.name}"},
+        "layers": [layer],
+        "mode": "imported",
+        "tokens": width,
+        "pooling": "mean",
         "positions": "the first n_positions of the file's T positions (all T without n_positions)",
-        "dtype": str(hidden.dtype), "hidden_size": size, "rows": rows,
+        "dtype": str(hidden.dtype),
+        "hidden_size": size,
+        "rows": rows,
     }
     shard_rows = max(batch_rows, shard_rows // batch_rows * batch_rows)
     with atomic_output(store) as partial:

@@ -19,24 +19,23 @@ Padding and positions after end-of-sequence never enter a mean. Layers are numbe
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from latentlab.capture import LayerCapture, decoder_blocks, resolve_layers
-from latentlab.config import Config
-from latentlab.modeling import content_hash, read_manifest
-from latentlab.sampling import SamplingConfig, positions_from_mask, sample
+from latentlab.common.config import Config
+from latentlab.lm.capture import LayerCapture, decoder_blocks, resolve_layers
+from latentlab.lm.padding import pad_flat
+from latentlab.lm.sampling import SamplingConfig, positions_from_mask, sample
 
 POSITIONS = {
     "prompt": "the prompt's tokens",
     "generate": "the positions that produced each generated token (last prompt position, then each "
-                "generated token), up to and including end-of-sequence",
+    "generated token), up to and including end-of-sequence",
     "text": "the positions that produce each given completion token (last prompt position, then each "
-            "completion token but the last), as in generate",
+    "completion token but the last), as in generate",
 }
 
 
@@ -55,21 +54,6 @@ class ExtractConfig(Config):
     @property
     def mode(self) -> str:
         return "prompt" if self.tokens == 1 else "generate"
-
-
-class LabelConfig(ExtractConfig):
-    store_tokens: bool = False
-    """Also store the states of every pooled position: tokens (N, T, L, H) float16."""
-    batch_size: int = Field(256, gt=0)
-    """Rows per forward pass; also the Zarr chunk along N and the unit that seeds sampling."""
-    shard_rows: int = Field(1024, gt=0)
-    """Rows per shard file: the unit written, resumed and handed to a rank (a multiple of batch_size)."""
-
-    @model_validator(mode="after")
-    def _shards_hold_whole_batches(self):
-        if self.shard_rows % self.batch_size:
-            raise ValueError(f"shard_rows ({self.shard_rows}) must be a multiple of batch_size ({self.batch_size})")
-        return self
 
 
 @dataclass
@@ -111,13 +95,8 @@ class TokenRows:
     def padded(self, pad_id: int, device, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask) `(N, width)`, padded on the left (prompts: every row ends at the last column,
         where generation starts) or on the right (completions); one copy, no loop per row."""
-        lengths = torch.from_numpy(self.lengths)
-        width = int(lengths.max())
-        columns = torch.arange(width)
-        mask = columns >= width - lengths[:, None] if left else columns < lengths[:, None]
-        ids = torch.full((len(self), width), pad_id, dtype=torch.long)
-        ids[mask] = torch.from_numpy(self.flat).long()  # row-major: each row's tokens in order
-        return ids.to(device), mask.long().to(device)
+        ids, mask = pad_flat(torch.from_numpy(self.flat), torch.from_numpy(self.lengths), pad_id, left)
+        return ids.to(device), mask.to(device)
 
 
 @dataclass
@@ -160,9 +139,13 @@ class Extractor:
     def encode(self, texts: Sequence[str], chunk: int = 4096) -> TokenRows:
         """Token ids of each text, no special tokens added. In chunks: the tokenizer's per-row
         objects would otherwise cost about a kilobyte for every row of a dataset at once."""
-        return TokenRows.concat([TokenRows.from_lists([])] + [
-            TokenRows.from_lists(self.tokenizer(list(texts[i : i + chunk]), add_special_tokens=False)["input_ids"])
-            for i in range(0, len(texts), chunk)])
+        return TokenRows.concat(
+            [TokenRows.from_lists([])]
+            + [
+                TokenRows.from_lists(self.tokenizer(list(texts[i : i + chunk]), add_special_tokens=False)["input_ids"])
+                for i in range(0, len(texts), chunk)
+            ]
+        )
 
     def decode(self, token_ids: TokenRows) -> list[str]:
         """The text of generated tokens (special tokens skipped). Kept out of `__call__` so the
@@ -193,9 +176,15 @@ class Extractor:
         if completions is not None:
             checks.append((extra == 0, lambda row: "no completion tokens to re-extract"))
         if self.context is not None:
-            checks.append((lengths + extra > self.context, lambda row: (
-                f"{lengths[row]} prompt tokens + {extra[row]} more exceed the model's context of "
-                f"{self.context} positions (max_position_embeddings)")))
+            checks.append(
+                (
+                    lengths + extra > self.context,
+                    lambda row: (
+                        f"{lengths[row]} prompt tokens + {extra[row]} more exceed the model's context of "
+                        f"{self.context} positions (max_position_embeddings)"
+                    ),
+                )
+            )
         for bad, message in checks:
             if bad.any():
                 row = int(np.argmax(bad))
@@ -204,9 +193,14 @@ class Extractor:
             return int(extra.max())
         return int(lengths.max()) if self.cfg.mode == "prompt" else self.cfg.tokens
 
-    def __call__(self, prompts: Sequence[str] | TokenRows, generator: torch.Generator | None = None,
-                 store_tokens: bool = False, width: int | None = None,
-                 completions: TokenRows | None = None) -> Extracted:
+    def __call__(
+        self,
+        prompts: Sequence[str] | TokenRows,
+        generator: torch.Generator | None = None,
+        store_tokens: bool = False,
+        width: int | None = None,
+        completions: TokenRows | None = None,
+    ) -> Extracted:
         """Pool one batch of prompts (text, or token ids from `encode`). `width` is T of the
         `tokens` array (default: this batch's widest row)."""
         if not isinstance(prompts, TokenRows):
@@ -228,8 +222,13 @@ class Extractor:
 
     def _forward(self, ids, mask, capture) -> torch.Tensor:
         # logits of the last position only: the vocabulary projection is not what we are after
-        self.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                   use_cache=False, logits_to_keep=1)
+        self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions_from_mask(mask),
+            use_cache=False,
+            logits_to_keep=1,
+        )
         return capture.stacked()
 
     def _prompt(self, ids, mask, capture):
@@ -244,8 +243,11 @@ class Extractor:
     def _generate(self, ids, mask, capture, generator, store_tokens) -> Extracted:
         batch, layers = ids.shape[0], len(self.cfg.layers)
         sums = torch.zeros((batch, layers, self.hidden_size), dtype=torch.float32, device=self.device)
-        tokens = (torch.zeros((batch, self.cfg.tokens, layers, self.hidden_size), dtype=torch.float16,
-                              device=self.device) if store_tokens else None)
+        tokens = (
+            torch.zeros((batch, self.cfg.tokens, layers, self.hidden_size), dtype=torch.float16, device=self.device)
+            if store_tokens
+            else None
+        )
 
         def on_token(t: int, states: torch.Tensor, alive: torch.Tensor) -> None:
             # running sums: only the chosen layers of the newest position are ever held
@@ -255,16 +257,28 @@ class Extractor:
                 tokens[:, t] = states
 
         embeds = self.model.get_input_embeddings()(ids)
-        done = sample(self.model, embeds, mask, self.sampling, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
-                      generator, capture=capture, on_token=on_token)
+        done = sample(
+            self.model,
+            embeds,
+            mask,
+            self.sampling,
+            self.tokenizer.eos_token_id,
+            self.tokenizer.pad_token_id,
+            generator,
+            capture=capture,
+            on_token=on_token,
+        )
         counts = done.lengths
         ended = (done.ids == self.tokenizer.eos_token_id).any(1)
         return Extracted(
-            pooled=(sums / counts[:, None, None]).cpu(), counts=counts.cpu(),
+            pooled=(sums / counts[:, None, None]).cpu(),
+            counts=counts.cpu(),
             tokens=tokens.cpu() if tokens is not None else None,
-            token_ids=TokenRows(done.ids[done.mask].int().cpu().numpy(),
-                                np.concatenate([[0], counts.cumsum(0).cpu().numpy()])),
-            ended=ended.cpu(), log_prob=done.logprobs.sum(1).cpu(),
+            token_ids=TokenRows(
+                done.ids[done.mask].int().cpu().numpy(), np.concatenate([[0], counts.cumsum(0).cpu().numpy()])
+            ),
+            ended=ended.cpu(),
+            log_prob=done.logprobs.sum(1).cpu(),
         )
 
 
@@ -276,10 +290,3 @@ def _left_align(states: torch.Tensor, keep: torch.Tensor, width: int) -> torch.T
     gathered = states.gather(1, index[:, :, None, None].expand(batch, width, layers, hidden))
     valid = torch.arange(width, device=states.device)[None] < keep.sum(1, keepdim=True)
     return torch.where(valid[:, :, None, None], gathered, 0)
-
-
-def describe_model(directory: str | Path) -> dict:
-    """Provenance for the store's attributes: where the model came from and its content hash."""
-    manifest = read_manifest(directory)
-    return {"path": str(directory), "source": manifest.get("source", str(directory)),
-            "sha256": manifest.get("content_sha256") or content_hash(directory)}

@@ -1,0 +1,90 @@
+"""The hidden-state store format (Zarr v3): create, open and read a store; nothing about filling one.
+
+    pooled       (N, L, H) float32   mean over the positions the mode defines (padding excluded)
+    tokens       (N, T, L, H) float16, optional: every pooled position, zeros where a row had fewer
+    ids          (N,) int64          the row ids of the table beside the store
+    n_positions  (N,) int32          positions in each mean
+    attributes   format, complete, model (path, source, sha256), layers, mode, tokens, pooling, dtype, ...
+
+Chunks of `batch_rows` rows sit inside shard files of `shard_rows` rows, so a store is a few files
+(DVC hashes every file). Readers refuse a store whose `complete` attribute is not true.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+FORMAT = "latentlab.hidden/1"
+# hidden states are nearly incompressible noise, but per-token arrays hold zeros where a row had
+# ended: zstd level 1 shrinks those as well as the default level 3 does, in about half the time
+COMPRESSOR = ZstdCodec(level=1)
+
+
+def add_rows_array(
+    group: zarr.Group, name: str, shape: tuple, dtype, batch_rows: int, shard_rows: int, chunk_tail: tuple | None = None
+) -> zarr.Array:
+    """An array chunked along N: `batch_rows`-row chunks (of `chunk_tail` beyond N, default: whole
+    rows) inside `shard_rows`-row shard files."""
+    rest = tuple(shape[1:])
+    if not rest:  # 1-D: one plain chunk per shard is already one file per shard
+        return group.create_array(
+            name, shape=shape, dtype=dtype, chunks=(shard_rows,), fill_value=0, compressors=COMPRESSOR
+        )
+    return group.create_array(
+        name,
+        shape=shape,
+        dtype=dtype,
+        chunks=(batch_rows, *(chunk_tail or rest)),
+        shards=(shard_rows, *rest),
+        fill_value=0,
+        compressors=COMPRESSOR,
+    )
+
+
+def create_store(
+    path: Path, rows: int, layers: int, hidden: int, width: int | None, attrs: dict, batch_rows: int, shard_rows: int
+) -> zarr.Group:
+    """An empty store: pooled, ids, n_positions, and tokens when `width` (T) is given."""
+    group = zarr.open_group(path, mode="w", zarr_format=3, attributes=attrs)
+    add_rows_array(group, "pooled", (rows, layers, hidden), "float32", batch_rows, shard_rows)
+    add_rows_array(group, "ids", (rows,), "int64", batch_rows, shard_rows)
+    add_rows_array(group, "n_positions", (rows,), "int32", batch_rows, shard_rows)
+    if width is not None:
+        # a chunk per layer: reading one layer's tokens reads only that layer
+        add_rows_array(
+            group,
+            "tokens",
+            (rows, width, layers, hidden),
+            "float16",
+            batch_rows,
+            shard_rows,
+            chunk_tail=(width, 1, hidden),
+        )
+    return group
+
+
+def open_store(path: str | Path) -> zarr.Group:
+    """A finished store, read-only; a store that was never completed is refused."""
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise FileNotFoundError(f"{path} is not a Zarr store (no zarr.json); run the stage that writes it")
+    group = zarr.open_group(path, mode="r")
+    if group.attrs.get("complete") is not True:
+        raise ValueError(f"{path} is incomplete (attribute complete is not true): a run did not finish")
+    return group
+
+
+def layer_position(group: zarr.Group, layer: int) -> int:
+    """Where `layer`, as it was asked for (e.g. -1), sits along the L axis of a store's arrays."""
+    layers = group.attrs["layers"]
+    if layer not in layers:
+        raise ValueError(f"layer {layer} is not in {group.store_path} (it holds layers {layers})")
+    return layers.index(layer)
+
+
+def read_pooled(path: str | Path, layer: int) -> np.ndarray:
+    """`(N, H)` pooled vectors of one layer of a finished store."""
+    group = open_store(path)
+    return group["pooled"][:, layer_position(group, layer)]

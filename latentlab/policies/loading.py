@@ -1,0 +1,18 @@
+"""Loading any saved policy: a Hugging Face model directory, or an add-on (injector) on its frozen base."""
+
+from pathlib import Path
+
+import torch
+
+from latentlab.common.inputs import require_model_dir
+from latentlab.lm.modeling import load_lm
+from latentlab.policies import injection
+from latentlab.policies.lm_policy import LMPolicy
+
+
+def load_policy(directory: str | Path, device: torch.device | str = "cpu") -> LMPolicy:
+    """The policy a saved directory holds: a Hugging Face model, or an injector on its frozen base."""
+    directory = Path(directory)
+    if (directory / injection.CONFIG).exists():
+        return injection.load_injection_policy(directory, device)
+    return LMPolicy(*load_lm(require_model_dir(directory), device))
