@@ -4,6 +4,7 @@ import pytest
 
 # Tests never log to W&B and never touch the user's Prefect state.
 os.environ["WANDB_MODE"] = "disabled"
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is downloaded: a hub id that is not here fails at once
 
 
 @pytest.fixture(scope="session")

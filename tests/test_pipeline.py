@@ -59,7 +59,7 @@ def test_repro_with_nothing_changed_runs_nothing(dag):
 
 
 def test_a_param_change_reruns_only_what_depends_on_it(dag):
-    dag.set_params({"grpo": {"lr": 2e-4}})
+    dag.set_params({"grpo_full": {"lr": 2e-4}})
     try:
         status = dag.run("dvc", "status", "--json").stdout
         assert set(json.loads(status)) == {"grpo"}  # evaluate/report change only once grpo's output does
@@ -77,10 +77,12 @@ def test_same_seed_same_outputs(dag):
     dag.run("dvc", "repro", "--force", "--single-item", "grpo")
     assert _lock_hash(dag, "grpo", "models/grpo") == before
     assert json.loads(dag.run("dvc", "status", "--json").stdout) == {}
+    assert dag.run("git", "status", "--porcelain").stdout == ""  # dvc.lock unchanged: timings are not hashed
 
 
 def test_experiment_with_a_param_override(dag, tmp_path):
     baseline = _lock_hash(dag, "grpo", "models/grpo")
+    baseline_metrics = (dag.root / "metrics/eval.json").read_bytes()
     dag.run("dvc", "exp", "run", "-S", "grpo.even_bonus=0.5", "--name", "bonus05")
     try:
         assert _lock_hash(dag, "grpo", "models/grpo") != baseline  # the override reached training
@@ -94,6 +96,13 @@ def test_experiment_with_a_param_override(dag, tmp_path):
         assert "metrics/eval.json" in metrics_diff and "grpo.reward" in metrics_diff
         plots = dag.run("dvc", "plots", "show", "-o", str(tmp_path / "plots_html")).stdout
         assert (tmp_path / "plots_html" / "index.html").exists(), plots
+        # back to the baseline with the README's command: params and lock from git, outputs from the cache
+        dag.run("git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock")
+        dag.run("dvc", "checkout")
+        assert _lock_hash(dag, "grpo", "models/grpo") == baseline
+        assert (dag.root / "metrics/eval.json").read_bytes() == baseline_metrics
+        assert json.loads(dag.run("dvc", "status", "--json").stdout) == {}
+        assert dag.run("git", "status", "--porcelain").stdout == ""
     finally:
         dag.restore()
 
