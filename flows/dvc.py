@@ -3,8 +3,11 @@
 Flows drive DVC through its CLI (the same commands a user types), never through torch or stages.
 """
 
+import os
 import re
+import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,9 +22,29 @@ class CommandError(RuntimeError):
     """A command exited non-zero; the message carries its last output lines."""
 
 
+def tool_environment() -> dict[str, str]:
+    """The environment for DVC and the stages it runs: this interpreter's directory first on PATH, so
+    `.venv/bin/python -m flows.pipeline` runs the `dvc` and the `python -m stages.X` of the same venv."""
+    here = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": here + os.pathsep + os.environ.get("PATH", "")}
+
+
+def require_dvc() -> str:
+    """The `dvc` executable the flows will run; a missing one stops the flow at once, saying so."""
+    found = shutil.which("dvc", path=tool_environment()["PATH"])
+    if found is None:
+        raise CommandError(
+            f"dvc was not found beside {sys.executable} nor on PATH: install the project (make setup) and run "
+            "the flow with its interpreter, e.g. .venv/bin/python -m flows.pipeline"
+        )
+    return found
+
+
 def run_streaming(command: list[str], cwd: str | Path, log: Callable[[str], None]) -> None:
     """Run `command`, passing each output line (progress-bar redraws included) to `log` as it comes."""
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=tool_environment()
+    )
     tail: list[str] = []
     pending = b""
     while chunk := process.stdout.read1(65536):
@@ -41,7 +64,9 @@ def run_streaming(command: list[str], cwd: str | Path, log: Callable[[str], None
 def stage_order(cwd: str | Path) -> list[str]:
     """The stages of dvc.yaml in an order DVC can run them: `dvc dag --dot` topologically sorted,
     ties kept in dvc.yaml order."""
-    dot = subprocess.run(["dvc", "dag", "--dot"], cwd=cwd, check=True, capture_output=True, text=True).stdout
+    dot = subprocess.run(
+        [require_dvc(), "dag", "--dot"], cwd=cwd, check=True, capture_output=True, text=True, env=tool_environment()
+    ).stdout
     nodes, parents = [], {}
     for line in dot.splitlines():
         if match := _EDGE.match(line.strip()):

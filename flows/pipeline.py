@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from ruamel.yaml import YAML
 
-from flows.dvc import apply_param_overrides, run_streaming, stage_order
+from flows.dvc import apply_param_overrides, require_dvc, run_streaming, stage_order
 
 METRICS = "metrics/eval.json"
 REPORT = "reports/report.md"
@@ -74,6 +74,7 @@ def pipeline(
     params: dotted overrides, e.g. {"grpo.even_bonus": 0.5}: the run becomes a DVC experiment.
     """
     repo = str(Path(repo).resolve())
+    require_dvc()  # before any task: a missing dvc is one clear line, not a retried FileNotFoundError
     stages = stage_order(repo)
     if force_stage is not None and force_stage not in stages:
         raise ValueError(f"force_stage={force_stage!r} is not a stage of dvc.yaml; stages: {stages}")

@@ -38,7 +38,7 @@ def comparison_table(metrics: dict[str, dict], columns: dict[str, str] = COLUMNS
 
 def plot_training_curves(curves: dict[str, tuple[pl.DataFrame, list[str]]], path: Path) -> None:
     """One panel per training stage: `curves[name] = (log table, columns to draw)`."""
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.9), squeeze=False)
     for ax, (name, (table, columns)) in zip(axes[0], curves.items()):
         for column in columns:
             if column in table.columns:
@@ -46,10 +46,10 @@ def plot_training_curves(curves: dict[str, tuple[pl.DataFrame, list[str]]], path
                 ax.plot(rows["step"], rows[column], label=column)
         ax.set_title(name)
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legends sit under the axes, off the curves
     plt.close(fig)
 
 
@@ -61,7 +61,7 @@ def plot_accuracy_by_parity(metrics: dict[str, dict], path: Path) -> None:
     for offset, parity in ((-width / 2, "odd"), (width / 2, "even")):
         values = [metrics[n][f"accuracy_{parity}"] for n in names]
         bars = ax.bar([i + offset for i in range(len(names))], values, width, label=f"{parity} y")
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_xticks(range(len(names)), names)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("exact-match accuracy")

@@ -4,6 +4,7 @@ import json
 import re
 import socket
 import subprocess
+import sys
 import time
 
 import httpx
@@ -95,13 +96,29 @@ def _flow(dag, env, *args, check=True):
     result = subprocess.run(
         ["python", "-m", "flows.pipeline", *args], cwd=dag.root, env=env, capture_output=True, text=True, timeout=900
     )
+    return _checked(result, check)
+
+
+def _checked(result, check=True):
     if check and result.returncode:
         raise AssertionError(result.stdout[-3000:] + result.stderr[-3000:])
     return result
 
 
 def test_flow_runs_one_task_per_stage_in_dvc_order(dag, server):
-    _flow(dag, server, "--force", "report")
+    # as a user without the venv on PATH runs it: `.venv/bin/python -m flows.pipeline` (DVC and the stages'
+    # `python` must come from the same venv)
+    bare = {**server, "PATH": "/usr/bin:/bin"}
+    _checked(
+        subprocess.run(
+            [sys.executable, "-m", "flows.pipeline", "--force", "report"],
+            cwd=dag.root,
+            env=bare,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    )
     run = _latest_flow_run(server)
     assert run["state_type"] == "COMPLETED"
     names = [t["name"] for t in _task_runs(server, run["id"])]
@@ -205,3 +222,12 @@ def test_the_deployment_is_served_on_a_cron_schedule_and_runs(dag, server, tmp_p
     finally:
         serving.terminate()
         serving.wait(timeout=30)
+
+
+def test_a_missing_dvc_stops_the_flow_at_once_with_a_clear_message(monkeypatch, tmp_path):
+    from flows.dvc import CommandError, require_dvc
+
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(CommandError, match="dvc was not found beside .*python nor on PATH"):
+        require_dvc()

@@ -51,3 +51,12 @@ def test_hub_models_get_a_pad_token_and_the_inject_slot(tmp_path):
     prepare_pretrained(model, tokenizer)
     assert tokenizer.pad_token == "</s>" and INJECT in tokenizer.get_vocab()
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) == 5
+
+
+def test_a_model_path_that_does_not_exist_is_named_not_a_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
+        load_lm(tmp_path / "nowhere")
+    # "models/base" reads like a hub id too: with no such directory and no hub to serve it, one clear line
+    with pytest.raises(FileNotFoundError, match="models/base: no such directory, and not a Hugging Face hub id"):
+        load_lm("models/base")

@@ -141,3 +141,10 @@ def test_cli_says_what_is_wrong_in_one_line(labelled, tmp_path, capsys):
             ]
         )
     assert "has no column 'nope'" in capsys.readouterr().err
+
+
+def test_a_store_with_damaged_metadata_is_named(tmp_path):
+    (tmp_path / "bad.zarr").mkdir()
+    (tmp_path / "bad.zarr" / "zarr.json").write_text("garbage")
+    with pytest.raises(ValueError, match=r"bad.zarr is not a readable Zarr store: .*bad.zarr/zarr.json"):
+        open_store(tmp_path / "bad.zarr")

@@ -97,7 +97,7 @@ def test_a_missing_input_names_the_file(tmp_path):
     shutil.copy(ROOT / "params.yaml", tmp_path)
     result = _stage(tmp_path, "sft")
     assert result.returncode == 1
-    assert "models/base is not a saved model" in result.stderr
+    assert "error: models/base does not exist: run the stage that writes it" in result.stderr
 
 
 def test_a_malformed_input_names_the_file(tmp_path):
@@ -118,3 +118,27 @@ def test_grpo_config_is_validated_when_a_stage_adds_its_learning_rate():
     assert params.grpo.with_lr(params.grpo_full.lr).lr == params.grpo_full.lr
     with pytest.raises(ValidationError, match="lr"):
         params.grpo.with_lr(-1.0)
+
+
+@pytest.mark.parametrize(
+    "missing, message",
+    [
+        ("model.safetensors", "no model.safetensors or model.safetensors.index.json (the weights)"),
+        ("tokenizer.json", "no tokenizer.json or tokenizer_config.json (the tokenizer)"),
+        ("latentlab.json", "no latentlab.json (the provenance manifest every stage writes)"),
+    ],
+)
+def test_a_damaged_model_directory_stops_the_stage_in_one_line(tmp_path, tiny_lm, missing, message):
+    from latentlab.lm.modeling import save_lm
+
+    _write(tmp_path, lambda d: d["wandb"].__setitem__("mode", "disabled"))
+    save_lm(*tiny_lm, tmp_path / "models" / "base", source="scratch")
+    if missing == "tokenizer.json":  # the tokenizer's other files would not make it loadable either
+        for file in (tmp_path / "models" / "base").glob("tokenizer*"):
+            file.unlink()
+    else:
+        (tmp_path / "models" / "base" / missing).unlink()
+    result = _stage(tmp_path, "sft")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: models/base is not a complete saved model: {message}")
+    assert not (tmp_path / "models" / "sft").exists()

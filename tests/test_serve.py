@@ -135,3 +135,16 @@ def test_generation_mode_serves_texts_and_their_vectors(model_dir):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_other_methods_and_queries_get_json_answers(server):
+    request = urllib.request.Request(server + "/embed", data=b"{}", method="PUT")
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=60)
+    assert error.value.code == 405 and "PUT is not served" in json.loads(error.value.read())["error"]
+    assert call(server, "/health?verbose=1")[0] == 200  # the query string does not change the route
+
+
+def test_characters_outside_the_vocabulary_are_refused_not_read_as_unk(server):
+    status, answer = call(server, "/embed", {"prompts": ["1+2=", "1€2="]})
+    assert status == 400 and "prompt 1: 1 character(s) outside the model's vocabulary" in answer["error"]

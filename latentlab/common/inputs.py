@@ -29,8 +29,31 @@ def read_table(path: str | Path, schema: dict[str, pl.DataType]) -> pl.DataFrame
     return table
 
 
-def require_model_dir(path: str | Path) -> Path:
+# what a saved model directory needs, each as (accepted file names, what it is)
+MODEL_FILES = (
+    (("config.json",), "the model config"),
+    (("model.safetensors", "model.safetensors.index.json"), "the weights"),
+    (("tokenizer.json", "tokenizer_config.json"), "the tokenizer"),
+)
+
+
+def missing_model_files(path: Path) -> str | None:
+    """The first thing a Hugging Face model directory lacks, as 'no <file> (<what>)', or None."""
+    for names, what in MODEL_FILES:
+        if not any((path / name).exists() for name in names):
+            return f"no {' or '.join(names)} ({what})"
+    return None
+
+
+def require_model_dir(path: str | Path, manifest: str | None = "latentlab.json") -> Path:
+    """A model directory a stage wrote: config, weights, tokenizer and (by default) the provenance
+    manifest; anything missing stops the stage with one line naming the directory and the file."""
     path = Path(path)
-    if not (path / "config.json").exists():
-        raise InputError(f"{path} is not a saved model (no {path / 'config.json'}); run the stage that writes it")
+    if not path.is_dir():
+        raise InputError(f"{path} does not exist: run the stage that writes it (e.g. `dvc repro`)")
+    problem = missing_model_files(path)
+    if problem is None and manifest is not None and not (path / manifest).exists():
+        problem = f"no {manifest} (the provenance manifest every stage writes)"
+    if problem:
+        raise InputError(f"{path} is not a complete saved model: {problem}; run the stage that writes it again")
     return path

@@ -173,6 +173,19 @@ class Extractor:
         else:
             extra = np.full(len(prompts), 0 if self.cfg.mode == "prompt" else self.cfg.tokens)
         checks = [(lengths == 0, lambda row: "the prompt is empty after tokenization")]
+        unk = self.tokenizer.unk_token_id
+        if unk is not None:  # a character the vocabulary lacks would be silently read as <unk>
+            row_of_token = np.repeat(np.arange(len(prompts)), lengths)
+            unknown = np.bincount(row_of_token[prompts.flat == unk], minlength=len(prompts))
+            checks.append(
+                (
+                    unknown > 0,
+                    lambda row: (
+                        f"{unknown[row]} character(s) outside the model's vocabulary (they would be read as "
+                        f"{self.tokenizer.unk_token})"
+                    ),
+                )
+            )
         if completions is not None:
             checks.append((extra == 0, lambda row: "no completion tokens to re-extract"))
         if self.context is not None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from pydantic import Field, ValidationError, model_validator
@@ -197,8 +198,18 @@ class Handler(BaseHTTPRequestHandler):
     def _error(self, status: HTTPStatus, message: str) -> None:
         self._reply(status, {"error": message})
 
+    def _route(self) -> str:
+        """The path without its query string or trailing slash: /health?x=1 is /health."""
+        return urlsplit(self.path).path.rstrip("/")
+
+    def _not_allowed(self) -> None:
+        self.close_connection = True
+        self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not served; GET /health, POST /embed")
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # JSON errors, not http.server's HTML page
+
     def do_GET(self) -> None:
-        if self.path.rstrip("/") != "/health":
+        if self._route() != "/health":
             return self._error(HTTPStatus.NOT_FOUND, f"no such path {self.path}; GET /health, POST /embed")
         batcher = self.server.batcher
         self._reply(
@@ -206,7 +217,7 @@ class Handler(BaseHTTPRequestHandler):
         )
 
     def do_POST(self) -> None:
-        if self.path.rstrip("/") != "/embed":
+        if self._route() != "/embed":
             return self._error(HTTPStatus.NOT_FOUND, f"no such path {self.path}; POST /embed")
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():

@@ -70,7 +70,10 @@ def open_store(path: str | Path) -> zarr.Group:
     path = Path(path)
     if not (path / "zarr.json").exists():
         raise FileNotFoundError(f"{path} is not a Zarr store (no zarr.json); run the stage that writes it")
-    group = zarr.open_group(path, mode="r")
+    try:
+        group = zarr.open_group(path, mode="r")
+    except Exception as error:  # zarr raises JSON, type and value errors for damaged metadata
+        raise ValueError(f"{path} is not a readable Zarr store: {path / 'zarr.json'}: {error}") from None
     if group.attrs.get("complete") is not True:
         raise ValueError(f"{path} is incomplete (attribute complete is not true): a run did not finish")
     return group

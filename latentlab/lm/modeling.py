@@ -9,6 +9,7 @@ import torch
 from pydantic import Field, model_validator
 
 from latentlab.common.config import Config
+from latentlab.common.inputs import missing_model_files
 from latentlab.lm.tokenizer import INJECT
 
 if TYPE_CHECKING:
@@ -73,11 +74,22 @@ def load_lm(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = str(path)
-    if Path(path).exists() and not (Path(path) / "config.json").exists():
-        raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    if Path(path).exists():
+        if problem := missing_model_files(Path(path)):
+            raise FileNotFoundError(f"{path} is not a Hugging Face model directory: {problem}")
+    elif path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise FileNotFoundError(f"{path}: no such model directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, revision=revision)
+    except (OSError, ValueError) as error:  # not a directory here, and the hub cannot serve it
+        if Path(path).exists():
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(
+            f"{path}: no such directory, and not a Hugging Face hub id that could be loaded ({reason})"
+        ) from None
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, revision=revision)
     return model.to(device).eval(), tokenizer
 
 
