@@ -190,6 +190,15 @@ class SurgicalTheater:
     def committed(self) -> bool:
         return self._committed
 
+    @torch.no_grad()
+    def relative_change(self) -> float:
+        """||W - W_0|| / ||W_0|| over every targeted tensor together (Frobenius): how big the edit is so far."""
+        if self._snapshots is None:
+            raise SurgeryError("relative_change() is only possible inside the theater's `with` block")
+        delta = sum(float((p - s).double().square().sum()) for p, s in zip(self._params, self._snapshots))
+        norm = sum(float(s.double().square().sum()) for s in self._snapshots)
+        return (delta / norm) ** 0.5 if norm > 0 else (0.0 if delta == 0 else float("inf"))
+
     def __exit__(self, exc_type, exc, traceback) -> None:
         try:
             if exc_type is not None or not self._committed:
