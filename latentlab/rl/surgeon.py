@@ -18,6 +18,7 @@ bootstrapped value would credit the edit with GRPO's later progress, which is no
 """
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -93,6 +94,7 @@ class Surgeon:
 
     def step(self, prompts: Sequence[str], answers: Sequence[str], may_commit: bool) -> dict[str, float]:
         """One edit: measure, learn, and keep it if allowed and good enough; returns the log row."""
+        started = time.perf_counter()
         state, before = probe(self.model, self.tokenizer, prompts, answers)
         action = self.act(state)  # (A,) in [-1, 1]
         factors = 1 + self.cfg.max_scale * action.view(len(self.targets), self.heads)
@@ -117,6 +119,7 @@ class Surgeon:
             # bandit transition: next state = state, done = True (never bootstrapped with gamma = 0)
             row |= self.agent.observe(state, action, self.cfg.reward_scale * reward, state, done=True)
             row["alpha"] = self.agent.alpha
+        row["seconds_per_surgery"] = time.perf_counter() - started  # a speed column: plots/<stage>_speed.csv
         return row
 
 
