@@ -15,7 +15,7 @@ from latentlab.tasks.evaluation import evaluate_policy
 from latentlab.tasks.rewards import ArithmeticReward
 from stages.common import METRICS, MODELS, PLOTS, SYNTH, setup, stage, write_json
 
-SCORED = ["base", "sft", "grpo", "inject"]  # in DAG order; each is a dep in dvc.yaml
+SCORED = ["base", "sft", "grpo", "inject", "surgery"]  # in DAG order; each is a dep in dvc.yaml
 
 
 @stage

@@ -18,6 +18,8 @@ from latentlab.lm.modeling import TinyLMConfig
 from latentlab.lm.training import LMTrainConfig
 from latentlab.policies.injection import InjectorConfig
 from latentlab.rl.grpo import GRPOSettings
+from latentlab.rl.sac import SACConfig
+from latentlab.rl.surgeon import SurgeonConfig
 from latentlab.tasks.arithmetic import ArithmeticConfig
 
 
@@ -90,6 +92,25 @@ class InjectParams(InjectorConfig):
         return InjectorConfig.model_validate(self.model_dump(include=set(InjectorConfig.model_fields)))
 
 
+class SurgeryParams(SurgeonConfig):
+    phases: list[int] = Field(min_length=3, max_length=3)
+    """Steps of phase 1 (GRPO only), 2 (surgery only, edits discarded) and 3 (GRPO + surgery, commits)."""
+    lr: float = Field(gt=0)
+    """AdamW learning rate of GRPO on the whole model (GRPO's other settings: the `grpo` section)."""
+    sac: SACConfig
+    """The surgeon's SAC."""
+
+    @model_validator(mode="after")
+    def _phases_counted(self):
+        if min(self.phases) < 0 or self.phases[0] + self.phases[2] == 0:
+            raise ValueError(f"phases {self.phases}: counts must be >= 0 with some GRPO steps (phase 1 or 3)")
+        return self
+
+    @property
+    def surgeon(self) -> SurgeonConfig:
+        return SurgeonConfig.model_validate(self.model_dump(include=set(SurgeonConfig.model_fields)))
+
+
 class EvaluateParams(Config):
     batch_size: int = Field(256, gt=0)
     """Problems per generation batch."""
@@ -111,6 +132,7 @@ class Params(Config):
     grpo: GRPOParams
     grpo_full: StageLR
     inject: InjectParams
+    surgery: SurgeryParams
     evaluate: EvaluateParams = EvaluateParams()
 
 

@@ -42,6 +42,37 @@ def even_answer_finding(metrics: dict) -> str:
     )
 
 
+SURGERY_ARMS = ("sac", "random", "grpo_only")
+SURGERY_PANELS = {  # plots/surgery_arms.csv column suffix -> panel, the three arms side by side
+    "held-out accuracy": "heldout_accuracy",
+    "GRPO reward": "reward_mean",
+    "surgery reward (nats)": "surgery_reward",
+    "commits": "commits",
+}
+
+
+def surgery_section(params, out) -> str:
+    """The surgery stage's three arms: test accuracy and commits (metrics/surgery.json), curves side by side."""
+    results = json.loads((METRICS / "surgery.json").read_text())
+    arms = pl.read_csv(PLOTS / "surgery_arms.csv")
+    panels = {title: (arms, [f"{a}_{suffix}" for a in SURGERY_ARMS]) for title, suffix in SURGERY_PANELS.items()}
+    plot_training_curves(panels, out / "surgery.png")
+    table = comparison_table(
+        {"after phase 1": results["after_phase_1"], **{a: results[a] for a in SURGERY_ARMS}},
+        {"accuracy": "accuracy", "accuracy_odd": "acc. odd y", "accuracy_even": "acc. even y", "commits": "commits"},
+    )
+    s = params.surgery
+    return (
+        "## Attention surgery\n\n"
+        f"Phases {s.phases} (GRPO only / surgery only / joint) from `sft`; edits of blocks {s.layers} "
+        f"({', '.join(s.projections)}), head factors within 1 ± {s.max_scale}, commit when the probe reward > "
+        f"{s.commit_threshold} nats. Controls from the same phase-1 state and streams: a random surgeon under the "
+        "same rule, and GRPO only for the same GRPO steps. Test accuracy (all held-out problems):\n\n"
+        f"{table}\n\nSAC surgeon minus GRPO only: {results['sac_minus_grpo_only']:+.3f}; "
+        f"minus the random surgeon: {results['sac_minus_random']:+.3f} (one seed).\n\n![surgery](surgery.png)\n\n"
+    )
+
+
 @stage
 def main(params):
     path = METRICS / "eval.json"
@@ -69,6 +100,7 @@ def main(params):
             "on the frozen SFT model with grpo's reward, sampler, prompts, groups and steps.\n\n"
             f"{comparison_table(efficiency, EFFICIENCY_COLUMNS)}\n\n"
             "![trainable parameters vs accuracy](parameters_vs_accuracy.png)\n\n"
+            f"{surgery_section(params, out)}"
             "## Training\n\n![training curves](training.png)\n"
         )
     print((REPORTS / "report.md").read_text())

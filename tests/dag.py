@@ -20,6 +20,7 @@ TINY = {
     "label": {"layers": [1, -1], "tokens": 4, "batch_size": 32, "shard_rows": 64, "nla_layer": 1},
     "sft": {"steps": 20, "batch_size": 16, "warmup_steps": 2},
     "grpo": {"steps": 4, "prompts_per_step": 4, "group_size": 4, "eval_every": 2, "eval_batch": 8, "warmup_steps": 1},
+    "surgery": {"phases": [2, 3, 3], "probe_size": 8, "sac": {"learning_starts": 2, "batch_size": 4}},
     "evaluate": {"batch_size": 64},
 }
 

@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytestmark = pytest.mark.slow
-STAGES = ["synth", "base", "label", "sft", "grpo", "inject", "evaluate", "report"]
+STAGES = ["synth", "base", "label", "sft", "grpo", "inject", "surgery", "evaluate", "report"]
 
 
 def _lock_hash(project, stage: str, path: str) -> str:
@@ -36,11 +36,14 @@ def test_repro_runs_every_stage_and_writes_every_output(dag):
         tokenizer = AutoTokenizer.from_pretrained(root / "models" / name)
         assert model.config.vocab_size == len(tokenizer)
     metrics = json.loads((root / "metrics/eval.json").read_text())
-    assert list(metrics) == ["base", "sft", "grpo", "inject"]
+    assert list(metrics) == ["base", "sft", "grpo", "inject", "surgery"]
     for scores in metrics.values():
         assert {"accuracy", "accuracy_odd", "accuracy_even", "mae", "reward"} <= set(scores)
     report = (root / "reports/report.md").read_text()
     assert "| sft |" in report and "![training curves](training.png)" in report
+    surgery = json.loads((root / "metrics/surgery.json").read_text())
+    assert {"sac", "random", "grpo_only"} <= set(surgery) and surgery["grpo_only"]["commits"] == 0
+    assert "## Attention surgery" in report and (root / "reports/surgery.png").stat().st_size > 1000
     assert (root / "reports/training.png").stat().st_size > 1000
     grpo_log = pl.read_csv(root / "plots/grpo.csv")
     assert {"reward_mean", "reward_std", "zero_std_groups", "kl", "clip_fraction", "loss"} <= set(grpo_log.columns)

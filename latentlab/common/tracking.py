@@ -65,3 +65,18 @@ class StepLog:
     def finish(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def write_side_by_side(logs: dict[str, list[dict[str, Any]]], columns: list[str], path: str | Path) -> None:
+    """One CSV of several runs' logs joined on `step`: column `<run>_<metric>` for every run and metric
+    (empty where a run did not log that metric at that step), for drawing the runs side by side."""
+    tables = []
+    for name, rows in logs.items():
+        table = pl.from_dicts(rows, infer_schema_length=None)
+        kept = [c for c in columns if c in table.columns]
+        tables.append(table.select("step", *[pl.col(c).alias(f"{name}_{c}") for c in kept]))
+    joined = tables[0]
+    for table in tables[1:]:
+        joined = joined.join(table, on="step", how="full", coalesce=True)
+    with atomic_output(path) as partial:
+        joined.sort("step").write_csv(partial)

@@ -1,0 +1,95 @@
+"""surgery: three-phase GRPO + SAC attention surgeon from models/sft, against two controls -> models/surgery.
+
+Phase 1 (GRPO only, `grpo` section, learning rate `surgery.lr`) runs once; three arms continue from
+copies of its end state (model, optimizer, schedule, sampling stream) with the same prompt, probe and
+action streams: `sac` (phase 2: edits measured in the SurgicalTheater and discarded while SAC learns;
+phase 3: GRPO steps, each followed by an edit that is kept when its reward clears
+`surgery.commit_threshold`), `random` (the same with uniform random edits) and `grpo_only` (the same
+GRPO steps, no surgery). -> models/surgery (the sac arm's model + surgeon.safetensors/json),
+metrics/surgery.json (each arm's test accuracy and commits), plots/surgery.csv (the sac arm's log),
+plots/surgery_arms.csv (the three arms' held-out curves and rewards side by side).
+"""
+
+import copy
+
+import torch
+
+from latentlab.common.atomic import atomic_output
+from latentlab.common.inputs import read_table, require_model_dir
+from latentlab.common.tracking import StepLog, write_side_by_side
+from latentlab.lm.modeling import load_lm, read_manifest, save_lm
+from latentlab.policies.lm_policy import LMPolicy
+from latentlab.rl.surgeon import Surgeon, run_curriculum, save_surgeon
+from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
+from latentlab.tasks.evaluation import evaluate_policy
+from stages.common import METRICS, MODELS, PLOTS, SYNTH, setup, stage, step_log, write_json
+from stages.recipes import arithmetic_grpo
+
+ARMS = ("sac", "random", "grpo_only")  # the method, then its controls
+SIDE_BY_SIDE = ["phase", "heldout_accuracy", "reward_mean", "surgery_reward", "commits"]
+
+
+@stage
+def main(params):
+    run, cfg, seed, every = setup(params), params.surgery, params.seed, params.grpo.eval_every
+    sft = require_model_dir(MODELS / "sft")
+    model, tokenizer = load_lm(sft, run.device)
+    reference = LMPolicy(copy.deepcopy(model).requires_grad_(False), tokenizer) if params.grpo.beta > 0 else None
+    p1, p2, p3 = cfg.phases
+    grpo = arithmetic_grpo(params, run, cfg.lr, LMPolicy(model, tokenizer), reference, steps=p1 + p3)
+    test = read_table(SYNTH / "test.parquet", PROBLEM_SCHEMA)
+
+    def test_scores(policy: LMPolicy, name: str) -> dict:
+        e = params.evaluate
+        return evaluate_policy(policy, test, grpo.reward, e.batch_size, e.max_new_tokens, f"test {name}")[0]
+
+    log = step_log(params, "surgery", params.model_dump(include={"grpo", "surgery", "seed"}))
+    bootstrap = grpo.trainer
+    run_curriculum(
+        [1] * p1,
+        0,
+        bootstrap,
+        None,
+        lambda: next(grpo.batches),
+        None,
+        log,
+        grpo.monitor(bootstrap.policy),
+        every,
+        "surgery phase 1",
+    )
+    metrics, logs = {"phases": cfg.phases, "after_phase_1": test_scores(bootstrap.policy, "phase 1")}, {}
+    for arm in ARMS:  # each from a copy of the phase-1 state (model, optimizer, schedule, sampler) and the same streams
+        generator = torch.Generator(run.device).set_state(bootstrap.generator.get_state())
+        trainer = copy.deepcopy(bootstrap, {id(bootstrap.generator): generator, id(reference): reference})
+        surgeon_rng, model = torch.Generator().manual_seed(seed + 2), trainer.policy.model
+        agent = Surgeon.build_agent(model, cfg.surgeon, cfg.sac, surgeon_rng) if arm == "sac" else None
+        surgeon = None if arm == "grpo_only" else Surgeon(model, tokenizer, cfg.surgeon, agent, surgeon_rng)
+        logs[arm] = log if arm == "sac" else StepLog()
+        logs[arm].rows = logs[arm].rows if arm == "sac" else list(log.rows[:p1])
+        run_curriculum(
+            [2] * p2 + [3] * p3,
+            p1,
+            trainer,
+            surgeon,
+            grpo.stream(params.grpo.prompts_per_step, seed + 3),
+            grpo.stream(cfg.probe_size, seed + 4, answers=True),
+            logs[arm],
+            grpo.monitor(trainer.policy),
+            every,
+            f"surgery {arm}",
+        )
+        metrics[arm] = {**test_scores(trainer.policy, arm), "commits": surgeon.commits if surgeon else 0}
+        if arm == "sac":
+            with atomic_output(MODELS / "surgery") as out:
+                save_surgeon(surgeon, cfg.sac, out)
+                save_lm(model, tokenizer, out, parent=read_manifest(sft).get("content_sha256"), commits=surgeon.commits)
+    for control in ARMS[1:]:
+        metrics[f"sac_minus_{control}"] = metrics["sac"]["accuracy"] - metrics[control]["accuracy"]
+    write_json(METRICS / "surgery.json", metrics)
+    log.save(PLOTS / "surgery.csv")  # and plots/surgery_speed.csv
+    write_side_by_side({arm: arm_log.rows for arm, arm_log in logs.items()}, SIDE_BY_SIDE, PLOTS / "surgery_arms.csv")
+    log.finish()
+
+
+if __name__ == "__main__":
+    main()
