@@ -27,7 +27,8 @@ def main(params):
     table, vectors = read_nla_table(NLA)
     texts = table.column("response").to_pylist()
     model, tokenizer = load_lm(base, run.device)
-    critic = build_critic(model, tokenizer, cfg.critic, vectors)  # a truncated copy: the actor trains `model`
+    critic_cfg = cfg.critic.model_copy(update={"layer": params.label.nla_layer})  # where the vectors were read
+    critic = build_critic(model, tokenizer, critic_cfg, vectors)  # a truncated copy: the actor trains `model`
     actor = build_actor(model, tokenizer, cfg.actor, vectors, texts)
     print(
         f"nla_sft: {len(texts)} rows, vectors of {vectors.shape[1]}, injection norms {actor.injector.scales.tolist()}"

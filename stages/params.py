@@ -102,7 +102,7 @@ class NLASFTParams(NLASFTConfig):
     actor: NLAActorConfig
     """The actor: prompt template, injection mode, layers and scale."""
     critic: NLACriticConfig
-    """The critic: extraction layer (= label.nla_layer), pooling, loss."""
+    """The critic: extraction layer (null: label.nla_layer), pooling, loss."""
 
     @model_validator(mode="after")
     def _same_space(self):
@@ -155,7 +155,7 @@ class Params(Config):
 
     @model_validator(mode="after")
     def _critic_reads_the_extraction_layer(self):
-        if self.nla_sft.critic.layer != self.label.nla_layer:
+        if self.nla_sft.critic.layer not in (None, self.label.nla_layer):
             raise ValueError(
                 f"nla_sft.critic.layer ({self.nla_sft.critic.layer}) must be label.nla_layer ({self.label.nla_layer}): "
                 "the critic is the base model truncated where the vectors were read"

@@ -44,8 +44,9 @@ Pooling = Literal["last", "mean", "max", "cls", "weighted"]
 
 
 class NLACriticConfig(Config):
-    layer: int = 2
-    """K: the extraction layer (output_hidden_states numbering); the critic keeps blocks 0..K-1."""
+    layer: int | None = None
+    """K: the extraction layer (output_hidden_states numbering); the critic keeps blocks 0..K-1 (null: the
+    layer the vectors were read from, which the caller supplies; nla_sft takes label.nla_layer)."""
     pooling: Pooling = "mean"
     """How the text's states become one vector: last | mean | max | cls | weighted."""
     loss: Literal["mse", "smooth_l1", "cosine"] = "mse"
@@ -165,6 +166,8 @@ def truncated_encoder(model, layer: int) -> nn.Module:
 
 
 def build_critic(model, tokenizer, cfg: NLACriticConfig, vectors: np.ndarray) -> NLACritic:
+    if cfg.layer is None:
+        raise ValueError("the critic's layer is not set: give the layer the vectors were read from")
     mean = torch.tensor(np.array(vectors, dtype=np.float32)).mean(0)
     critic = NLACritic(truncated_encoder(model, cfg.layer), tokenizer, cfg, vectors.shape[1], mean)
     return critic.to(next(model.parameters()).device)
