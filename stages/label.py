@@ -2,7 +2,8 @@
 
 Per set in `label.datasets`: a Zarr store with `pooled (N, L, H)` (and `tokens (N, T, L, H)` with
 `label.store_tokens`), and data/labels/<set>.parquet: the problems plus the generated text. Then
-data/labels/nla.parquet, the NLA training table (prompt, response, activation_vector).
+data/labels/nla.parquet, the NLA training table (prompt, response, activation_vector), and
+data/labels/nla_eval.parquet, the same for the held-out set.
 
 A killed run resumes from its last complete shard: work in progress lives in data/.partial/label,
 outside the DVC outputs, and only complete stores are moved into data/hidden.
@@ -14,12 +15,11 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from latentlab.common.atomic import atomic_output
 from latentlab.common.distributed import distributed
 from latentlab.common.inputs import read_table, require_model_dir
 from latentlab.hidden.extract import Extractor
 from latentlab.hidden.labelling import label, prepare
-from latentlab.hidden.store import read_pooled
+from latentlab.hidden.nla_table import write_nla_table
 from latentlab.lm.modeling import describe_model, load_lm
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
 from stages.common import MODELS, SYNTH, setup, stage
@@ -44,22 +44,20 @@ def main(params):
         for job in jobs:
             label(extractor, job, HIDDEN / f"{job.name}.zarr", LABELS / f"{job.name}.parquet", WORK / job.name, ranks)
         if ranks.rank == 0:
-            write_nla_table(cfg)
+            write_nla_tables(cfg)
 
 
-def write_nla_table(cfg) -> None:
-    """The reference NLA format; the response is the generated text, or the answer when nothing is generated."""
-    rows = pl.read_parquet(LABELS / f"{cfg.nla_dataset}.parquet")
-    vectors = read_pooled(HIDDEN / f"{cfg.nla_dataset}.zarr", cfg.nla_layer)
-    table = rows.select("id", "prompt", response="text_generated" if cfg.tokens > 1 else "answer").with_columns(
-        activation_vector=pl.Series(vectors, dtype=pl.List(pl.Float32))
-    )
-    with atomic_output(LABELS / "nla.parquet") as partial:
-        table.write_parquet(partial)
-    print(
-        f"{LABELS / 'nla.parquet'}: {table.height} rows, activation_vector of layer {cfg.nla_layer} "
-        f"({vectors.shape[1]} floats)"
-    )
+def write_nla_tables(cfg) -> None:
+    """The reference NLA format (prompt, response, activation_vector) for training and, held out, for evaluation."""
+    for name, target in (
+        (cfg.nla_dataset, LABELS / "nla.parquet"),
+        (cfg.nla_eval_dataset, LABELS / "nla_eval.parquet"),
+    ):
+        if name is None:
+            continue
+        rows = pl.read_parquet(LABELS / f"{name}.parquet")
+        dim = write_nla_table(rows, HIDDEN / f"{name}.zarr", cfg.nla_layer, target)
+        print(f"{target}: {rows.height} rows of {name}, activation_vector of layer {cfg.nla_layer} ({dim} floats)")
 
 
 if __name__ == "__main__":

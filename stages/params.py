@@ -17,7 +17,11 @@ from latentlab.hidden.labelling import LabelConfig
 from latentlab.lm.modeling import TinyLMConfig
 from latentlab.lm.training import LMTrainConfig
 from latentlab.policies.injection import InjectorConfig
-from latentlab.rl.grpo import GRPOSettings
+from latentlab.policies.nla_actor import NLAActorConfig
+from latentlab.policies.nla_critic import NLACriticConfig
+from latentlab.rl.grpo import GRPOConfig, GRPOSettings
+from latentlab.rl.nla import CriticUpdates, NLASFTConfig, RewardKind
+from latentlab.rl.ppo import PPOConfig
 from latentlab.rl.sac import SACConfig
 from latentlab.rl.surgeon import SurgeonConfig
 from latentlab.tasks.arithmetic import ArithmeticConfig
@@ -55,11 +59,15 @@ class LabelParams(LabelConfig):
     """The labelled set that becomes the NLA table data/labels/nla.parquet (one of `datasets`)."""
     nla_layer: int = -1
     """The layer (one of `layers`, as written there) whose pooled vector is the NLA activation_vector."""
+    nla_eval_dataset: Literal["biased", "full", "test"] | None = "test"
+    """The held-out labelled set that becomes data/labels/nla_eval.parquet (one of `datasets`; null: none)."""
 
     @model_validator(mode="after")
     def _nla_source_is_labelled(self):
         if self.nla_dataset not in self.datasets:
             raise ValueError(f"nla_dataset ({self.nla_dataset}) must be one of datasets {self.datasets}")
+        if self.nla_eval_dataset is not None and self.nla_eval_dataset not in self.datasets:
+            raise ValueError(f"nla_eval_dataset ({self.nla_eval_dataset}) must be one of datasets {self.datasets}")
         if self.nla_layer not in self.layers:
             raise ValueError(f"nla_layer ({self.nla_layer}) must be one of layers {self.layers}")
         return self
@@ -111,6 +119,36 @@ class SurgeryParams(SurgeonConfig):
         return SurgeonConfig.model_validate(self.model_dump(include=set(SurgeonConfig.model_fields)))
 
 
+class NLASFTParams(NLASFTConfig):
+    actor: NLAActorConfig
+    """The actor: prompt template, injection mode, layers and scale."""
+    critic: NLACriticConfig
+    """The critic: extraction layer (null: label.nla_layer), pooling, loss."""
+
+    @model_validator(mode="after")
+    def _same_space(self):
+        if self.actor.center != self.critic.center:
+            raise ValueError("actor.center and critic.center must agree: both read the same vector space")
+        return self
+
+
+class NLARLParams(Config):
+    algo: Literal["grpo", "ppo"] = "grpo"
+    """The RL algorithm that trains the actor (each reads its own subsection below)."""
+    reward: RewardKind = "neg_mse"
+    """f(MSE) of the critic's reconstruction: neg_mse -MSE | exp exp(-MSE) | inverse 1/(1+MSE) | neg_log -log MSE."""
+    critic: CriticUpdates
+    """The critic's own learning during RL (on the actor's explanations)."""
+    grpo: GRPOConfig
+    """GRPO of the actor (the shared core; prompts are activation vectors)."""
+    ppo: PPOConfig
+    """PPO of the actor with a value head on its model."""
+    eval_every: int = Field(0, ge=0)
+    """Held-out FVE of greedy explanations every this many steps (0: never)."""
+    eval_batch: int = Field(64, gt=0)
+    """Held-out vectors in that check."""
+
+
 class EvaluateParams(Config):
     batch_size: int = Field(256, gt=0)
     """Problems per generation batch."""
@@ -133,7 +171,18 @@ class Params(Config):
     grpo_full: StageLR
     inject: InjectParams
     surgery: SurgeryParams
+    nla_sft: NLASFTParams
+    nla_rl: NLARLParams
     evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="after")
+    def _critic_reads_the_extraction_layer(self):
+        if self.nla_sft.critic.layer not in (None, self.label.nla_layer):
+            raise ValueError(
+                f"nla_sft.critic.layer ({self.nla_sft.critic.layer}) must be label.nla_layer ({self.label.nla_layer}): "
+                "the critic is the base model truncated where the vectors were read"
+            )
+        return self
 
 
 def _describe(error: dict) -> str:

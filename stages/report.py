@@ -73,6 +73,51 @@ def surgery_section(params, out) -> str:
     )
 
 
+NLA_COLUMNS = {
+    "fve": "FVE",
+    "cosine": "cosine",
+    "mse": "MSE",
+    "shuffled_fve": "FVE shuffled",
+    "gold_fve": "FVE gold text",
+    "empty_fve": "FVE empty text",
+    "answer_exact_match": "answer EM",
+    "probe": "probe EM",
+}
+
+
+def nla_section(nla: dict, out) -> str:
+    """FVE of critic(actor(v)) for the SFT and RL actors, with the controls, the RL curve and decoded examples."""
+    rows = {}
+    for name in ("nla_sft", "nla_rl"):
+        block, scores = nla[name], nla[name]["actors"][name]
+        rows[name if name == "nla_sft" else f"nla_rl ({nla['algo']})"] = {
+            **scores,
+            "shuffled_fve": scores["shuffled"]["fve"],
+            "gold_fve": block["gold_text"]["fve"],
+            "empty_fve": block["empty_text"]["fve"],
+            "probe": block["linear_probe_exact_match"],
+        }
+    curve = pl.read_csv(PLOTS / "nla_rl.csv")
+    plot_training_curves(
+        {"nla_rl": (curve, [c for c in ("fve", "heldout_fve") if c in curve.columns])}, out / "nla_rl.png"
+    )
+    examples = "\n".join(
+        f"| `{e['gold']!r}` | `{e['explanation']!r}` | {e['mse']:.3f} |"
+        for e in nla["nla_rl"]["actors"]["nla_rl"]["examples"]
+    )
+    return (
+        "## Natural language autoencoder\n\n"
+        f"Held-out vectors: {nla['nla_sft']['n']}; each actor is read by the critic trained beside it. FVE = 1 − MSE / "
+        "MSE(mean vector); shuffled: the actor reads another row's vector; gold: the critic on the text the vector "
+        "came from (its ceiling); empty: the critic on an empty text; answer EM: the answer the explanation writes vs "
+        "the true answer, beside a ridge probe on the vectors.\n\n"
+        f"{comparison_table(rows, NLA_COLUMNS)}\n\n"
+        "![NLA RL: FVE per step](nla_rl.png)\n\n"
+        "| text the vector came from | RL actor's explanation | MSE |\n|---|---|---:|\n"
+        f"{examples}\n"
+    )
+
+
 @stage
 def main(params):
     path = METRICS / "eval.json"
@@ -101,7 +146,8 @@ def main(params):
             f"{comparison_table(efficiency, EFFICIENCY_COLUMNS)}\n\n"
             "![trainable parameters vs accuracy](parameters_vs_accuracy.png)\n\n"
             f"{surgery_section(params, out)}"
-            "## Training\n\n![training curves](training.png)\n"
+            + nla_section(json.loads((METRICS / "nla.json").read_text()), out)
+            + "## Training\n\n![training curves](training.png)\n"
         )
     print((REPORTS / "report.md").read_text())
 

@@ -180,7 +180,8 @@ def test_store_layout_attributes_and_tables(reference_run):
     assert labels.select(list(PROBLEM_SCHEMA)).equals(full) and labels["n_tokens"].to_list() == counts.tolist()
     nla = pl.read_parquet(data / "labels" / "nla.parquet")
     assert nla.columns == ["id", "prompt", "response", "activation_vector"]
-    assert nla["response"].to_list() == labels["text_generated"].to_list()
+    # the response is the text the vector was pooled over: the problem and what the model generated after it
+    assert nla["response"].to_list() == [p + t for p, t in zip(labels["prompt"], labels["text_generated"])]
     np.testing.assert_array_equal(np.stack(nla["activation_vector"].to_numpy()), store["pooled"][:, 0])
     assert not any((data / ".partial" / "label").iterdir())
 

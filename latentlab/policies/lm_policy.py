@@ -21,6 +21,17 @@ class Rollout:
     texts: list[str]  # decoded completions, up to end-of-sequence
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # what a policy variant caches per row
 
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        """The rollout of some rows only (a minibatch), every per-row tensor indexed alike."""
+        c = self.completions
+        return Rollout(
+            self.prompt_ids[rows],
+            self.prompt_mask[rows],
+            Completions(c.ids[rows], c.mask[rows], c.logprobs[rows]),
+            [self.texts[i] for i in rows.tolist()],
+            {name: value[rows] for name, value in self.extras.items()},
+        )
+
 
 class LMPolicy:
     def __init__(self, model, tokenizer):
@@ -30,6 +41,12 @@ class LMPolicy:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def encode(self, prompts: list) -> Rollout:
+        """A rollout with the prompts' left-padded token ids and nothing sampled yet (variants may read
+        other things than text as their prompts, e.g. activation vectors)."""
+        ids, mask = tokenize_prompts(self.tokenizer, prompts, self.device)
+        return Rollout(ids, mask, completions=None, texts=[])
 
     def prefix(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs_embeds, attention_mask) that generation continues from."""
@@ -44,11 +61,8 @@ class LMPolicy:
         return None
 
     @torch.no_grad()
-    def rollout(
-        self, prompts: list[str], sampling: SamplingConfig, generator: torch.Generator | None = None
-    ) -> Rollout:
-        ids, mask = tokenize_prompts(self.tokenizer, prompts, self.device)
-        rollout = Rollout(ids, mask, completions=None, texts=[])
+    def rollout(self, prompts: list, sampling: SamplingConfig, generator: torch.Generator | None = None) -> Rollout:
+        rollout = self.encode(prompts)
         cache = self.prepare(rollout)
         embeds, prefix_mask = self.prefix(rollout)
         if cache is not None:  # the cache holds the prefix's first positions: continue after them

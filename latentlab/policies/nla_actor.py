@@ -1,0 +1,241 @@
+"""The NLA actor: a language model that reads an activation vector and writes an explanation of it.
+
+Natural language autoencoders (Fraser-Taliente, Kantamneni, Ong et al., Transformer Circuits 2026):
+the actor reads a fixed template with one `<INJECT>` position where the vector goes, and generates
+text; the critic (nla_critic.py) reads the text back into the vector.
+
+    u = (v - mean) / ||v - mean||                     the vector, centred and L2-normalised
+    x = scale_l * m_l(u) / ||m_l(u)||                 at a fixed norm per injection layer l
+    replace:  h_l[inject] = x          m_l = identity (a learned linear map when d != H)
+    add:      h_l[inject] = h_l[inject] + x           m_l as for replace
+    project:  h_l[inject] = x          m_l = a learned linear map (identity-initialised when d == H)
+
+Layer 0 is the embedding: the prefix of `inputs_embeds` carries the vector. A layer l > 0 (the
+input of block l, numbered as output_hidden_states) is reached by a forward pre-hook on block l that
+edits only the `<INJECT>` column of passes that contain it: the prefix pass of sampling (the KV
+cache then holds the edited keys and values, so every later token attends to them) and the
+teacher-forced pass that re-scores sampled tokens. Decode steps (one new position) are left alone.
+Hooks are registered for the duration of one call and removed afterwards, also on an exception.
+"""
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from latentlab.common.config import Config
+from latentlab.lm.capture import decoder_blocks
+from latentlab.lm.modeling import load_lm, save_lm, write_manifest
+from latentlab.lm.padding import pad_sequences
+from latentlab.lm.sampling import Completions
+from latentlab.lm.tokenizer import INJECT
+from latentlab.policies.lm_policy import LMPolicy, Rollout
+
+WEIGHTS, CONFIG = "nla_injector.safetensors", "nla_actor.json"
+
+
+class NLAActorConfig(Config):
+    template: str = f"{INJECT}\n"
+    """The actor's prompt: exactly one <INJECT> (where the vector goes) and at least one other token."""
+    mode: Literal["replace", "add", "project"] = "replace"
+    """How the vector enters at <INJECT>: replace the state, add to it, or replace it by a learned projection."""
+    layers: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    """Where it enters: 0 the embedding, l > 0 the input of block l (a forward hook), as output_hidden_states."""
+    injection_scale: float | None = Field(None, gt=0)
+    """L2 norm of the injected vector at every layer (null: measured per layer, the mean norm of the
+    model's states there over the training texts; at layer 0 the mean norm of the token embeddings)."""
+    center: bool = True
+    """Subtract the training mean before normalising: pooled states share a large common direction
+    (cos ~0.97 to the mean here), which would leave the actor nearly the same input for every row."""
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct(cls, layers):
+        if len(set(layers)) != len(layers) or min(layers) < 0:
+            raise ValueError(f"layers must be distinct and >= 0 (0: the embedding), got {layers}")
+        return layers
+
+
+def unit(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """x / ||x|| along the last axis."""
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=eps)
+
+
+class VectorInjector(nn.Module):
+    """The vector -> what is written at <INJECT> of each injection layer (the formula in the module docstring)."""
+
+    def __init__(self, dim: int, hidden_size: int, cfg: NLAActorConfig, scales: list[float], mean: torch.Tensor):
+        super().__init__()
+        self.dim, self.hidden_size, self.cfg = dim, hidden_size, cfg
+        self.register_buffer("mean", mean.float().clone() if cfg.center else torch.zeros(dim))
+        self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32))
+        maps = {}
+        for layer in cfg.layers:
+            if cfg.mode != "project" and dim == hidden_size:
+                maps[str(layer)] = nn.Identity()
+            else:
+                maps[str(layer)] = nn.Linear(dim, hidden_size, bias=False)
+                if dim == hidden_size:
+                    nn.init.eye_(maps[str(layer)].weight)
+        self.maps = nn.ModuleDict(maps)
+
+    def forward(self, vectors: torch.Tensor, layer: int) -> torch.Tensor:
+        """`(B, d)` vectors -> `(B, H)` states of norm scales[layer]."""
+        i = self.cfg.layers.index(layer)
+        return self.scales[i] * unit(self.maps[str(layer)](unit(vectors.float() - self.mean)))
+
+    def apply(self, states: torch.Tensor, vectors: torch.Tensor, layer: int) -> torch.Tensor:
+        """The new `(B, H)` states at <INJECT> given the old ones there."""
+        x = self(vectors, layer).to(states.dtype)
+        return states + x if self.cfg.mode == "add" else x
+
+
+@torch.no_grad()
+def measure_scales(model, tokenizer, layers: list[int], texts: list[str]) -> list[float]:
+    """Mean L2 norm of the model's states at each layer over the real tokens of `texts`."""
+    ids, mask = pad_sequences(tokenizer(texts, add_special_tokens=False)["input_ids"], tokenizer.pad_token_id, False)
+    device = next(model.parameters()).device
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
+    real = mask.bool().to(device)
+    return [out.hidden_states[layer][real].float().norm(dim=-1).mean().item() for layer in layers]
+
+
+class NLAActor(LMPolicy):
+    """An LMPolicy whose prompts are activation vectors `(d,)`; everything else is the shared LMPolicy path."""
+
+    def __init__(self, model, tokenizer, injector: VectorInjector):
+        super().__init__(model, tokenizer)
+        self.injector = injector.to(self.device)
+        cfg = injector.cfg
+        ids = tokenizer(cfg.template, add_special_tokens=False)["input_ids"]
+        inject_id = tokenizer.convert_tokens_to_ids(INJECT)
+        if ids.count(inject_id) != 1 or len(ids) < 2:
+            raise ValueError(f"template {cfg.template!r} must hold exactly one {INJECT} and at least one other token")
+        self.template_ids, self.column = torch.tensor(ids), ids.index(inject_id)
+        blocks, _ = decoder_blocks(model)
+        self._blocks = blocks
+        if max(cfg.layers) >= len(blocks):
+            raise ValueError(f"injection layers {cfg.layers} must be below the number of blocks ({len(blocks)})")
+
+    def encode(self, prompts: list) -> Rollout:
+        vectors = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in prompts]).to(self.device)
+        ids = self.template_ids.to(self.device).expand(len(prompts), -1)
+        return Rollout(ids, torch.ones_like(ids), completions=None, texts=[], extras={"vector": vectors})
+
+    def _edit(self, states: torch.Tensor, vectors: torch.Tensor, layer: int) -> torch.Tensor:
+        """`states` with only the <INJECT> column replaced (a new tensor: autograd sees the edit)."""
+        c = self.column
+        new = self.injector.apply(states[:, c], vectors, layer)
+        return torch.cat([states[:, :c], new[:, None], states[:, c + 1 :]], dim=1)
+
+    def prefix(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, mask = super().prefix(rollout)
+        if 0 in self.injector.cfg.layers:
+            embeds = self._edit(embeds, rollout.extras["vector"], 0)
+        return embeds, mask
+
+    @contextmanager
+    def hooks(self, vectors: torch.Tensor):
+        """Forward pre-hooks on the blocks of the injection layers above the embedding, for one call."""
+        width = len(self.template_ids)
+
+        def make(layer: int):
+            def pre_hook(module, args, kwargs):
+                states = args[0] if args else kwargs["hidden_states"]
+                if states.shape[1] < width:  # a decode step: <INJECT> is in the KV cache already
+                    return None
+                states = self._edit(states, vectors, layer)
+                if args:
+                    return (states, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": states}
+
+            return pre_hook
+
+        handles = [
+            self._blocks[layer].register_forward_pre_hook(make(layer), with_kwargs=True)
+            for layer in self.injector.cfg.layers
+            if layer > 0
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def rollout(self, prompts: list, sampling, generator: torch.Generator | None = None) -> Rollout:
+        vectors = self.encode(prompts).extras["vector"]
+        with self.hooks(vectors):
+            return super().rollout(prompts, sampling, generator)
+
+    def logprobs(self, rollout: Rollout, temperature: float) -> torch.Tensor:
+        with self.hooks(rollout.extras["vector"]):
+            return super().logprobs(rollout, temperature)
+
+    def teacher_forced(self, vectors: list, texts: list[str]) -> Rollout:
+        """A rollout whose completions are the given texts (+ end-of-sequence), for the supervised loss."""
+        rollout = self.encode(vectors)
+        tokens = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids, mask = pad_sequences(
+            [t + [self.tokenizer.eos_token_id] for t in tokens], self.tokenizer.pad_token_id, False
+        )
+        rollout.completions = Completions(
+            ids.to(self.device), mask.bool().to(self.device), torch.zeros(ids.shape, device=self.device)
+        )
+        rollout.texts = list(texts)
+        return rollout
+
+    def sft_loss(self, vectors: list, texts: list[str]) -> torch.Tensor:
+        """Mean negative log-likelihood per token of the explanation (+ end-of-sequence) given the vector."""
+        rollout = self.teacher_forced(vectors, texts)
+        mask = rollout.completions.mask
+        return -self.logprobs(rollout, 1.0).sum() / mask.sum()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in [*self.model.parameters(), *self.injector.parameters()] if p.requires_grad]
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+        self.injector.train(mode)
+
+
+def build_actor(model, tokenizer, cfg: NLAActorConfig, vectors: np.ndarray, texts: list[str]) -> NLAActor:
+    """An actor on `model`; the centring mean comes from `vectors`, measured scales from `texts`."""
+    hidden = model.config.hidden_size
+    if cfg.injection_scale is not None:
+        scales = [cfg.injection_scale] * len(cfg.layers)
+    else:
+        scales = measure_scales(model, tokenizer, cfg.layers, texts)
+        if 0 in cfg.layers:  # the embedding: the mean norm of the vocabulary's rows
+            scales[cfg.layers.index(0)] = (
+                model.get_input_embeddings().weight.detach().float().norm(dim=-1).mean().item()
+            )
+    mean = torch.tensor(np.array(vectors, dtype=np.float32)).mean(0)
+    return NLAActor(model, tokenizer, VectorInjector(vectors.shape[1], hidden, cfg, scales, mean))
+
+
+def save_actor(actor: NLAActor, directory: Path, **provenance) -> str:
+    """The model as a Hugging Face directory + the injector (safetensors + JSON) + a manifest over all of them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_lm(actor.model, actor.tokenizer, directory)
+    injector = actor.injector
+    save_file({k: v.detach().contiguous().cpu() for k, v in injector.state_dict().items()}, directory / WEIGHTS)
+    config = {"dim": injector.dim, "hidden_size": injector.hidden_size, "actor": injector.cfg.model_dump()}
+    (directory / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return write_manifest(directory, **provenance)
+
+
+def load_actor(directory: str | Path, device: torch.device | str = "cpu") -> NLAActor:
+    directory = Path(directory)
+    config = json.loads((directory / CONFIG).read_text())
+    model, tokenizer = load_lm(directory, device)
+    cfg = NLAActorConfig.model_validate(config["actor"])
+    state = load_file(directory / WEIGHTS)
+    injector = VectorInjector(config["dim"], config["hidden_size"], cfg, state["scales"].tolist(), state["mean"])
+    injector.load_state_dict(state)
+    return NLAActor(model, tokenizer, injector)

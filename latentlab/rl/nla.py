@@ -1,0 +1,190 @@
+"""NLA training: the supervised phase (actor and/or critic) and the RL phase (GRPO or PPO on the actor,
+the critic still learning), with the reconstruction reward and fraction of variance explained.
+
+    reward(text, v) = f(MSE),  MSE = ||unit(critic(text)) - unit(v - mean)||^2 = 2 (1 - cos)  in [0, 4]
+    f: neg_mse -MSE | exp exp(-MSE) | inverse 1/(1+MSE) | neg_log -log(MSE + 1e-6)
+    an empty explanation earns f(2), the reward of an orthogonal reconstruction (cos = 0)
+
+    FVE = 1 - E[MSE] / E||t - mean(t)||^2      (t = unit(v - mean): the mean-vector baseline's error)
+"""
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from latentlab.common.batches import epoch_batches
+from latentlab.common.config import Config
+from latentlab.common.optim import build_optimizer, check_finite
+from latentlab.common.tracking import StepLog, progress
+from latentlab.policies.nla_actor import NLAActor
+from latentlab.policies.nla_critic import NLACritic, reconstruction_mse
+
+RewardKind = Literal["neg_mse", "exp", "inverse", "neg_log"]
+
+
+def reward_from_mse(mse: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "neg_mse":
+        return -mse
+    if kind == "exp":
+        return torch.exp(-mse)
+    if kind == "inverse":
+        return 1 / (1 + mse)
+    if kind == "neg_log":
+        return -torch.log(mse + 1e-6)
+    raise ValueError(f"unknown reward {kind!r}")
+
+
+class CriticReward:
+    """The reward callable of GRPO / PPO; keeps the last batch so the critic can learn from it."""
+
+    def __init__(self, critic: NLACritic, kind: RewardKind):
+        self.critic, self.kind = critic, kind
+        self.last_texts: list[str] = []
+        self.last_vectors: list = []
+        self.last_mse = torch.zeros(0)
+
+    def __call__(self, texts: list[str], vectors: list) -> list[float]:
+        self.last_texts, self.last_vectors = list(texts), np.stack([np.asarray(v) for v in vectors])
+        self.last_mse = reconstruction_mse(self.critic, self.last_texts, self.last_vectors)
+        return reward_from_mse(self.last_mse, self.kind).tolist()
+
+
+class NLASFTConfig(Config):
+    train_mode: Literal["actor", "critic", "both"] = "both"
+    """What the supervised phase trains: the actor (LM loss on the explanation given the vector), the critic
+    (reconstruct the vector from the explanation), or both on the same batches."""
+    steps: int = Field(gt=0)
+    """Optimizer steps."""
+    batch_size: int = Field(gt=0)
+    """Rows per step."""
+    actor_lr: float = Field(gt=0)
+    """AdamW learning rate of the actor (model and injector)."""
+    critic_lr: float = Field(gt=0)
+    """AdamW learning rate of the critic."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping threshold (each model on its own)."""
+    log_every: int = Field(10, gt=0)
+    """A log row every this many steps."""
+
+
+def train_sft(
+    actor: NLAActor | None,
+    critic: NLACritic | None,
+    vectors: np.ndarray,
+    texts: list[str],
+    cfg: NLASFTConfig,
+    generator: torch.Generator,
+    log: StepLog,
+    baseline: float,
+) -> None:
+    """Supervised NLA: the actor learns p(text | vector), the critic learns vector <- text, on the same batches."""
+    parts = {}
+    if actor is not None:
+        parts["actor"] = (
+            actor.trainable_parameters(),
+            *build_optimizer(actor.trainable_parameters(), cfg.actor_lr, cfg.steps, cfg.warmup_steps),
+        )
+        actor.train(True)
+    if critic is not None:
+        params = list(critic.parameters())
+        parts["critic"] = (params, *build_optimizer(params, cfg.critic_lr, cfg.steps, cfg.warmup_steps))
+        critic.train(True)
+    bar = progress(range(cfg.steps), "nla_sft")
+    log.bar = bar
+    batches = epoch_batches(len(texts), cfg.batch_size, generator)
+    for step in bar:
+        rows = next(batches)
+        v, x = [vectors[i] for i in rows], [texts[i] for i in rows]
+        losses = {}
+        if actor is not None:
+            losses["actor"] = actor.sft_loss(v, x)
+        if critic is not None:
+            losses["critic"] = critic.loss(x, np.stack(v))
+        row = {}
+        for name, loss in losses.items():
+            params, optimizer, schedule = parts[name]
+            check_finite(loss, step, f"{name} loss")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            row[f"{name}_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            optimizer.step()
+            schedule.step()
+            row[f"{name}_loss"] = loss.item()
+        if "critic" in losses and critic.cfg.loss == "mse":
+            row["critic_fve"] = 1 - row["critic_loss"] / baseline  # on the training batch (gold text)
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            log.log(step, **row)
+    for model in (actor, critic):
+        if model is not None:
+            model.train(False)
+
+
+class CriticUpdates(Config):
+    lr: float = Field(gt=0)
+    """AdamW learning rate of the critic during RL."""
+    updates_per_step: int = Field(1, ge=0)
+    """Critic steps on each RL batch's (explanation, vector) pairs (0: the critic is frozen)."""
+
+
+class CriticTrainer:
+    """The critic keeps learning during RL: it reconstructs each batch's vectors from the actor's explanations."""
+
+    def __init__(self, critic: NLACritic, cfg: CriticUpdates, steps: int):
+        self.critic, self.cfg = critic, cfg
+        self.optimizer, self.schedule = build_optimizer(list(critic.parameters()), cfg.lr, max(1, steps))
+
+    def update(self, texts: list[str], vectors: np.ndarray, step: int) -> dict[str, float]:
+        if self.cfg.updates_per_step == 0:
+            return {}
+        self.critic.train(True)
+        for _ in range(self.cfg.updates_per_step):
+            loss = self.critic.loss(texts, vectors)
+            check_finite(loss, step, "critic loss")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.critic.parameters(), 1.0)
+            self.optimizer.step()
+        self.schedule.step()
+        self.critic.train(False)
+        return {"critic_loss": loss.item()}
+
+
+def train_rl(
+    trainer,
+    reward: CriticReward,
+    critic_trainer: CriticTrainer,
+    batches: Iterator[list],
+    steps: int,
+    log: StepLog,
+    baseline: float,
+    desc: str,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    eval_every: int = 0,
+) -> None:
+    """`steps` RL steps (`trainer.step(step, vectors, vectors)`: GRPO or PPO), each followed by critic updates."""
+    bar = progress(range(steps), desc)
+    log.bar = bar
+    for step in bar:
+        vectors = next(batches)
+        row = trainer.step(step, vectors, vectors)
+        mse = reward.last_mse
+        lengths = [len(t) for t in reward.last_texts]
+        row.update(
+            mse=mse.mean().item(),
+            cosine=(1 - mse / 2).mean().item(),
+            fve=1 - mse.mean().item() / baseline,
+            explanation_chars=float(np.mean(lengths)),
+            empty_fraction=float(np.mean([not t.strip() for t in reward.last_texts])),
+        )
+        row.update(critic_trainer.update(reward.last_texts, reward.last_vectors, step))
+        if evaluate is not None and eval_every and (step % eval_every == 0 or step == steps - 1):
+            row.update(evaluate())
+        if not math.isfinite(row["mse"]):
+            raise ValueError(f"non-finite reconstruction error at step {step}")
+        log.log(step, **row)

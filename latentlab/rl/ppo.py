@@ -1,0 +1,205 @@
+"""Proximal Policy Optimization for any LM policy (Schulman et al., 2017, "Proximal Policy Optimization
+Algorithms"), with generalised advantage estimation (Schulman et al., 2016) over the tokens.
+
+The episode is one completion: the action at step t is token t, the reward is the sequence's score
+at its last token (0 before it), the episode ends there. Per step of training:
+
+    sample completions from pi_old; r = reward_fn(texts, targets)
+    V_t = value head on the state that predicts token t         (policies/value_head.py)
+    A_t = GAE(gamma, lambda) over the tokens, R_t = A_t + V_t     (rl/advantages.gae, time-major)
+    A_t <- (A_t - mean) / std over the batch's tokens (optional)
+    for each epoch, for each minibatch of completions:
+        rho_t = pi_theta / pi_old
+        L_pi  = -mean_t min(rho_t A_t, clip(rho_t, 1 - e, 1 + e) A_t)                           (eq. 7)
+        L_V   = 1/2 mean_t max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, -e_v, e_v) - R_t)^2)
+        loss  = L_pi + vf_coef L_V
+Tokens after a completion's end-of-sequence are masked out of every mean.
+"""
+
+import time
+from collections.abc import Callable
+
+import torch
+from pydantic import Field
+
+from latentlab.common.config import Config
+from latentlab.common.optim import build_optimizer, check_finite
+from latentlab.lm.sampling import SamplingConfig
+from latentlab.policies.lm_policy import LMPolicy
+from latentlab.policies.value_head import ValueHead, logprobs_and_values
+from latentlab.rl.advantages import gae
+
+
+class PPOConfig(Config):
+    steps: int = Field(gt=0)
+    """Rollout batches (each followed by `epochs` passes of minibatch updates)."""
+    rollouts_per_step: int = Field(gt=0)
+    """Completions sampled per step."""
+    max_new_tokens: int = Field(gt=0)
+    """Longest completion."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; the loss's log-probs use the same."""
+    lr: float = Field(gt=0)
+    """AdamW learning rate of the policy and its value head."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up (in optimizer updates)."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount per token (1: the sequence's reward reaches every token undiminished)."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda: 1 Monte-Carlo advantages, 0 one-step TD errors."""
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    """Policy ratio clip e."""
+    value_clip: float = Field(0.2, gt=0)
+    """Value clip e_v: how far V may move from V_old in one batch's updates."""
+    vf_coef: float = Field(0.5, ge=0)
+    """Weight of the value loss."""
+    epochs: int = Field(4, gt=0)
+    """Passes over each rollout batch."""
+    minibatches: int = Field(4, gt=0)
+    """Minibatches per pass (rollouts_per_step must divide evenly)."""
+    normalize_advantages: bool = True
+    """Whiten advantages over the batch's tokens."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping threshold."""
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature)
+
+
+def sequence_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(B,)` sequence rewards -> `(B, T)` token rewards (at each row's last token) and dones (there)."""
+    last = mask.sum(1).clamp(min=1) - 1
+    token_rewards = torch.zeros(mask.shape, device=rewards.device)
+    dones = torch.zeros(mask.shape, device=rewards.device)
+    rows = torch.arange(len(rewards), device=rewards.device)
+    token_rewards[rows, last] = rewards
+    dones[rows, last] = 1.0
+    return token_rewards, dones
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped surrogate (Schulman et al., 2017, eq. 7), negated, mean over unmasked tokens."""
+    mask = mask.float()
+    log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, 0.0)
+    ratio = torch.exp(log_ratio)
+    surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages)
+    loss = -masked_mean(surrogate, mask)
+    with torch.no_grad():
+        stats = {
+            "clip_fraction": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask).item(),
+            "kl": masked_mean(torch.exp(-log_ratio) + log_ratio - 1, mask).item(),  # k3 of KL(pi_old || pi)
+        }
+    return loss, stats
+
+
+def ppo_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+) -> torch.Tensor:
+    """1/2 mean max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) over unmasked tokens."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask.float())
+
+
+class PPOTrainer:
+    """PPO steps for any `LMPolicy` and a value head on its model: the same `step(step, prompts, targets)` as GRPO."""
+
+    def __init__(
+        self,
+        policy: LMPolicy,
+        value_head: ValueHead,
+        reward_fn: Callable[[list[str], list], list[float]],
+        cfg: PPOConfig,
+        generator: torch.Generator,
+    ):
+        if cfg.rollouts_per_step % cfg.minibatches:
+            raise ValueError(
+                f"rollouts_per_step ({cfg.rollouts_per_step}) must divide into {cfg.minibatches} minibatches"
+            )
+        self.policy, self.value_head, self.reward_fn, self.cfg, self.generator = (
+            policy,
+            value_head.to(policy.device),
+            reward_fn,
+            cfg,
+            generator,
+        )
+        self.parameters = [*policy.trainable_parameters(), *value_head.parameters()]
+        updates = cfg.steps * cfg.epochs * cfg.minibatches
+        self.optimizer, self.schedule = build_optimizer(self.parameters, cfg.lr, updates, cfg.warmup_steps)
+
+    def step(self, step: int, prompts: list, targets: list) -> dict[str, float]:
+        cfg = self.cfg
+        started = time.perf_counter()
+        self.policy.train(False)
+        rollout = self.policy.rollout(prompts, cfg.sampling, self.generator)
+        mask = rollout.completions.mask
+        rewards = torch.tensor(self.reward_fn(rollout.texts, targets), dtype=torch.float32, device=mask.device)
+        with torch.no_grad():
+            old_logprobs, old_values = logprobs_and_values(self.policy, self.value_head, rollout, cfg.temperature)
+            token_rewards, dones = sequence_rewards(rewards, mask)
+            # time-major for gae; nothing follows the last token (done), so last_value is never used
+            advantages = (
+                gae(
+                    token_rewards.T,
+                    old_values.T,
+                    dones.T,
+                    torch.zeros(len(rewards), device=mask.device),
+                    cfg.gamma,
+                    cfg.lam,
+                ).T
+                * mask
+            )
+            returns = advantages + old_values
+            if cfg.normalize_advantages:
+                mean = masked_mean(advantages, mask)
+                std = masked_mean((advantages - mean) ** 2, mask).sqrt()
+                advantages = (advantages - mean) / (std + 1e-8) * mask
+
+        self.policy.train(True)
+        stats_sum: dict[str, float] = {}
+        updates = 0
+        size = cfg.rollouts_per_step // cfg.minibatches
+        for _ in range(cfg.epochs):
+            order = torch.randperm(len(rewards), generator=torch.Generator().manual_seed(step * 1000 + updates))
+            for rows in order.split(size):
+                rows = rows.to(mask.device)
+                part = rollout.select(rows)
+                logprobs, values = logprobs_and_values(self.policy, self.value_head, part, cfg.temperature)
+                m = mask[rows]
+                policy_loss, stats = ppo_policy_loss(logprobs, old_logprobs[rows], advantages[rows], m, cfg.clip_eps)
+                value_loss = ppo_value_loss(values, old_values[rows], returns[rows], m, cfg.value_clip)
+                loss = policy_loss + cfg.vf_coef * value_loss
+                check_finite(loss, step)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.schedule.step()
+                updates += 1
+                for name, value in {
+                    **stats,
+                    "policy_loss": policy_loss.item(),
+                    "value_loss": value_loss.item(),
+                    "loss": loss.item(),
+                    "grad_norm": float(grad_norm),
+                }.items():
+                    stats_sum[name] = stats_sum.get(name, 0.0) + value
+        self.policy.train(False)
+        n_tokens = int(mask.sum())
+        seconds = time.perf_counter() - started
+        return {
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item(),
+            "value_mean": masked_mean(old_values, mask).item(),
+            **{name: total / updates for name, total in stats_sum.items()},
+            "completion_tokens": n_tokens / len(rewards),
+            "tokens_per_s": n_tokens / seconds,
+            "seconds_per_step": seconds,
+            "lr": self.schedule.get_last_lr()[0],
+        }

@@ -1,0 +1,134 @@
+"""Scoring NLA actors on held-out activations: critic(actor(v)) against v, with controls and a ceiling.
+
+For each actor, greedy explanations of every held-out vector, read back by the critic:
+    mse     E ||unit(critic(actor(v))) - t||^2       t = unit(v - mean)
+    cosine  E cos(critic(actor(v)), t)
+    fve     1 - mse / E||t - mean(t)||^2             (the mean-vector baseline explains 0)
+Controls, with the same critic:
+    shuffled   the actor reads another row's vector (a fixed permutation): what is left is what any
+               explanation of this task would give; the claim is the drop from `actor` to this
+    gold       the critic on the text the vector was computed from: the ceiling of this critic
+    empty      the critic on an empty explanation: one constant prediction
+Can the answer be read from the explanation? The answer of the first equation the explanation
+writes (`a op b=y`) against the true answer of the problem, beside a linear probe on the same vectors:
+closed-form ridge regression onto one-hot answers, fit on the training vectors, argmax.
+"""
+
+import re
+
+import numpy as np
+import torch
+
+from latentlab.common.tracking import progress
+from latentlab.policies.nla_actor import NLAActor
+from latentlab.policies.nla_critic import NLACritic, baseline_mse, reconstruction_mse
+from latentlab.tasks.arithmetic import OPERATORS
+
+_EQUATION = re.compile(r"\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)")
+
+
+def problem_answer(prompt: str) -> int:
+    """The true answer of a problem prompt `a op b=`."""
+    a, op, b = re.fullmatch(r"(-?\d+)([+\-*])(-?\d+)=", prompt).groups()
+    return OPERATORS[op](int(a), int(b))
+
+
+def stated_answer(explanation: str) -> int | None:
+    """The y of the first `a op b=y` the explanation writes, or None."""
+    match = _EQUATION.match(explanation)
+    return int(match.group(4)) if match else None
+
+
+def explain(actor: NLAActor, vectors: np.ndarray, max_new_tokens: int, batch: int, desc: str) -> list[str]:
+    actor.train(False)
+    texts: list[str] = []
+    for lo in progress(range(0, len(vectors), batch), desc, unit="batch"):
+        texts += actor.generate(list(vectors[lo : lo + batch]), max_new_tokens)
+    return texts
+
+
+def reconstruction_scores(
+    critic: NLACritic, texts: list[str], vectors: np.ndarray, baseline: float, empty_is_orthogonal: bool = True
+) -> dict:
+    mse = reconstruction_mse(critic, texts, vectors, empty_is_orthogonal=empty_is_orthogonal)
+    return {
+        "fve": 1 - mse.mean().item() / baseline,
+        "mse": mse.mean().item(),
+        "cosine": (1 - mse / 2).mean().item(),
+    }
+
+
+def ridge_probe_accuracy(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, l2: float = 1e-2
+) -> float:
+    """Exact match of a linear probe: W = (X'X + l2 I)^-1 X'Y on one-hot answers (with a bias column), argmax."""
+    classes = np.unique(train_y)
+    onehot = (train_y[:, None] == classes[None]).astype(np.float64)
+
+    def design(x):
+        return np.hstack([x.astype(np.float64), np.ones((len(x), 1))])
+
+    x = design(train_x)
+    weights = np.linalg.solve(x.T @ x + l2 * np.eye(x.shape[1]), x.T @ onehot)
+    predictions = classes[(design(test_x) @ weights).argmax(1)]
+    return float((predictions == test_y).mean())
+
+
+def answer_accuracy(texts: list[str], answers: np.ndarray) -> dict:
+    stated = [stated_answer(t) for t in texts]
+    return {
+        "answer_exact_match": float(np.mean([s is not None and s == y for s, y in zip(stated, answers)])),
+        "parse_rate": float(np.mean([s is not None for s in stated])),
+    }
+
+
+def evaluate_nla(
+    actors: dict[str, NLAActor],
+    critic: NLACritic,
+    vectors: np.ndarray,
+    gold_texts: list[str],
+    prompts: list[str],
+    train: tuple[np.ndarray, list[str]],
+    max_new_tokens: int,
+    batch: int,
+    seed: int,
+    examples: int = 5,
+) -> dict:
+    """The metrics block of metrics/nla.json: per actor (and its shuffled control), gold, empty, probe."""
+    baseline = baseline_mse(critic, vectors)
+    answers = np.array([problem_answer(p) for p in prompts])
+    permutation = np.random.default_rng(seed).permutation(len(vectors))
+    result = {"n": len(vectors), "baseline_mse": baseline, "actors": {}}
+    for name, actor in actors.items():
+        texts = explain(actor, vectors, max_new_tokens, batch, f"nla {name}")
+        shuffled_texts = explain(actor, vectors[permutation], max_new_tokens, batch, f"nla {name} shuffled")
+        scores = reconstruction_scores(critic, texts, vectors, baseline)
+        shuffled = reconstruction_scores(critic, shuffled_texts, vectors, baseline)
+        mse = reconstruction_mse(critic, texts[:examples], vectors[:examples])
+        result["actors"][name] = {
+            **scores,
+            **answer_accuracy(texts, answers),
+            "explanation_chars": float(np.mean([len(t) for t in texts])),
+            "shuffled": shuffled,
+            "fve_drop_when_shuffled": scores["fve"] - shuffled["fve"],
+            "examples": [
+                {"gold": g, "explanation": t, "mse": m}
+                for g, t, m in zip(gold_texts[:examples], texts[:examples], mse.tolist())
+            ],
+        }
+    # the gold text's first equation is the problem and the base model's own answer
+    gold = reconstruction_scores(critic, gold_texts, vectors, baseline)
+    result["gold_text"] = {**gold, **answer_accuracy(gold_texts, answers)}
+    result["empty_text"] = reconstruction_scores(
+        critic, [""] * len(vectors), vectors, baseline, empty_is_orthogonal=False
+    )
+    with torch.no_grad():
+        empty_cos = torch.nn.functional.cosine_similarity(
+            critic.predict([""]).float(), critic.target(vectors).mean(0, keepdim=True)
+        ).item()
+    result["empty_text"]["critic_reads_empty_as_mean_cosine"] = empty_cos
+    train_vectors, train_prompts = train
+    result["linear_probe_exact_match"] = ridge_probe_accuracy(
+        train_vectors, np.array([problem_answer(p) for p in train_prompts]), vectors, answers
+    )
+    return result

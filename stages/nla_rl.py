@@ -1,0 +1,92 @@
+"""nla_rl: RL of the NLA actor (GRPO or PPO, `nla_rl.algo`), rewarded by the critic -> models/nla_rl/.
+
+Prompts are activation vectors of data/labels/nla.parquet; the reward is f(||unit(critic(text)) -
+unit(v)||^2) (`nla_rl.reward`); after every RL step the critic takes `nla_rl.critic.updates_per_step`
+steps on the batch's (explanation, vector) pairs. GRPO is the shared core (rl/grpo.py), PPO the
+shared PPO (rl/ppo.py) with a value head on the actor's model. Held-out FVE of greedy explanations
+every `eval_every` steps. Log: plots/nla_rl.csv (reward, MSE, cosine, FVE, KL, explanation length, loss)
+and plots/nla_rl_speed.csv (tokens/s).
+"""
+
+import copy
+
+from safetensors.torch import save_file
+
+from latentlab.common.atomic import atomic_output
+from latentlab.common.batches import epoch_batches
+from latentlab.common.inputs import require_model_dir
+from latentlab.hidden.nla_table import read_nla_table
+from latentlab.lm.modeling import read_manifest
+from latentlab.policies.nla_actor import load_actor, save_actor
+from latentlab.policies.nla_critic import baseline_mse, load_critic, save_critic
+from latentlab.policies.value_head import ValueHead
+from latentlab.rl.grpo import GRPOTrainer
+from latentlab.rl.nla import CriticReward, CriticTrainer, train_rl
+from latentlab.rl.ppo import PPOTrainer
+from latentlab.tasks.nla_eval import explain, reconstruction_scores
+from stages.common import MODELS, PLOTS, setup, stage, step_log
+
+
+@stage
+def main(params):
+    run, cfg = setup(params), params.nla_rl
+    sft = require_model_dir(MODELS / "nla_sft" / "actor")
+    actor = load_actor(sft, run.device)
+    critic = load_critic(MODELS / "nla_sft" / "critic", run.device)
+    _, vectors = read_nla_table("data/labels/nla.parquet")
+    _, heldout = read_nla_table("data/labels/nla_eval.parquet")
+    heldout = heldout[: cfg.eval_batch]
+    baseline, heldout_baseline = baseline_mse(critic, vectors), baseline_mse(critic, heldout)
+
+    reward = CriticReward(critic, cfg.reward)
+    if cfg.algo == "grpo":
+        algo = cfg.grpo
+        reference = copy.deepcopy(actor) if algo.beta > 0 else None  # the SFT actor, frozen
+        if reference is not None:
+            reference.model.requires_grad_(False)
+        trainer, value_head, per_step = (
+            GRPOTrainer(actor, reward, algo, run.sample_rng, reference),
+            None,
+            algo.prompts_per_step,
+        )
+    else:
+        algo = cfg.ppo
+        value_head = ValueHead(actor.model.config.hidden_size)
+        trainer, per_step = PPOTrainer(actor, value_head, reward, algo, run.sample_rng), algo.rollouts_per_step
+    rows = epoch_batches(len(vectors), per_step, run.data_rng)
+    batches = ([vectors[i] for i in batch] for batch in rows)
+
+    def monitor() -> dict[str, float]:
+        texts = explain(actor, heldout, algo.max_new_tokens, len(heldout), "held-out")
+        return {f"heldout_{k}": v for k, v in reconstruction_scores(critic, texts, heldout, heldout_baseline).items()}
+
+    log = step_log(params, "nla_rl", params.model_dump(include={"nla_rl", "seed"}))
+    critic_trainer = CriticTrainer(critic, cfg.critic, algo.steps)
+    train_rl(
+        trainer,
+        reward,
+        critic_trainer,
+        batches,
+        algo.steps,
+        log,
+        baseline,
+        f"nla_rl {cfg.algo}",
+        monitor,
+        cfg.eval_every,
+    )
+
+    provenance = {"parent": read_manifest(sft).get("content_sha256"), "algo": cfg.algo}
+    with atomic_output(MODELS / "nla_rl") as out:
+        save_actor(actor, out / "actor", **provenance)
+        save_critic(critic, out / "critic", **provenance)
+        if value_head is not None:
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in value_head.state_dict().items()},
+                out / "value_head.safetensors",
+            )
+    log.save(PLOTS / "nla_rl.csv")
+    log.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""nla_sft: the natural language autoencoder's supervised phase -> models/nla_sft/{actor,critic}.
+
+Data: data/labels/nla.parquet (prompt, response, activation_vector): the explanation the actor learns
+to write for a vector is the text the vector was computed from (the problem and the base model's
+continuation), the only explanation there is at this scale. `nla_sft.train_mode` picks what trains:
+the actor (next-token loss on the explanation given the injected vector), the critic (reconstruct
+the vector from the explanation) or both on the same batches. Both are saved either way, so nla_rl
+always starts from a pair. Log: plots/nla_sft.csv.
+"""
+
+from latentlab.common.atomic import atomic_output
+from latentlab.common.inputs import require_model_dir
+from latentlab.hidden.nla_table import read_nla_table
+from latentlab.lm.modeling import load_lm, read_manifest
+from latentlab.policies.nla_actor import build_actor, save_actor
+from latentlab.policies.nla_critic import baseline_mse, build_critic, save_critic
+from latentlab.rl.nla import train_sft
+from stages.common import MODELS, PLOTS, setup, stage, step_log
+
+NLA = "data/labels/nla.parquet"
+
+
+@stage
+def main(params):
+    run, cfg = setup(params), params.nla_sft
+    base = require_model_dir(MODELS / "base")
+    table, vectors = read_nla_table(NLA)
+    texts = table.column("response").to_pylist()
+    model, tokenizer = load_lm(base, run.device)
+    critic_cfg = cfg.critic.model_copy(update={"layer": params.label.nla_layer})  # where the vectors were read
+    critic = build_critic(model, tokenizer, critic_cfg, vectors)  # a truncated copy: the actor trains `model`
+    actor = build_actor(model, tokenizer, cfg.actor, vectors, texts)
+    print(
+        f"nla_sft: {len(texts)} rows, vectors of {vectors.shape[1]}, injection norms {actor.injector.scales.tolist()}"
+    )
+
+    log = step_log(params, "nla_sft", params.model_dump(include={"nla_sft", "seed"}))
+    train_sft(
+        actor if cfg.train_mode in ("actor", "both") else None,
+        critic if cfg.train_mode in ("critic", "both") else None,
+        vectors,
+        texts,
+        cfg,
+        run.data_rng,
+        log,
+        baseline_mse(critic, vectors),
+    )
+    provenance = {"parent": read_manifest(base).get("content_sha256"), "train_mode": cfg.train_mode}
+    with atomic_output(MODELS / "nla_sft") as out:
+        save_actor(actor, out / "actor", **provenance)
+        save_critic(critic, out / "critic", **provenance)
+    log.save(PLOTS / "nla_sft.csv")
+    log.finish()
+
+
+if __name__ == "__main__":
+    main()

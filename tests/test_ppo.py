@@ -1,0 +1,82 @@
+"""PPO (rl/ppo.py): the clipped policy and value losses and GAE over token rewards against hand-computed
+values, the value head, and a short real run on a plain LM policy whose reward rises."""
+
+import math
+
+import pytest
+import torch
+
+from latentlab.common.tracking import StepLog
+from latentlab.lm.sampling import SamplingConfig
+from latentlab.policies.lm_policy import LMPolicy
+from latentlab.policies.value_head import ValueHead, logprobs_and_values
+from latentlab.rl.advantages import gae
+from latentlab.rl.ppo import PPOConfig, PPOTrainer, ppo_policy_loss, ppo_value_loss, sequence_rewards
+from tests.tiny import new_tiny_lm
+
+
+def test_the_clipped_policy_loss_by_hand():
+    # ratios 1.5, 0.5, 0.5, 1.5 with advantages +1, +1, -1, -1; e = 0.2; the fifth token is masked
+    old = torch.zeros(1, 5)
+    new = torch.tensor([[math.log(1.5), math.log(0.5), math.log(0.5), math.log(1.5), 9.0]])
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    loss, stats = ppo_policy_loss(new, old, adv, mask, 0.2)
+    # min(1.5, 1.2) = 1.2; min(0.5, 0.8) = 0.5; min(-0.5, -0.8) = -0.8; min(-1.5, -1.2) = -1.5
+    assert loss.item() == pytest.approx(-(1.2 + 0.5 - 0.8 - 1.5) / 4)
+    assert stats["clip_fraction"] == pytest.approx(1.0)
+    # k3 of KL(old || new): r - 1 - log r with r = old/new = 1/ratio
+    k3 = [1 / 1.5 - 1 + math.log(1.5), 2 - 1 - math.log(2), 2 - 1 - math.log(2), 1 / 1.5 - 1 + math.log(1.5)]
+    assert stats["kl"] == pytest.approx(sum(k3) / 4, rel=1e-5)
+
+
+def test_the_clipped_value_loss_by_hand():
+    values, old, returns = torch.tensor([[2.0, 0.2, 5.0]]), torch.tensor([[1.0, 1.0, 0.0]]), torch.zeros(1, 3)
+    mask = torch.tensor([[1, 1, 0]])
+    # row 1: max((2-0)^2, (1.5-0)^2) = 4; row 2: max(0.2^2, (0.5-0)^2) = 0.25; 1/2 mean = (4 + 0.25) / 4
+    assert ppo_value_loss(values, old, returns, mask, 0.5).item() == pytest.approx((4 + 0.25) / 4)
+
+
+def test_gae_over_a_completion_rewarded_at_its_last_token():
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    rewards, dones = sequence_rewards(torch.tensor([1.0, 2.0]), mask)
+    assert rewards.tolist() == [[0, 0, 1], [2, 0, 0]] and dones.tolist() == [[0, 0, 1], [1, 0, 0]]
+    values = torch.tensor([[0.5, 0.2, 0.1], [0.3, 0.0, 0.0]])
+    adv = gae(rewards.T, values.T, dones.T, torch.zeros(2), gamma=1.0, lam=0.5).T * mask
+    # row 0: deltas -0.3, -0.1, 0.9; A2 = 0.9, A1 = -0.1 + 0.5 * 0.9, A0 = -0.3 + 0.5 * 0.35
+    # row 1: done at t = 0, nothing bootstrapped from the padding: A0 = 2 - 0.3
+    torch.testing.assert_close(adv, torch.tensor([[-0.125, 0.35, 0.9], [1.7, 0.0, 0.0]]))
+
+
+def test_the_value_head_starts_at_zero_and_reads_the_positions_that_predict_each_token():
+    model, tokenizer = new_tiny_lm()
+    policy, head = LMPolicy(model, tokenizer), ValueHead(model.config.hidden_size)
+    rollout = policy.rollout(["1+2=", "30-4="], SamplingConfig(max_new_tokens=5), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logprobs, values = logprobs_and_values(policy, head, rollout, 1.0)
+        assert values.abs().max() == 0
+        torch.nn.init.normal_(head.linear.weight)
+        _, values = logprobs_and_values(policy, head, rollout, 1.0)
+    torch.testing.assert_close(logprobs, rollout.completions.logprobs, atol=1e-5, rtol=1e-5)
+    mask = rollout.completions.mask
+    assert (values[~mask] == 0).all() and (values[mask] != 0).all()
+
+
+@pytest.mark.slow  # a real training run: ~30 s on a shared 2-core machine
+def test_a_short_ppo_run_raises_the_reward():
+    """A real LM policy learns to write the digit 7 (reward: its share of the characters)."""
+    model, tokenizer = new_tiny_lm(embedding_scale=4.0)
+    model.train()
+    policy, head = LMPolicy(model, tokenizer), ValueHead(model.config.hidden_size)
+    cfg = PPOConfig(steps=10, rollouts_per_step=16, max_new_tokens=4, lr=3e-3, epochs=2, minibatches=2)
+
+    def reward(texts, targets):
+        return [t.count("7") / max(1, len(t)) for t in texts]
+
+    trainer = PPOTrainer(policy, head, reward, cfg, torch.Generator().manual_seed(0))
+    log = StepLog()
+    for step in range(cfg.steps):
+        log.log(step, **trainer.step(step, ["1+2="] * 16, [None] * 16))
+    rewards = [row["reward_mean"] for row in log.rows]
+    assert {"kl", "clip_fraction", "value_loss", "policy_loss", "tokens_per_s"} <= set(log.rows[0])
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1
