@@ -92,14 +92,21 @@ def apply_param_overrides(params_file: str | Path, overrides: dict[str, Any]) ->
     path = Path(params_file)
     data = yaml.load(path.read_text())
     for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = data
-        for key in parents:
-            if not isinstance(node, dict) or key not in node:
-                raise KeyError(f"{path}: no section {key!r} for override {dotted!r}")
-            node = node[key]
-        if not isinstance(node, dict) or leaf not in node:
-            raise KeyError(f"{path}: no key {dotted!r} to override")
+        node, leaf = param_node(data, dotted, path)
         node[leaf] = value
     with path.open("w") as handle:
         yaml.dump(data, handle)
+
+
+def param_node(data: dict, dotted: str, path: str | Path) -> tuple[dict, str]:
+    """The section holding the existing key `dotted` (`grpo.even_bonus` -> (data["grpo"], "even_bonus"));
+    a KeyError naming the key when params `path` has no such key."""
+    *parents, leaf = dotted.split(".")
+    node = data
+    for key in parents:
+        if not isinstance(node, dict) or key not in node:
+            raise KeyError(f"{path}: no section {key!r} for override {dotted!r}")
+        node = node[key]
+    if not isinstance(node, dict) or leaf not in node:
+        raise KeyError(f"{path}: no key {dotted!r} to override")
+    return node, leaf

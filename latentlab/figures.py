@@ -87,3 +87,86 @@ def plot_parameters_vs_accuracy(metrics: dict[str, dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _number(value) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3f}"
+
+
+def interval_table(rows: list[dict]) -> str:
+    """Sweep rows (config, metric, n, mean, std, low, high, seeds, experiments) as a markdown table."""
+    lines = [
+        "| configuration | metric | mean | 95% interval | std | n | seeds | experiments |",
+        "|---|---|---:|---|---:|---:|---|---|",
+    ]
+    for r in rows:
+        config = ", ".join(f"{k}={v}" for k, v in r["config"].items()) or "(defaults)"
+        interval = "–" if r["low"] is None else f"[{_number(r['low'])}, {_number(r['high'])}]"
+        seeds, names = ", ".join(map(str, r["seeds"])), ", ".join(r["experiments"])
+        lines.append(
+            f"| {config} | {r['metric']} | {_number(r['mean'])} | {interval} | {_number(r['std'])} | {r['n']} "
+            f"| {seeds} | {names} |"
+        )
+    return "\n".join(lines)
+
+
+def provenance_lines(sweep: dict) -> list[str]:
+    """Where a sweep's numbers come from: command, commit, seeds, stages, interval method."""
+    return [
+        f"Command `{sweep['command']}` on commit `{sweep['baseline'][:7]}`; seeds {sweep['seeds']}; "
+        f"stages: {', '.join(sweep['targets']) or 'the whole DAG'}.",
+        f"Intervals: {sweep['interval']}.",
+    ]
+
+
+def claims_markdown(claims: dict) -> str:
+    """The report's Claims section body from results/claims.json (written by `flows.sweep --claims`)."""
+    if not claims.get("claims"):
+        return "The claims file holds no claims yet: run the claims sweep (README, *Sweeps and seeds*)."
+    parts = []
+    for claim in claims["claims"].values():
+        counts = claim["sweep"]["counts"]
+        parts += [
+            f"### {claim['title']}",
+            "",
+            *provenance_lines(claim["sweep"]),
+            f"{counts['total']} experiments, {counts['failed']} failed.",
+            "",
+            interval_table(claim["rows"]),
+            "",
+        ]
+    return "\n".join(parts)
+
+
+def plot_sweep(
+    rows: list[dict], key: str, path: Path, metrics: tuple[str, ...] = ("accuracy", "accuracy_even")
+) -> None:
+    """Mean and 95% interval against the swept `key`: a panel per metric, a line per model (and per setting of
+    the other swept keys). Only `model.metric` rows (metrics/eval.json) are drawn."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        lines: dict[str, list[tuple[str, float, float]]] = {}
+        for r in rows:
+            model, _, leaf = r["metric"].rpartition(".")
+            if leaf != metric or ":" in r["metric"] or " " in r["metric"] or key not in r["config"]:
+                continue
+            others = ", ".join(f"{k}={v}" for k, v in r["config"].items() if k != key)
+            half = 0.0 if r["low"] is None else r["high"] - r["mean"]
+            lines.setdefault(model + (f" ({others})" if others else ""), []).append((r["config"][key], r["mean"], half))
+        for label, points in lines.items():
+            xs = [p[0] for p in points]
+            try:
+                xs = [float(x) for x in xs]
+            except ValueError:
+                pass  # categorical values: matplotlib places the strings in order
+            ax.errorbar(xs, [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3, label=label)
+        ax.set_title(f"{metric} (mean, 95% t-interval)")
+        ax.set_xlabel(key)
+        ax.grid(alpha=0.3)
+        if lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from latentlab.common.atomic import atomic_output
 from latentlab.common.errors import InputError, NonFiniteLossError
-from latentlab.common.tracking import StepLog, start_wandb
+from latentlab.common.tracking import StepLog, start_dvclive, start_wandb
 from stages.params import Params, ParamsError, load_params
 
 if TYPE_CHECKING:
@@ -59,8 +59,15 @@ def setup(params: Params) -> Run:
     )
 
 
+DVCLIVE = Path("dvclive")
+
+
 def step_log(params: Params, name: str, config: dict) -> StepLog:
-    return StepLog(start_wandb(params.wandb.mode, params.wandb.project, name, config))
+    """The stage's per-step log: plots/<name>.csv on save, W&B per params.wandb, DVCLive in dvclive/<name>
+    (declare dvclive/<name>/metrics.json as metrics and dvclive/<name>/plots as plots in dvc.yaml)."""
+    return StepLog(
+        start_wandb(params.wandb.mode, params.wandb.project, name, config), live=start_dvclive(DVCLIVE / name)
+    )
 
 
 def write_json(path: Path, data) -> None:

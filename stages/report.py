@@ -1,12 +1,14 @@
 """report: reports/report.md with the comparison table and figures (reports/*.png)."""
 
 import json
+from pathlib import Path
 
 import polars as pl
 
 from latentlab.common.atomic import atomic_output
 from latentlab.common.inputs import InputError
 from latentlab.figures import (
+    claims_markdown,
     comparison_table,
     plot_accuracy_by_parity,
     plot_parameters_vs_accuracy,
@@ -20,6 +22,7 @@ CURVES = {  # training log -> columns drawn
     "grpo": ["reward_mean", "heldout_accuracy", "heldout_accuracy_even"],
     "inject": ["reward_mean", "heldout_accuracy", "heldout_accuracy_even"],
 }
+CLAIMS = Path("results/claims.json")  # committed; written only by `python -m flows.sweep --claims ...`
 EFFICIENCY = ["sft", "grpo", "inject"]  # what training which parameters buys
 EFFICIENCY_COLUMNS = {
     "trained_parameters": "trained params",
@@ -118,6 +121,13 @@ def nla_section(nla: dict, out) -> str:
     )
 
 
+def claims_section() -> str:
+    """Every claim with its interval over seeds, from the committed sweep result file."""
+    if not CLAIMS.exists():
+        return f"No claims: {CLAIMS} does not exist (run the claims sweep: README, *Sweeps and seeds*)."
+    return claims_markdown(json.loads(CLAIMS.read_text()))
+
+
 @stage
 def main(params):
     path = METRICS / "eval.json"
@@ -147,7 +157,10 @@ def main(params):
             "![trainable parameters vs accuracy](parameters_vs_accuracy.png)\n\n"
             f"{surgery_section(params, out)}"
             + nla_section(json.loads((METRICS / "nla.json").read_text()), out)
-            + "## Training\n\n![training curves](training.png)\n"
+            + "## Training\n\n![training curves](training.png)\n\n"
+            "## Claims\n\nThe same comparisons over several seeds, each with its interval (from a sweep of DVC "
+            f"experiments, `{CLAIMS}`); the tables above are the single seed {params.seed} of this run.\n\n"
+            f"{claims_section()}\n"
         )
     print((REPORTS / "report.md").read_text())
 

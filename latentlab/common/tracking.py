@@ -1,4 +1,4 @@
-"""Per-step training logs: a CSV for `dvc plots`, W&B when switched on, and the progress bar."""
+"""Per-step training logs: a CSV for `dvc plots`, DVCLive and W&B when switched on, and the progress bar."""
 
 import os
 from pathlib import Path
@@ -25,6 +25,20 @@ def start_wandb(mode: str, project: str, name: str, config: dict[str, Any], dire
     return wandb.init(project=project, name=name, mode=mode, config=config, dir=str(directory))
 
 
+def start_dvclive(directory: str | Path):
+    """A DVCLive logger writing `directory`/metrics.json and `directory`/plots/metrics/<metric>.tsv.
+
+    DVC reads them: `dvc exp show` (the last values), `dvc plots show/diff` (the curves), also while
+    an experiment runs. The stage declares them in dvc.yaml, so DVCLive touches neither dvc.yaml nor
+    git (dvcyaml=None, save_dvc_exp=False); no timestamps, so the files are the same for the same seed.
+    """
+    from dvclive import Live  # imported only when used
+
+    live = Live(str(directory), dvcyaml=None, save_dvc_exp=False, report=None)
+    Path(live.plots_dir, "metrics").mkdir(parents=True, exist_ok=True)  # a declared output even if nothing is logged
+    return live
+
+
 def is_speed(metric: str) -> bool:
     """Wall-clock measurements (tokens_per_s, seconds_per_step): they differ on every run."""
     return metric.endswith("_per_s") or metric.startswith("seconds")
@@ -40,18 +54,26 @@ class StepLog:
     """Collects one row of metrics per logged step; `save` writes them as CSV in one atomic step.
 
     Speed columns go to a file of their own, so the main log is identical for the same seed and a
-    rerun does not make the stages that read it look stale.
+    rerun does not make the stages that read it look stale. A DVCLive `live` gets the same rows as they
+    come, speed columns left out (they stay in the speed CSV), so its files are deterministic too.
     """
 
-    def __init__(self, wandb_run=None, bar=None):
+    def __init__(self, wandb_run=None, bar=None, live=None):
         self.rows: list[dict[str, Any]] = []
         self.wandb_run = wandb_run
         self.bar = bar
+        self.live = live
 
     def log(self, step: int, **metrics: float) -> None:
         self.rows.append({"step": step, **metrics})
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
+        if self.live is not None:
+            self.live.step = step
+            for name, value in metrics.items():
+                if not is_speed(name) and value is not None:
+                    self.live.log_metric(name, value)
+            self.live.next_step()
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)}, refresh=False)
 
@@ -65,6 +87,8 @@ class StepLog:
     def finish(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
+        if self.live is not None:
+            self.live.end()
 
 
 def write_side_by_side(logs: dict[str, list[dict[str, Any]]], columns: list[str], path: str | Path) -> None:

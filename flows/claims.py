@@ -1,0 +1,72 @@
+"""The report's Claims: which numbers of a sweep back which headline claim -> results/claims.json.
+
+`python -m flows.sweep ... --claims even_recovery,inject_vs_grpo` (re)writes those claims' entries from
+the sweep it just ran and keeps every other entry, so each stage adds its own claims the same way: add an
+entry to CLAIMS (metrics named as in the sweep summary: `model.metric` of metrics/eval.json, or
+`path:key` of another metrics file), run its sweep with --claims, commit results/claims.json. The report
+stage renders whatever the file holds; nobody types a number into it.
+"""
+
+import json
+from pathlib import Path
+
+from latentlab.common.atomic import atomic_output
+
+# Per-seed differences the sweep computes (paired: same seed, same configuration), named "a - b".
+DIFFERENCES = [
+    ("grpo.accuracy_even", "sft.accuracy_even"),
+    ("inject.accuracy", "grpo.accuracy"),
+]
+
+
+def difference_name(a: str, b: str) -> str:
+    return f"{a} - {b}"
+
+
+CLAIMS = {
+    "even_recovery": {
+        "title": "GRPO with the even bonus recovers even answers that SFT on odd-only data lost",
+        "metrics": [
+            "base.accuracy_even",
+            "sft.accuracy_even",
+            "grpo.accuracy_even",
+            difference_name("grpo.accuracy_even", "sft.accuracy_even"),
+            "sft.accuracy_odd",
+            "grpo.accuracy_odd",
+        ],
+    },
+    "inject_vs_grpo": {
+        "title": "An injector on the frozen SFT model vs GRPO of the whole model (same reward, prompts, steps)",
+        "metrics": [
+            "grpo.accuracy",
+            "inject.accuracy",
+            difference_name("inject.accuracy", "grpo.accuracy"),
+            "grpo.accuracy_even",
+            "inject.accuracy_even",
+            "grpo.trained_parameters",
+            "inject.trained_parameters",
+        ],
+    },
+}
+
+
+def update_claims(path: str | Path, ids: list[str], summary: dict) -> dict:
+    """Rewrite the entries `ids` of the claims file from a sweep `summary`; other entries stay as they are."""
+    unknown = [i for i in ids if i not in CLAIMS]
+    if unknown:
+        raise KeyError(f"unknown claim(s) {unknown}; known: {sorted(CLAIMS)}")
+    path = Path(path)
+    claims = json.loads(path.read_text()) if path.exists() else {"claims": {}}
+    for claim_id in ids:
+        metrics = CLAIMS[claim_id]["metrics"]
+        rows = sorted(
+            (r for r in summary["rows"] if r["metric"] in metrics), key=lambda r: metrics.index(r["metric"])
+        )  # stable: configurations stay in sweep order under each metric
+        claims["claims"][claim_id] = {
+            **CLAIMS[claim_id],
+            "sweep": {k: summary[k] for k in ("command", "baseline", "keys", "seeds", "targets", "interval", "counts")},
+            "rows": rows,
+        }
+    with atomic_output(path) as partial:
+        partial.write_text(json.dumps(claims, indent=2, sort_keys=True) + "\n")
+    return claims

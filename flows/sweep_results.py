@@ -1,0 +1,134 @@
+"""A sweep's results: metrics of its DVC experiments -> mean, std and 95% t-interval per configuration.
+
+Written to results/sweeps/<name>/ (summary.json, sweep.md, <key>.png per swept key) and published as a
+Prefect table artifact. Every row names the seeds and the experiments its numbers come from.
+"""
+
+import json
+import subprocess
+from pathlib import Path
+
+from flows.claims import DIFFERENCES, difference_name
+from flows.stats import summarize
+from latentlab.common.atomic import atomic_output
+from latentlab.figures import interval_table, plot_sweep, provenance_lines
+
+MAIN_METRICS = "metrics/eval.json"  # its keys are named without the file (`grpo.accuracy_even`)
+INTERVAL = "95% Student t-interval over seeds: mean ± t(0.975, n−1)·s/√n, s the sample std, n the seeds that finished"
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, float]:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def experiment_metrics(repo: str | Path) -> dict[str, dict[str, float]]:
+    """Every numeric metric of every experiment of HEAD, as `dvc exp show` reads them: name -> {metric: value}.
+
+    Metrics of metrics/eval.json are named `model.metric`, those of other files `path:key`.
+    """
+    shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, check=True, capture_output=True, text=True)
+    found = {}
+    for baseline in json.loads(shown.stdout):
+        for group in baseline.get("experiments") or []:
+            for rev in group["revs"]:
+                metrics = {}
+                for path, content in ((rev.get("data") or {}).get("metrics") or {}).items():
+                    for key, value in _flatten(content.get("data") or {}).items():
+                        metrics[key if path == MAIN_METRICS else f"{path}:{key}"] = value
+                for a, b in DIFFERENCES:  # paired per seed: the interval of a difference, not of two means
+                    if a in metrics and b in metrics:
+                        metrics[difference_name(a, b)] = metrics[a] - metrics[b]
+                found[rev["name"]] = metrics
+    return found
+
+
+def summarize_sweep(repo, baseline: str, experiments, status: dict, command: str, wall_seconds: float) -> dict:
+    """The summary: the runs with their status and one row per (configuration, metric) over the seeds."""
+    metrics = experiment_metrics(repo)
+    runs = []
+    for e in experiments:
+        run = {"name": e.name, "config": dict(e.config), "seed": e.seed, **status[e.name]}
+        if run["status"] != "failed" and e.name not in metrics:
+            run |= {"status": "failed", "error": "finished, but `dvc exp show` does not list it"}
+        runs.append(run)
+    rows = []
+    for config in dict.fromkeys(tuple(r["config"].items()) for r in runs):
+        done = [r for r in runs if tuple(r["config"].items()) == config and r["status"] != "failed"]
+        for metric in dict.fromkeys(m for r in done for m in metrics[r["name"]]):
+            have = [r for r in done if metric in metrics[r["name"]]]
+            rows.append(
+                {
+                    "config": dict(config),
+                    "metric": metric,
+                    **summarize([metrics[r["name"]][metric] for r in have]),
+                    "seeds": [r["seed"] for r in have],
+                    "experiments": [r["name"] for r in have],
+                }
+            )
+    counts = {s: sum(r["status"] == s for r in runs) for s in ("ran", "reused", "failed")}
+    return {
+        "command": command,
+        "baseline": baseline,
+        "keys": list(dict(experiments[0].config)) if experiments else [],
+        "seeds": sorted({e.seed for e in experiments}),
+        "targets": list(experiments[0].targets) if experiments else [],
+        "interval": INTERVAL,
+        "wall_seconds": round(wall_seconds, 1),
+        "counts": {"total": len(runs), **counts},
+        "experiments": runs,
+        "rows": rows,
+    }
+
+
+def markdown(name: str, summary: dict) -> str:
+    runs, counts = summary["experiments"], summary["counts"]
+    lines = [
+        f"# Sweep `{name}`",
+        "",
+        f"{counts['total']} experiments: {counts['ran']} ran, {counts['reused']} reused, {counts['failed']} failed "
+        f"({summary['wall_seconds']:.0f} s).",
+        *provenance_lines(summary),
+        "",
+        "| experiment | configuration | seed | status |",
+        "|---|---|---:|---|",
+        *(f"| {r['name']} | {_config(r['config'])} | {r['seed']} | {r['status']} |" for r in runs),
+        "",
+    ]
+    failed = [r for r in runs if r["status"] == "failed"]
+    if failed:
+        lines += ["## Failed", "", *(f"- `{r['name']}`: {(r.get('error') or '').strip()[-600:]}" for r in failed), ""]
+    shown = [r for r in summary["rows"] if ":" not in r["metric"] and not r["metric"].endswith(".n")]
+    lines += ["## Results", "", interval_table(shown), ""]
+    lines += [f"![{key}]({key}.png)" for key in summary["keys"]]
+    return "\n".join(lines) + "\n"
+
+
+def _config(config: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in config.items()) or "(defaults)"
+
+
+def publish(repo: str | Path, name: str, summary: dict) -> Path:
+    """results/sweeps/<name>/ (summary.json, sweep.md, a figure per swept key) and the Prefect table artifact."""
+    from prefect.artifacts import create_table_artifact
+
+    directory = Path(repo) / "results" / "sweeps" / name
+    with atomic_output(directory) as out:
+        out.mkdir(parents=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "sweep.md").write_text(markdown(name, summary))
+        for key in summary["keys"]:
+            plot_sweep(summary["rows"], key, out / f"{key}.png")
+    table = [
+        {**{k: v for k, v in row.items() if k != "config"}, "config": _config(row["config"])}
+        for row in summary["rows"]
+        if ":" not in row["metric"]
+    ]
+    create_table_artifact(key="latentlab-sweep", table=table, description=f"{summary['command']}\n\n{INTERVAL}")
+    print((directory / "sweep.md").read_text())
+    return directory

@@ -1,0 +1,130 @@
+"""Sweeps: the interval math by hand, the plan and the claims file, and a real sweep on a Prefect work pool."""
+
+import json
+import math
+import subprocess
+import time
+
+import pytest
+
+from flows.claims import CLAIMS, update_claims
+from flows.stats import summarize, t_quantile, t_two_sided_probability
+from flows.sweep import parse_grid, plan
+from latentlab.figures import claims_markdown
+from tests.test_flows import _post, server  # noqa: F401  (the module-scoped Prefect server fixture)
+
+
+@pytest.mark.parametrize(
+    ("df", "expected"),  # Student t 97.5% quantiles from printed tables
+    [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (9, 2.262), (29, 2.045), (120, 1.980)],
+)
+def test_t_quantile_matches_the_table(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=5e-4)
+
+
+def test_t_cdf_closed_forms():
+    # df=1 is Cauchy: P(|T| <= 1) = 2 atan(1) / pi = 1/2; df=2: P(|T| <= t) = t / sqrt(t^2 + 2)
+    assert t_two_sided_probability(1.0, 1) == pytest.approx(0.5)
+    assert t_two_sided_probability(3.0, 2) == pytest.approx(3 / math.sqrt(11))
+    assert t_quantile(0.995, 1) == pytest.approx(63.657, abs=1e-3)
+    assert t_quantile(0.975, 10_000) == pytest.approx(1.960, abs=1e-3)  # tends to the normal quantile
+
+
+def test_summary_by_hand():
+    # [1, 2, 3]: mean 2, s = 1, half width t(0.975, 2) * 1 / sqrt(3) = 4.3027 / 1.7321 = 2.4841
+    s = summarize([1.0, 2.0, 3.0])
+    assert (s["n"], s["mean"], s["std"]) == (3, 2.0, 1.0)
+    assert (s["low"], s["high"]) == pytest.approx((2 - 2.48414, 2 + 2.48414), abs=1e-5)
+    assert summarize([0.25]) == {"n": 1, "mean": 0.25, "std": None, "low": None, "high": None}  # no interval from 1
+
+
+def test_grid_plan_names_and_order():
+    grid = parse_grid(["grpo.even_bonus=0,0.1", "label.layers=[1,-1],[2]"])
+    assert grid == {"grpo.even_bonus": ["0", "0.1"], "label.layers": ["[1,-1]", "[2]"]}
+    experiments = plan(grid, [0, 1], ["evaluate"])
+    assert len(experiments) == 8 and len({e.name for e in experiments}) == 8
+    # configuration-major: runs side by side have different seeds
+    assert [e.seed for e in experiments[:2]] == [0, 1] and experiments[0].config == experiments[1].config
+    assert experiments[0].overrides == ["grpo.even_bonus=0", "label.layers=[1,-1]", "seed=0"]
+    # a name depends on everything that defines the run, and only on that
+    assert plan(grid, [0, 1], ["evaluate"])[3].name == experiments[3].name
+    assert plan(grid, [0, 1], ["grpo"])[3].name != experiments[3].name
+
+
+def test_claims_file_rewrites_its_own_entries_and_keeps_the_others(tmp_path):
+    path = tmp_path / "claims.json"
+    path.write_text(json.dumps({"claims": {"later_stage": {"title": "kept", "rows": []}}}))
+    row = {"config": {"grpo.even_bonus": "0.1"}, "n": 2, "mean": 0.5, "std": 0.1, "low": 0.4, "high": 0.6}
+    rows = [{**row, "metric": m, "seeds": [0, 1], "experiments": ["a", "b"]} for m in ("grpo.accuracy", "x.y")]
+    sweep = {"command": "c", "baseline": "abcdef0", "keys": [], "seeds": [0, 1], "targets": [], "interval": "t"}
+    update_claims(path, ["inject_vs_grpo"], {**sweep, "counts": {"total": 2, "failed": 0}, "rows": rows})
+    claims = json.loads(path.read_text())["claims"]
+    assert claims["later_stage"]["title"] == "kept"
+    assert [r["metric"] for r in claims["inject_vs_grpo"]["rows"]] == ["grpo.accuracy"]  # only the claim's metrics
+    text = claims_markdown({"claims": {"inject_vs_grpo": claims["inject_vs_grpo"]}})
+    assert CLAIMS["inject_vs_grpo"]["title"] in text and "[0.400, 0.600]" in text and "a, b" in text
+    assert "no claims yet" in claims_markdown({"claims": {}})
+
+
+@pytest.mark.slow
+def test_a_sweep_on_a_work_pool_with_two_workers(dag, server, tmp_path):  # noqa: F811
+    env = {**server, "LATENTLAB_THREADS": "1"}
+    subprocess.run(["prefect", "work-pool", "create", "latentlab", "--type", "process"], env=env, check=True)
+    workers = [
+        subprocess.Popen(
+            ["prefect", "worker", "start", "--pool", "latentlab", "--type", "process", "--limit", "1"],
+            cwd=dag.root,
+            env=env,
+            stdout=(tmp_path / f"worker{i}.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+
+    def sweep(values: str):
+        command = ["python", "-m", "flows.sweep", "-S", f"grpo.even_bonus={values}", "--seeds", "2"]
+        result = subprocess.run(
+            [*command, "--targets", "grpo", "--name", "t"], cwd=dag.root, env=env, capture_output=True, text=True
+        )
+        summary = json.loads((dag.root / "results/sweeps/t/summary.json").read_text())
+        return result, summary
+
+    try:
+        # 2 values x 2 seeds, plus a value the grpo stage rejects (even_bonus must be >= 0)
+        result, summary = sweep("0.1,0.3,-1")
+        assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "running on work pool 'latentlab'" in result.stdout
+        assert summary["counts"] == {"total": 6, "ran": 4, "reused": 0, "failed": 2}
+        failed = [r for r in summary["experiments"] if r["status"] == "failed"]
+        assert {r["config"]["grpo.even_bonus"] for r in failed} == {"-1"}
+        assert all("grpo.even_bonus" in r["error"] for r in failed)
+        ok = [r["name"] for r in summary["experiments"] if r["status"] == "ran"]
+        # every run is a DVC experiment, with its DVCLive metrics and plots
+        assert set(dag.run("dvc", "exp", "list", "--name-only").stdout.split()) >= set(ok)
+        dag.run("dvc", "plots", "diff", ok[0], ok[-1], "--json", "-o", str(tmp_path / "plots"))
+        # each configuration is summarised over its two seeds, naming them
+        reward = [r for r in summary["rows"] if r["metric"] == "dvclive/grpo/metrics.json:reward_mean"]
+        assert [(r["config"]["grpo.even_bonus"], r["n"], r["seeds"]) for r in reward] == [
+            ("0.1", 2, [0, 1]),
+            ("0.3", 2, [0, 1]),
+        ]
+        assert all(r["low"] <= r["mean"] <= r["high"] for r in reward)
+        # the flow runs: one per experiment on the pool, failed ones retried once, both workers used
+        runs = _post(env, "/flow_runs/filter", {"work_pools": {"name": {"any_": ["latentlab"]}}})
+        assert sorted(r["state_type"] for r in runs) == ["COMPLETED"] * 4 + ["FAILED"] * 2
+        assert all(r["run_count"] == 2 for r in runs if r["state_type"] == "FAILED")
+        assert all("submitting flow run" in (tmp_path / f"worker{i}.log").read_text() for i in range(2))
+        assert (dag.root / "results/sweeps/t/grpo.even_bonus.png").stat().st_size > 0
+
+        # the same experiments again: found by name, nothing recomputed, no new flow run
+        started = time.time()
+        result, summary = sweep("0.1,0.3")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert summary["counts"] == {"total": 4, "ran": 0, "reused": 4, "failed": 0}
+        assert len(_post(env, "/flow_runs/filter", {"work_pools": {"name": {"any_": ["latentlab"]}}})) == 6
+        assert time.time() - started < 120
+    finally:
+        for worker in workers:
+            worker.terminate()
+            worker.wait(timeout=30)
+        dag.run("git", "clean", "-q", "-d", "--force", "results")
