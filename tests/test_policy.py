@@ -70,12 +70,12 @@ def data():
     return collect(GRID, BehaviourConfig(transitions=1024, envs=8, random_share=0.5), seed=0)
 
 
-EVAL = OnlineConfig(envs=8, episodes=32)
+EVAL = OnlineConfig(envs=8, episodes=32, greedy=False)
 
 
 def test_short_awr_training_beats_random(data):
-    """Observation only (no LM), 150 steps on 1,024 behaviour transitions, then 32 episodes online on
-    levels the data never saw: higher mean return than uniform random on the same levels."""
+    """Observation only (no LM), 150 steps on 1,024 behaviour transitions, then 32 episodes online (actions
+    sampled) on levels the data never saw: a higher mean return than uniform random on the same levels."""
     model = policy(False)
     image, action, reward, done = (torch.from_numpy(getattr(data, k)) for k in ("obs", "action", "reward", "done"))
     batch = Batch(image, None, action, reward, done)
