@@ -59,7 +59,8 @@ def main(params):
             save_policy(model, out / name, layer=cfg.eval.layer if name == "hidden" else None, store=STORE)
     log = StepLog()  # one CSV: hidden_* and obs_* columns side by side (same steps)
     for a, b in zip(logs["hidden"].rows, logs["obs"].rows):
-        log.log(a.pop("step"), **{f"hidden_{k}": v for k, v in a.items()}, **{f"obs_{k}": v for k, v in b.items()})
+        step, _ = a.pop("step"), b.pop("step")
+        log.log(step, **{f"hidden_{k}": v for k, v in a.items()}, **{f"obs_{k}": v for k, v in b.items()})
     log.save(PLOTS / "policy.csv")
 
     labelled = dict(open_store(STORE).attrs)

@@ -20,6 +20,13 @@ TINY = {
     "label": {"layers": [1, -1], "tokens": 4, "batch_size": 32, "shard_rows": 64, "nla_layer": 1},
     "sft": {"steps": 20, "batch_size": 16, "warmup_steps": 2},
     "grpo": {"steps": 4, "prompts_per_step": 4, "group_size": 4, "eval_every": 2, "eval_batch": 8, "warmup_steps": 1},
+    "grid": {"transitions": 256, "envs": 4, "text_chars": 40},  # 40 chars + label.tokens 4 fit max_positions 48
+    "policy": {  # nested sections are replaced whole; the keys left out take the library's defaults
+        "channels": 4,
+        "features": 16,
+        "awr": {"iterations": 2, "steps_per_iteration": 5, "batch_size": 32},
+        "eval": {"envs": 4, "episodes": 8},
+    },
     "evaluate": {"batch_size": 64},
 }
 

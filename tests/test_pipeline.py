@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytestmark = pytest.mark.slow
-STAGES = ["synth", "base", "label", "sft", "grpo", "inject", "evaluate", "report"]
+STAGES = ["synth", "grid", "base", "label", "sft", "grpo", "inject", "policy", "evaluate", "report"]
 
 
 def _lock_hash(project, stage: str, path: str) -> str:
