@@ -123,3 +123,15 @@ def test_store_round_trip_and_npz_export(data, tmp_path, tiny_lm):
         assert npz["obs"].shape == (len(data), 28, 28, 3) and np.array_equal(npz["action"], data.action)
         assert np.array_equal(npz["log_prob"], data.log_prob)  # the behaviour policy's, not the LM's
         assert npz["hidden_state"].shape[0] == len(data) and len(npz["text_generated"]) == len(data)
+
+
+def test_the_pretraining_corpus_mixes_in_grid_texts_only_when_asked():
+    from latentlab.tasks.arithmetic import ArithmeticConfig, make_splits, pretraining_corpus
+
+    problems = make_splits(ArithmeticConfig(operand_max=9, n_test=10), 0)["full"]
+    texts = ["go to the red ball: red ball 2r1", "go to a grey key:"]
+    plain = pretraining_corpus(problems, 40, 48, 0)
+    assert pretraining_corpus(problems, 40, 48, 0, texts, 0.0) == plain  # share 0: the corpus of before
+    mixed = pretraining_corpus(problems, 40, 48, 0, texts, 0.25)
+    assert len(mixed) == 40 and sum(t.startswith("go to") for t in mixed) == 10
+    assert mixed[:30] == pretraining_corpus(problems, 30, 48, 0)  # the equations part is drawn as before
