@@ -3,6 +3,7 @@
     latentlab serve --model models/base --layers -1 --tokens 1         # HTTP API (latentlab/serve.py)
     latentlab extract --model models/base --rows data/labels/full.parquet --out data/hidden/full_text.zarr
     latentlab npz export data/hidden/full.zarr out.npz --table data/labels/full.parquet
+    latentlab npz export data/hidden/grid.zarr grid.npz --table data/labels/grid.parquet --transitions data/grid/transitions.zarr
     latentlab npz import reference.npz data/hidden/reference.zarr --table data/labels/reference.parquet
 
 `extract` is re-extraction: the text of an earlier run (a `text_generated` column, or the exact
@@ -59,7 +60,7 @@ def extract(args: argparse.Namespace) -> None:
 def npz_export(args: argparse.Namespace) -> None:
     from latentlab.hidden.npz import export_npz
 
-    keys = export_npz(args.store, args.out, args.table, args.layer)
+    keys = export_npz(args.store, args.out, args.table, args.layer, args.transitions)
     print(f"{args.out}: {', '.join(keys)}")
 
 
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("out")
     out.add_argument("--table", help="row table with text_generated / prompt / log_prob")
     out.add_argument("--layer", type=int, help="which stored layer (as asked for, e.g. -1; default: the last)")
+    out.add_argument("--transitions", help="Zarr group with the transition arrays, e.g. data/grid/transitions.zarr")
     out.set_defaults(run=npz_export)
     into = npz.add_parser("import", help="reference NPZ -> store (+ row table with the text)")
     into.add_argument("npz")

@@ -1,9 +1,12 @@
 """base: the base language model -> models/base (a Hugging Face directory).
 
 `model.source: scratch` builds the character tokenizer and a tiny Llama/Qwen2 model and
-pretrains it on equations of both parities (without end-of-sequence after answers). Any other
+pretrains it on equations of both parities (without end-of-sequence after answers), and on a share
+(`base.grid_share`) of sequences packed from the grid world's observation texts. Any other
 source is a hub id or a local directory, copied into models/base so the run is pinned.
 """
+
+import polars as pl
 
 from latentlab.common.atomic import atomic_output
 from latentlab.common.inputs import read_table
@@ -11,7 +14,7 @@ from latentlab.lm.modeling import build_tiny_lm, load_lm, prepare_pretrained, sa
 from latentlab.lm.tokenizer import build_char_tokenizer
 from latentlab.lm.training import lm_examples, shuffled_batches, train_lm
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA, pretraining_corpus
-from stages.common import MODELS, PLOTS, SYNTH, setup, stage, step_log
+from stages.common import GRID, MODELS, PLOTS, SYNTH, setup, stage, step_log
 
 
 @stage
@@ -23,7 +26,10 @@ def main(params):
         tokenizer = build_char_tokenizer()
         model = build_tiny_lm(params.model, tokenizer).to(run.device)
         problems = read_table(SYNTH / "full.parquet", PROBLEM_SCHEMA)
-        corpus = pretraining_corpus(problems, cfg.corpus_sequences, cfg.sequence_chars, params.seed)
+        grid = read_table(GRID / "texts.parquet", {"prompt": pl.String})["prompt"].to_list() if cfg.grid_share else None
+        corpus = pretraining_corpus(
+            problems, cfg.corpus_sequences, cfg.sequence_chars, params.seed, grid, cfg.grid_share
+        )
         examples = lm_examples(tokenizer, corpus)
         batches = shuffled_batches(examples, cfg.batch_size, tokenizer.pad_token_id, run.data_rng)
         train_lm(model, batches, cfg, run.device, "base", log)

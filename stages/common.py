@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import torch
 
 SYNTH = Path("data/synth")
+GRID = Path("data/grid")
 MODELS = Path("models")
 METRICS = Path("metrics")
 PLOTS = Path("plots")

@@ -1,6 +1,7 @@
 """label: hidden states of the base LM over the problems -> data/hidden/<set>.zarr, data/labels/.
 
-Per set in `label.datasets`: a Zarr store with `pooled (N, L, H)` (and `tokens (N, T, L, H)` with
+Per set in `label.datasets` (problem sets from data/synth; `grid`: the grid world's observation
+texts from data/grid/texts.parquet): a Zarr store with `pooled (N, L, H)` (and `tokens (N, T, L, H)` with
 `label.store_tokens`), and data/labels/<set>.parquet: the problems plus the generated text. Then
 data/labels/nla.parquet, the NLA training table (prompt, response, activation_vector), and
 data/labels/nla_eval.parquet, the same for the held-out set.
@@ -22,9 +23,16 @@ from latentlab.hidden.labelling import label, prepare
 from latentlab.hidden.nla_table import write_nla_table
 from latentlab.lm.modeling import describe_model, load_lm
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
-from stages.common import MODELS, SYNTH, setup, stage
+from stages.common import GRID, MODELS, SYNTH, setup, stage
 
 HIDDEN, LABELS, WORK = Path("data/hidden"), Path("data/labels"), Path("data/.partial/label")
+
+
+def rows(name: str) -> pl.DataFrame:
+    """The rows of a set: the problems, or the grid texts (id, prompt, episode, step)."""
+    if name == "grid":
+        return read_table(GRID / "texts.parquet", {"id": pl.Int64, "prompt": pl.String})
+    return read_table(SYNTH / f"{name}.parquet", PROBLEM_SCHEMA)
 
 
 @stage
@@ -37,10 +45,7 @@ def main(params):
         extractor = Extractor(model, tokenizer, cfg)
         info = describe_model(base)
         # every set is checked (empty, too long for the context) before any is labelled
-        jobs = [
-            prepare(extractor, name, read_table(SYNTH / f"{name}.parquet", PROBLEM_SCHEMA), cfg, params.seed, info)
-            for name in cfg.datasets
-        ]
+        jobs = [prepare(extractor, name, rows(name), cfg, params.seed, info) for name in cfg.datasets]
         for job in jobs:
             label(extractor, job, HIDDEN / f"{job.name}.zarr", LABELS / f"{job.name}.parquet", WORK / job.name, ranks)
         if ranks.rank == 0:

@@ -19,12 +19,15 @@ from latentlab.lm.training import LMTrainConfig
 from latentlab.policies.injection import InjectorConfig
 from latentlab.policies.nla_actor import NLAActorConfig
 from latentlab.policies.nla_critic import NLACriticConfig
+from latentlab.rl.awr import AWRConfig
 from latentlab.rl.grpo import GRPOConfig, GRPOSettings
 from latentlab.rl.nla import CriticUpdates, NLASFTConfig, RewardKind
 from latentlab.rl.ppo import PPOConfig
 from latentlab.rl.sac import SACConfig
 from latentlab.rl.surgeon import SurgeonConfig
 from latentlab.tasks.arithmetic import ArithmeticConfig
+from latentlab.tasks.grid import BehaviourConfig, GridConfig
+from latentlab.tasks.grid_online import OnlineConfig
 
 
 class ParamsError(Exception):
@@ -50,11 +53,15 @@ class BaseParams(LMTrainConfig):
     """Pretraining sequences in the synthetic corpus."""
     sequence_chars: int = Field(gt=0)
     """Characters per pretraining sequence."""
+    grid_share: float = Field(0.0, ge=0, lt=1)
+    """Share of the pretraining sequences packed from the grid world's observation texts (0: equations only)."""
 
 
 class LabelParams(LabelConfig):
-    datasets: list[Literal["biased", "full", "test"]] = Field(default_factory=lambda: ["full", "test"], min_length=1)
-    """Problem sets to label, each into data/hidden/<name>.zarr and data/labels/<name>.parquet."""
+    datasets: list[Literal["biased", "full", "test", "grid"]] = Field(
+        default_factory=lambda: ["full", "test"], min_length=1
+    )
+    """Sets to label, each into data/hidden/<name>.zarr and data/labels/<name>.parquet (grid: the observation texts)."""
     nla_dataset: Literal["biased", "full", "test"] = "full"
     """The labelled set that becomes the NLA table data/labels/nla.parquet (one of `datasets`)."""
     nla_layer: int = -1
@@ -149,6 +156,29 @@ class NLARLParams(Config):
     """Held-out vectors in that check."""
 
 
+class GridParams(GridConfig, BehaviourConfig):
+    """The grid world and the behaviour data collected in it (data/grid/)."""
+
+    @property
+    def env(self) -> GridConfig:
+        return GridConfig.model_validate(self.model_dump(include=set(GridConfig.model_fields)))
+
+    @property
+    def behaviour(self) -> BehaviourConfig:
+        return BehaviourConfig.model_validate(self.model_dump(include=set(BehaviourConfig.model_fields)))
+
+
+class PolicyParams(Config):
+    channels: int = Field(16, gt=0)
+    """Channels of the actor-critic's first conv layer."""
+    features: int = Field(128, gt=0)
+    """Width of the CNN features and of the heads."""
+    awr: AWRConfig = AWRConfig()
+    """Offline training of both policies (with and without the hidden state)."""
+    eval: OnlineConfig = OnlineConfig()
+    """Online evaluation; `eval.layer` is also the layer the hidden policy is trained on."""
+
+
 class EvaluateParams(Config):
     batch_size: int = Field(256, gt=0)
     """Problems per generation batch."""
@@ -173,6 +203,8 @@ class Params(Config):
     surgery: SurgeryParams
     nla_sft: NLASFTParams
     nla_rl: NLARLParams
+    grid: GridParams = GridParams()
+    policy: PolicyParams = PolicyParams()
     evaluate: EvaluateParams = EvaluateParams()
 
     @model_validator(mode="after")
@@ -181,6 +213,14 @@ class Params(Config):
             raise ValueError(
                 f"nla_sft.critic.layer ({self.nla_sft.critic.layer}) must be label.nla_layer ({self.label.nla_layer}): "
                 "the critic is the base model truncated where the vectors were read"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _policy_layer_is_labelled(self):
+        if self.policy.eval.layer not in self.label.layers:
+            raise ValueError(
+                f"policy.eval.layer ({self.policy.eval.layer}) must be one of label.layers {self.label.layers}"
             )
         return self
 

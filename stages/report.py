@@ -128,6 +128,28 @@ def claims_section() -> str:
     return claims_markdown(json.loads(CLAIMS.read_text()))
 
 
+def policy_section(path) -> str:
+    """The grid-world returns table from metrics/policy.json (the policy stage), and whether the state helped."""
+    m = json.loads(path.read_text())
+    rows = [
+        f"| {name} | {a['return_mean']:.3f} [{a['return_ci95'][0]:.3f}, {a['return_ci95'][1]:.3f}] | "
+        f"{a['success_rate']:.3f} [{a['success_ci95'][0]:.3f}, {a['success_ci95'][1]:.3f}] | {a['length_mean']:.1f} |"
+        for name, a in m["agents"].items()
+    ]
+    d = m["hidden_minus_obs"]
+    low, high = d["return_diff_ci95"]
+    verdict = "helped" if low > 0 else "hurt" if high < 0 else "made no difference we can tell from"
+    return (
+        f"## Grid world: does the hidden state help the policy?\n\n`{m['env_id']}`, seed {m['seed']}; AWR policies "
+        f"with and without the base LM's pooled state (layer {m['layer']}, tokens {m['tokens']}, skip_n "
+        f"{m['skip_n']}), evaluated online with live extraction on the same {m['agents']['hidden']['episodes']} "
+        "unseen levels as the behaviour policy and random. 95% intervals over episodes.\n\n"
+        "| agent | return | success | mean length |\n|---|---:|---:|---:|\n" + "\n".join(rows) + "\n\n"
+        f"Hidden − obs-only, paired by level: return {d['return_diff']:+.3f} [{low:+.3f}, {high:+.3f}], success "
+        f"{d['success_diff']:+.3f}: the hidden state {verdict} the policy (seed {m['seed']}).\n\n"
+    )
+
+
 @stage
 def main(params):
     path = METRICS / "eval.json"
@@ -157,6 +179,7 @@ def main(params):
             "![trainable parameters vs accuracy](parameters_vs_accuracy.png)\n\n"
             f"{surgery_section(params, out)}"
             + nla_section(json.loads((METRICS / "nla.json").read_text()), out)
+            + policy_section(METRICS / "policy.json")
             + "## Training\n\n![training curves](training.png)\n\n"
             "## Claims\n\nThe same comparisons over several seeds, each with its interval (from a sweep of DVC "
             f"experiments, `{CLAIMS}`); the tables above are the single seed {params.seed} of this run.\n\n"

@@ -21,6 +21,47 @@ TINY = {
     "sft": {"steps": 20, "batch_size": 16, "warmup_steps": 2},
     "grpo": {"steps": 4, "prompts_per_step": 4, "group_size": 4, "eval_every": 2, "eval_batch": 8, "warmup_steps": 1},
     "surgery": {"phases": [2, 3, 3], "probe_size": 8, "sac": {"learning_starts": 2, "batch_size": 4}},
+    "nla_sft": {
+        "steps": 6,
+        "batch_size": 16,
+        "warmup_steps": 1,
+        "log_every": 2,
+        "actor": {
+            "template": "<INJECT>\n",
+            "mode": "replace",
+            "layers": [0, 1],
+            "injection_scale": None,
+            "center": True,
+        },
+    },
+    "nla_rl": {
+        "eval_every": 2,
+        "eval_batch": 8,
+        "grpo": {
+            "steps": 2,
+            "prompts_per_step": 4,
+            "group_size": 4,
+            "max_new_tokens": 8,
+            "warmup_steps": 1,
+            "lr": 1.0e-4,
+        },
+        "ppo": {
+            "steps": 2,
+            "rollouts_per_step": 8,
+            "max_new_tokens": 8,
+            "warmup_steps": 1,
+            "lr": 1.0e-4,
+            "epochs": 1,
+            "minibatches": 2,
+        },
+    },
+    "grid": {"transitions": 256, "envs": 4, "text_chars": 40},  # 40 chars + label.tokens 4 fit max_positions 48
+    "policy": {  # nested sections are replaced whole; the keys left out take the library's defaults
+        "channels": 4,
+        "features": 16,
+        "awr": {"iterations": 2, "steps_per_iteration": 5, "batch_size": 32},
+        "eval": {"envs": 4, "episodes": 8},
+    },
     "evaluate": {"batch_size": 64},
 }
 

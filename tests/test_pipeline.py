@@ -14,7 +14,21 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytestmark = pytest.mark.slow
-STAGES = ["synth", "base", "label", "sft", "grpo", "inject", "surgery", "evaluate", "report"]
+STAGES = [
+    "synth",
+    "grid",
+    "base",
+    "label",
+    "nla_sft",
+    "nla_rl",
+    "sft",
+    "grpo",
+    "inject",
+    "surgery",
+    "policy",
+    "evaluate",
+    "report",
+]
 
 
 def _lock_hash(project, stage: str, path: str) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import zarr
 
 from latentlab.common.atomic import atomic_output
 from latentlab.hidden.store import FORMAT, add_rows_array, create_store, layer_position, open_store
@@ -25,11 +26,21 @@ def _is_text(array: np.ndarray) -> bool:
 
 
 def export_npz(
-    store: str | Path, out: str | Path, table: str | Path | None = None, layer: int | None = None
+    store: str | Path,
+    out: str | Path,
+    table: str | Path | None = None,
+    layer: int | None = None,
+    transitions: str | Path | None = None,
 ) -> list[str]:
     """Write `store` (one layer: `layer` as it was asked for, default the last) and the row table's
-    text as a reference NPZ; returns the keys written."""
+    text as a reference NPZ; returns the keys written. `transitions`: a Zarr group holding the
+    transition arrays (e.g. data/grid/transitions.zarr) with the same `ids` as the store."""
     group = open_store(store)
+    source = None
+    if transitions is not None:
+        source = zarr.open_group(transitions, mode="r")
+        if not np.array_equal(source["ids"][:], group["ids"][:]):
+            raise ValueError(f"{transitions} and {store} do not hold the same rows (ids differ)")
     j = layer_position(group, group.attrs["layers"][-1] if layer is None else layer)
     # per-position states when stored; else the pooled vector as a single position, which the
     # reference's mean over dim 1 turns back into the same vector
@@ -39,6 +50,8 @@ def export_npz(
     for key in TRANSITION_KEYS:
         if key in group:
             arrays[key] = group[key][:]
+        elif source is not None and key in source:
+            arrays[key] = source[key][:]
         elif key in rows.columns:
             arrays[key] = np.array(rows[key].to_list(), dtype=str if rows[key].dtype == pl.String else None)
     if "obs" not in arrays and "prompt" in rows.columns:  # text observations: the prompts

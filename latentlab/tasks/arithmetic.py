@@ -113,14 +113,33 @@ def make_splits(cfg: ArithmeticConfig, seed: int) -> dict[str, pl.DataFrame]:
     return {"test": test, "full": full, "biased": biased}
 
 
-def pretraining_corpus(problems: pl.DataFrame, n_sequences: int, seq_chars: int, seed: int) -> list[str]:
+def pretraining_corpus(
+    problems: pl.DataFrame,
+    n_sequences: int,
+    seq_chars: int,
+    seed: int,
+    other_lines: list[str] | None = None,
+    other_share: float = 0.0,
+) -> list[str]:
     """Text made of equations 'a op b=y' one per line, drawn from `problems`, packed to `seq_chars`.
 
     The base model learns digits and arithmetic of both parities from it, but never sees an
     end-of-sequence after an answer: stopping is what SFT teaches, odd answers only.
+    With `other_share` > 0, that share of the sequences (rounded) is packed the same way from
+    `other_lines` instead (e.g. the grid world's observation texts), drawn from a separate stream,
+    so the equations part is the same as without them for the same number of equation sequences.
     """
-    rng = np.random.default_rng(seed)
+    n_other = round(other_share * n_sequences) if other_lines else 0
     lines = [f"{p}{y}\n" for p, y in zip(problems["prompt"], problems["answer"])]
+    corpus = _packed(lines, n_sequences - n_other, seq_chars, np.random.default_rng(seed))
+    if n_other:
+        other = [f"{line}\n" for line in other_lines]
+        corpus += _packed(other, n_other, seq_chars, np.random.default_rng([seed, 1]))
+    return corpus
+
+
+def _packed(lines: list[str], n_sequences: int, seq_chars: int, rng: np.random.Generator) -> list[str]:
+    """`n_sequences` texts of `seq_chars` characters, each lines drawn at random and concatenated."""
     corpus = []
     for _ in range(n_sequences):
         text = ""
