@@ -82,7 +82,14 @@ def main(params):
         if arm == "sac":
             with atomic_output(MODELS / "surgery") as out:
                 save_surgeon(surgeon, cfg.sac, out)
-                save_lm(model, tokenizer, out, parent=read_manifest(sft).get("content_sha256"), commits=surgeon.commits)
+                save_lm(
+                    model,
+                    tokenizer,
+                    out,
+                    parent=read_manifest(sft).get("content_sha256"),
+                    commits=surgeon.commits,
+                    trained_parameters=model.num_parameters(),
+                )
     for control in ARMS[1:]:
         metrics[f"sac_minus_{control}"] = metrics["sac"]["accuracy"] - metrics[control]["accuracy"]
     write_json(METRICS / "surgery.json", metrics)
