@@ -138,7 +138,13 @@ def policy_section(path) -> str:
     ]
     d = m["hidden_minus_obs"]
     low, high = d["return_diff_ci95"]
-    verdict = "helped" if low > 0 else "hurt" if high < 0 else "made no difference we can tell from"
+    verdict = (
+        "the hidden state helped the policy"
+        if low > 0
+        else "the hidden state hurt the policy"
+        if high < 0
+        else "no difference these episodes can resolve (the interval holds 0)"
+    )
     return (
         f"## Grid world: does the hidden state help the policy?\n\n`{m['env_id']}`, seed {m['seed']}; AWR policies "
         f"with and without the base LM's pooled state (layer {m['layer']}, tokens {m['tokens']}, skip_n "
@@ -146,7 +152,7 @@ def policy_section(path) -> str:
         "unseen levels as the behaviour policy and random. 95% intervals over episodes.\n\n"
         "| agent | return | success | mean length |\n|---|---:|---:|---:|\n" + "\n".join(rows) + "\n\n"
         f"Hidden − obs-only, paired by level: return {d['return_diff']:+.3f} [{low:+.3f}, {high:+.3f}], success "
-        f"{d['success_diff']:+.3f}: the hidden state {verdict} the policy (seed {m['seed']}).\n\n"
+        f"{d['success_diff']:+.3f}: {verdict} (seed {m['seed']}).\n\n"
     )
 
 
