@@ -10,13 +10,11 @@ and plots/nla_rl_speed.csv (tokens/s).
 
 import copy
 
-from safetensors.torch import save_file
-
 from latentlab.common.atomic import atomic_output
 from latentlab.common.batches import epoch_batches
 from latentlab.common.inputs import require_model_dir
 from latentlab.hidden.nla_table import read_nla_table
-from latentlab.lm.modeling import read_manifest
+from latentlab.lm.modeling import read_manifest, save_weights
 from latentlab.policies.nla_actor import load_actor, save_actor
 from latentlab.policies.nla_critic import baseline_mse, load_critic, save_critic
 from latentlab.policies.value_head import ValueHead
@@ -80,10 +78,7 @@ def main(params):
         save_actor(actor, out / "actor", **provenance)
         save_critic(critic, out / "critic", **provenance)
         if value_head is not None:
-            save_file(
-                {k: v.detach().contiguous().cpu() for k, v in value_head.state_dict().items()},
-                out / "value_head.safetensors",
-            )
+            save_weights(value_head, out / "value_head.safetensors")
     log.save(PLOTS / "nla_rl.csv")
     log.finish()
 

@@ -142,3 +142,10 @@ def describe_model(directory: str | Path) -> dict:
         "source": manifest.get("source", str(directory)),
         "sha256": manifest.get("content_sha256") or content_hash(directory),
     }
+
+
+def save_weights(module: "torch.nn.Module", path: str | Path) -> None:
+    """A module's state dict as one safetensors file (never pickle): how every small add-on is saved."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(path))

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from latentlab.common.config import Config
-from latentlab.lm.modeling import write_manifest
+from latentlab.lm.modeling import save_weights, write_manifest
 
 CONFIG, WEIGHTS = "policy_config.json", "policy.safetensors"
 
@@ -91,7 +91,7 @@ class ActorCritic(nn.Module):
 def save_policy(model: ActorCritic, directory: Path, **provenance) -> str:
     """Write weights and config into `directory` (created); returns the content hash."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, directory / WEIGHTS)
+    save_weights(model, directory / WEIGHTS)
     (directory / CONFIG).write_text(json.dumps(model.cfg.model_dump(), indent=2) + "\n")
     return write_manifest(directory, **provenance)
 

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from latentlab.common.config import Config
 from latentlab.common.errors import InputError
 from latentlab.lm.capture import LayerCapture
-from latentlab.lm.modeling import load_lm, read_manifest, write_manifest
+from latentlab.lm.modeling import load_lm, read_manifest, save_weights, write_manifest
 from latentlab.lm.sampling import positions_from_mask
 from latentlab.policies.lm_policy import LMPolicy, Rollout
 
@@ -130,7 +130,7 @@ def save_injector(injector: HiddenStateInjector, directory: Path, base: str | Pa
     content hash from its manifest, which loading checks.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in injector.state_dict().items()}, directory / WEIGHTS)
+    save_weights(injector, directory / WEIGHTS)
     config = {
         "base_model": str(base),
         "base_sha256": read_manifest(base).get("content_sha256"),

@@ -26,12 +26,12 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import Field, field_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from latentlab.common.config import Config
 from latentlab.lm.capture import decoder_blocks
-from latentlab.lm.modeling import load_lm, save_lm, write_manifest
+from latentlab.lm.modeling import load_lm, save_lm, save_weights, write_manifest
 from latentlab.lm.padding import pad_sequences
 from latentlab.lm.sampling import Completions
 from latentlab.lm.tokenizer import INJECT
@@ -224,7 +224,7 @@ def save_actor(actor: NLAActor, directory: Path, **provenance) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     save_lm(actor.model, actor.tokenizer, directory)
     injector = actor.injector
-    save_file({k: v.detach().contiguous().cpu() for k, v in injector.state_dict().items()}, directory / WEIGHTS)
+    save_weights(injector, directory / WEIGHTS)
     config = {"dim": injector.dim, "hidden_size": injector.hidden_size, "actor": injector.cfg.model_dump()}
     (directory / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return write_manifest(directory, **provenance)

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from latentlab.common.config import Config
 from latentlab.lm.capture import decoder_blocks, resolve_layers
-from latentlab.lm.modeling import write_manifest
+from latentlab.lm.modeling import save_weights, write_manifest
 from latentlab.lm.padding import pad_sequences
 from latentlab.policies.nla_actor import unit
 
@@ -176,7 +176,7 @@ def build_critic(model, tokenizer, cfg: NLACriticConfig, vectors: np.ndarray) ->
 def save_critic(critic: NLACritic, directory: Path, **provenance) -> str:
     """All weights in one safetensors file, the encoder's HF config + the critic's JSON + tokenizer + manifest."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in critic.state_dict().items()}, directory / WEIGHTS)
+    save_weights(critic, directory / WEIGHTS)
     critic.encoder.config.save_pretrained(directory)
     critic.tokenizer.save_pretrained(directory)
     final_norm = not isinstance(critic.encoder.norm, nn.Identity)

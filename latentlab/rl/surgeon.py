@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from latentlab.common.config import Config
 from latentlab.common.tracking import StepLog, progress
 from latentlab.lm.capture import LayerCapture
+from latentlab.lm.modeling import save_weights
 from latentlab.lm.padding import pad_sequences
 from latentlab.lm.sampling import Completions, completion_logprobs, tokenize_prompts
 from latentlab.lm.surgery import PROJECTIONS, Projection, SurgicalTheater, attention_targets, scale_heads
@@ -161,7 +162,7 @@ AGENT_WEIGHTS, AGENT_CONFIG = "surgeon.safetensors", "surgeon.json"
 def save_surgeon(surgeon: Surgeon, sac: SACConfig, directory: Path) -> None:
     """surgeon.safetensors (the SAC agent's tensors) + surgeon.json (its shape, configs and targets)."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(surgeon.agent.state_dict(), directory / AGENT_WEIGHTS)
+    save_weights(surgeon.agent, directory / AGENT_WEIGHTS)
     config = {
         "obs_dim": surgeon.agent.obs_dim,
         "action_dim": surgeon.agent.action_dim,
