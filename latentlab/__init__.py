@@ -4,4 +4,12 @@ The library holds every reusable piece (sampler, GRPO, training loops, data, met
 It never reads params.yaml and knows no DAG paths: stages/ does that.
 """
 
+import os
+
+# OpenMP threads that spin-wait for work collapse when another job shares the cores: on 2 cores, two
+# training jobs of 2 threads each ran at 0.6 steps/s each against 3.1 alone; with passive waiting, 1.8
+# each (benchmarks/threads.py). Threads that sleep cost a little alone and never collapse. libgomp reads
+# this when torch loads it, so it must be set before `import torch`; an explicit setting still wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"
