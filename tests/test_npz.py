@@ -1,10 +1,13 @@
 """Reference NPZ import/export, and re-extraction from the command line (`latentlab extract`)."""
 
+import io
+
 import numpy as np
 import polars as pl
 import pytest
 
 from latentlab.cli import main as cli
+from latentlab.common.errors import InputError
 from latentlab.hidden.extract import Extractor
 from latentlab.hidden.labelling import LabelConfig, label, prepare
 from latentlab.hidden.npz import REFERENCE_KEYS, export_npz, import_npz
@@ -59,9 +62,74 @@ def test_an_object_array_is_refused_not_unpickled(tmp_path):
         hidden_state=np.zeros((2, 1, 4), np.float32),
         text_generated=np.array(["a", None], dtype=object),
     )
-    with pytest.raises(ValueError, match="text_generated is an object array, which needs pickle"):
+    with pytest.raises(InputError, match="text_generated is an object array, which needs pickle"):
         import_npz(tmp_path / "pickled.npz", tmp_path / "out.zarr")
     assert not (tmp_path / "out.zarr").exists()
+
+
+def _npz(**arrays):
+    def write(path):
+        np.savez(path, **arrays)
+
+    return write
+
+
+def _bytes(content: bytes):
+    return lambda path: path.write_bytes(content)
+
+
+def _npy_bytes() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(3))
+    return buffer.getvalue()
+
+
+BAD_FILES = {
+    "1-D hidden_state": (_npz(hidden_state=np.zeros(4, np.float32)), "hidden_state must be (N, T, H) or (N, H)"),
+    "text hidden_state": (_npz(hidden_state=np.array([["a", "b"]])), "hidden_state must be numeric"),
+    "empty hidden_state": (_npz(hidden_state=np.zeros((0, 3, 4), np.float32)), "not empty, got shape"),
+    "NaN state": (_npz(hidden_state=np.full((2, 1, 4), np.nan, np.float32)), "NaN or inf values in 2 rows"),
+    "n_positions > T": (
+        _npz(hidden_state=np.zeros((2, 3, 4), np.float32), n_positions=np.array([3, 5])),
+        "n_positions must lie in 1..3 (hidden_state's T); rows [1] hold [5]",
+    ),
+    "n_positions < 1": (
+        _npz(hidden_state=np.zeros((2, 3, 4), np.float32), n_positions=np.array([-1, 2])),
+        "rows [0] hold [-1]",
+    ),
+    "float n_positions": (
+        _npz(hidden_state=np.zeros((2, 3, 4), np.float32), n_positions=np.array([1.5, 2.0])),
+        "n_positions must be integers",
+    ),
+    "rows differ": (
+        _npz(hidden_state=np.zeros((2, 3, 4), np.float32), reward=np.zeros(3)),
+        "these do not: {'reward': (3,)}",
+    ),
+    "no hidden_state": (_npz(obs=np.zeros((2, 3))), "has no hidden_state (it has ['obs'])"),
+    "a .npy file": (_bytes(_npy_bytes()), "is a .npy file"),
+    "a pickle": (_bytes(b"\x80\x05\x95\x10\x00\x00\x00"), "is not an .npz archive"),
+    "a text file": (_bytes(b"hidden_state,1,2\n"), "is not an .npz archive"),
+    "a damaged zip": (_bytes(b"PK\x03\x04 truncated"), "is a damaged .npz archive"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_cli_npz_import_names_the_file_and_what_is_wrong(case, tmp_path, capsys):
+    write, message = BAD_FILES[case]
+    path = tmp_path / "input.npz"
+    write(path)
+    with pytest.raises(SystemExit) as exit_:
+        cli(["npz", "import", str(path), str(tmp_path / "out.zarr"), "--table", str(tmp_path / "out.parquet")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.startswith(f"error: {path}") and len(err.strip().splitlines()) == 1
+    assert message in err, err
+    assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "out.parquet").exists()
+
+
+def test_cli_npz_import_of_a_missing_file_says_so(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli(["npz", "import", str(tmp_path / "nope.npz"), str(tmp_path / "out.zarr")])
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nope.npz'} does not exist\n"
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ averaged all T, padding included), and import honours it when present.
 No pickle: text is written as fixed-width unicode and every file is read with allow_pickle=False.
 """
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import polars as pl
 import zarr
 
 from latentlab.common.atomic import atomic_output
+from latentlab.common.errors import InputError
 from latentlab.hidden.store import FORMAT, add_rows_array, create_store, layer_position, open_store
 
 TRANSITION_KEYS = ("obs", "next_obs", "action", "reward", "done", "log_prob")
@@ -63,20 +65,63 @@ def export_npz(
     return list(arrays)
 
 
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = b"PK\x03\x04"
+
+
 def _load(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an NPZ archive, never unpickling; a file that is not one is named and described."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    with open(path, "rb") as file:
+        head = file.read(6)
+    if head.startswith(NPY_MAGIC):
+        raise InputError(f"{path} is a .npy file (one unnamed array); import needs an .npz archive of named arrays")
+    if not head.startswith(ZIP_MAGIC):
+        raise InputError(f"{path} is not an .npz archive (np.savez writes a zip file); latentlab never loads pickles")
     arrays = {}
-    with np.load(path, allow_pickle=False) as data:
-        for key in data.files:
-            try:
-                arrays[key] = data[key]
-            except ValueError as error:  # an object array: it would need pickle
-                raise ValueError(
-                    f"{path}: {key} is an object array, which needs pickle to load; save text as "
-                    "fixed-width unicode (np.array(texts, dtype=str))"
-                ) from error
-    if "hidden_state" not in arrays:
-        raise ValueError(f"{path} has no hidden_state (it has {sorted(arrays)})")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            for key in data.files:
+                try:
+                    arrays[key] = data[key]
+                except ValueError as error:  # an object array: it would need pickle
+                    raise InputError(
+                        f"{path}: {key} is an object array, which needs pickle to load; save text as "
+                        "fixed-width unicode (np.array(texts, dtype=str))"
+                    ) from error
+    except (OSError, zipfile.BadZipFile, EOFError) as error:
+        raise InputError(f"{path} is a damaged .npz archive: {error}") from error
     return arrays
+
+
+def _checked(path: Path, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The hidden states (N, T, H) and positions per row (N,) after checking every shape, dtype and range."""
+    if "hidden_state" not in arrays:
+        raise InputError(f"{path} has no hidden_state (it has {sorted(arrays)})")
+    hidden = arrays.pop("hidden_state")
+    if hidden.dtype.kind not in "fiu":
+        raise InputError(f"{path}: hidden_state must be numeric (N, T, H) or (N, H), got dtype {hidden.dtype}")
+    if hidden.ndim not in (2, 3) or 0 in hidden.shape:
+        raise InputError(f"{path}: hidden_state must be (N, T, H) or (N, H) and not empty, got shape {hidden.shape}")
+    hidden = hidden[:, None] if hidden.ndim == 2 else hidden  # (N, H): already pooled, one position
+    if not np.isfinite(hidden).all():
+        bad = np.flatnonzero(~np.isfinite(hidden).all(axis=(1, 2)))
+        raise InputError(f"{path}: hidden_state has NaN or inf values in {bad.size} rows (first: {bad[:5].tolist()})")
+    rows, width = hidden.shape[:2]
+    wrong = {k: a.shape for k, a in arrays.items() if a.shape[:1] != (rows,)}
+    if wrong:
+        raise InputError(f"{path}: arrays must all have {rows} rows like hidden_state; these do not: {wrong}")
+    counts = arrays.pop("n_positions", np.full(rows, width))
+    if counts.dtype.kind not in "iu" or counts.ndim != 1:
+        raise InputError(f"{path}: n_positions must be integers (N,), got dtype {counts.dtype}, shape {counts.shape}")
+    bad = np.flatnonzero((counts < 1) | (counts > width))
+    if bad.size:
+        raise InputError(
+            f"{path}: n_positions must lie in 1..{width} (hidden_state's T); rows {bad[:5].tolist()} hold "
+            f"{counts[bad[:5]].tolist()}"
+        )
+    return hidden, counts.astype(np.int32)
 
 
 def import_npz(
@@ -91,13 +136,8 @@ def import_npz(
     table (`id`, `text_generated` and any text arrays); `layer` records which layer it held. Returns N."""
     path = Path(path)
     arrays = _load(path)
-    hidden = arrays.pop("hidden_state")
-    hidden = hidden[:, None] if hidden.ndim == 2 else hidden  # (N, H): already pooled, one position
+    hidden, counts = _checked(path, arrays)
     rows, width, size = hidden.shape
-    wrong = {k: a.shape for k, a in arrays.items() if a.shape[:1] != (rows,)}
-    if wrong:
-        raise ValueError(f"{path}: arrays must all have {rows} rows like hidden_state; these do not: {wrong}")
-    counts = arrays.pop("n_positions", np.full(rows, width)).astype(np.int32)
     keep = np.arange(width)[None] < counts[:, None]
     pooled = (hidden * keep[..., None]).sum(1, dtype=np.float64) / np.maximum(counts, 1)[:, None]
     attrs = {
