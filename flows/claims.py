@@ -12,10 +12,16 @@ from pathlib import Path
 
 from latentlab.common.atomic import atomic_output
 
+NLA = "metrics/nla.json:"  # evaluate's NLA scores: nla_sft.* (SFT actor and critic), nla_rl.* (after RL)
+SFT_ACTOR, RL_ACTOR = f"{NLA}nla_sft.actors.nla_sft", f"{NLA}nla_rl.actors.nla_rl"
+SURGERY = "metrics/surgery.json:"  # the surgery stage's three arms from one phase-1 state
+GRID = "metrics/policy.json:"  # evaluate's grid-world returns table
+
 # Per-seed differences the sweep computes (paired: same seed, same configuration), named "a - b".
 DIFFERENCES = [
     ("grpo.accuracy_even", "sft.accuracy_even"),
     ("inject.accuracy", "grpo.accuracy"),
+    (f"{RL_ACTOR}.fve", f"{SFT_ACTOR}.fve"),
 ]
 
 
@@ -45,6 +51,44 @@ CLAIMS = {
             "inject.accuracy_even",
             "grpo.trained_parameters",
             "inject.trained_parameters",
+        ],
+    },
+    "nla": {
+        "title": "NLA: RL raises the fraction of variance the actor/critic pair explains (held-out vectors)",
+        "metrics": [
+            f"{SFT_ACTOR}.fve",
+            f"{RL_ACTOR}.fve",
+            difference_name(f"{RL_ACTOR}.fve", f"{SFT_ACTOR}.fve"),
+            f"{SFT_ACTOR}.shuffled.fve",
+            f"{RL_ACTOR}.shuffled.fve",
+            f"{NLA}nla_sft.gold_text.fve",
+            f"{NLA}nla_rl.gold_text.fve",
+            f"{NLA}nla_rl.empty_text.fve",
+            f"{RL_ACTOR}.answer_exact_match",
+            f"{NLA}nla_rl.linear_probe_exact_match",
+        ],
+    },
+    "surgery": {
+        "title": "SAC attention surgery on top of GRPO vs GRPO alone and a random surgeon (test accuracy)",
+        "metrics": [
+            f"{SURGERY}sac.accuracy",
+            f"{SURGERY}random.accuracy",
+            f"{SURGERY}grpo_only.accuracy",
+            f"{SURGERY}sac_minus_grpo_only",
+            f"{SURGERY}sac_minus_random",
+            f"{SURGERY}sac.commits",
+        ],
+    },
+    "grid_policy": {
+        "title": "Grid world: the LM's hidden state helps an offline-trained policy (return on unseen levels)",
+        "metrics": [
+            f"{GRID}agents.hidden.return_mean",
+            f"{GRID}agents.obs.return_mean",
+            f"{GRID}hidden_minus_obs.return_diff",
+            f"{GRID}agents.behaviour.return_mean",
+            f"{GRID}agents.random.return_mean",
+            f"{GRID}agents.hidden.success_rate",
+            f"{GRID}agents.obs.success_rate",
         ],
     },
 }

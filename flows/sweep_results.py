@@ -37,15 +37,21 @@ def experiment_metrics(repo: str | Path) -> dict[str, dict[str, float]]:
     for baseline in json.loads(shown.stdout):
         for group in baseline.get("experiments") or []:
             for rev in group["revs"]:
-                metrics = {}
-                for path, content in ((rev.get("data") or {}).get("metrics") or {}).items():
-                    for key, value in _flatten(content.get("data") or {}).items():
-                        metrics[key if path == MAIN_METRICS else f"{path}:{key}"] = value
-                for a, b in DIFFERENCES:  # paired per seed: the interval of a difference, not of two means
-                    if a in metrics and b in metrics:
-                        metrics[difference_name(a, b)] = metrics[a] - metrics[b]
-                found[rev["name"]] = metrics
+                files = (rev.get("data") or {}).get("metrics") or {}
+                found[rev["name"]] = named_metrics({path: content.get("data") or {} for path, content in files.items()})
     return found
+
+
+def named_metrics(files: dict[str, dict]) -> dict[str, float]:
+    """{metrics file: its content} -> every number by its sweep name, plus the per-seed DIFFERENCES."""
+    metrics = {}
+    for path, content in files.items():
+        for key, value in _flatten(content).items():
+            metrics[key if path == MAIN_METRICS else f"{path}:{key}"] = value
+    for a, b in DIFFERENCES:  # paired per seed: the interval of a difference, not of two means
+        if a in metrics and b in metrics:
+            metrics[difference_name(a, b)] = metrics[a] - metrics[b]
+    return metrics
 
 
 def summarize_sweep(repo, baseline: str, experiments, status: dict, command: str, wall_seconds: float) -> dict:
