@@ -129,7 +129,7 @@ def claims_section() -> str:
 
 
 def policy_section(path) -> str:
-    """The grid-world returns table from metrics/policy.json (the policy stage), and whether the state helped."""
+    """The grid-world returns table from metrics/policy.json (evaluate), and whether the state helped."""
     m = json.loads(path.read_text())
     rows = [
         f"| {name} | {a['return_mean']:.3f} [{a['return_ci95'][0]:.3f}, {a['return_ci95'][1]:.3f}] | "

@@ -58,6 +58,9 @@ def test_repro_runs_every_stage_and_writes_every_output(dag):
     surgery = json.loads((root / "metrics/surgery.json").read_text())
     assert {"sac", "random", "grpo_only"} <= set(surgery) and surgery["grpo_only"]["commits"] == 0
     assert "## Attention surgery" in report and (root / "reports/surgery.png").stat().st_size > 1000
+    returns = json.loads((root / "metrics/policy.json").read_text())  # the grid returns table, from evaluate
+    assert set(returns["agents"]) == {"hidden", "obs", "behaviour", "random"}
+    assert "## Grid world" in report and "| hidden |" in report
     assert (root / "reports/training.png").stat().st_size > 1000
     grpo_log = pl.read_csv(root / "plots/grpo.csv")
     assert {"reward_mean", "reward_std", "zero_std_groups", "kl", "clip_fraction", "loss"} <= set(grpo_log.columns)
@@ -65,6 +68,17 @@ def test_repro_runs_every_stage_and_writes_every_output(dag):
     # wall-clock columns live apart, so the main log is the same for the same seed
     speed = pl.read_csv(root / "plots/grpo_speed.csv")
     assert set(speed.columns) == {"step", "tokens_per_s", "seconds_per_step"} and "tokens_per_s" not in grpo_log.columns
+
+
+def test_every_claim_names_metrics_the_dag_writes(dag):
+    """A claim's metric that no stage writes would leave its row out of the report without a word."""
+    from flows.claims import CLAIMS
+    from flows.sweep_results import named_metrics
+
+    files = {str(p.relative_to(dag.root)): json.loads(p.read_text()) for p in (dag.root / "metrics").glob("*.json")}
+    written = named_metrics(files)
+    for claim_id, claim in CLAIMS.items():
+        assert [m for m in claim["metrics"] if m not in written] == [], claim_id
 
 
 def test_repro_with_nothing_changed_runs_nothing(dag):
