@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from latentlab.cli import main as cli
-from latentlab.hidden.dataset import StoreDataset, normalization
-from latentlab.hidden.store import open_store
+from latentlab.hidden.dataset import StoreDataset, normalization, pooled_vectors
+from latentlab.hidden.store import open_store, read_pooled
 from tests.label_fixtures import save_model
 
 CHUNK = 4  # --batch-size: the store's chunk along N
@@ -107,3 +107,11 @@ def test_what_a_store_cannot_give_is_refused(labelled, tmp_path):
     pl.DataFrame({"id": list(range(1, 31)), "prompt": ["x"] * 30}).write_parquet(tmp_path / "other.parquet")
     with pytest.raises(ValueError, match="out of step"):
         StoreDataset(labelled, table=tmp_path / "other.parquet", columns=["prompt"])
+
+
+def test_pooled_vectors_are_read_pooled_bit_for_bit(labelled):
+    # what the policy stage and the NLA table read through the dataset: exactly what read_pooled gives
+    for layer in (0, 1, -1):
+        mine, theirs = pooled_vectors(labelled, layer), read_pooled(labelled, layer)
+        assert mine.dtype == theirs.dtype == np.float32 and mine.shape == theirs.shape == (30, 32)
+        assert mine.tobytes() == theirs.tobytes()

@@ -45,7 +45,7 @@ class StoreDataset(IterableDataset):
         store: str | Path,
         layers: Sequence[int] | None = None,
         kind: Literal["pooled", "tokens"] = "pooled",
-        table: str | Path | None = None,
+        table: str | Path | pl.DataFrame | None = None,
         columns: Sequence[str] = (),
         shuffle: bool = True,
         seed: int = 0,
@@ -156,14 +156,22 @@ def _take(pending: list[dict], n: int) -> tuple[dict, list[dict]]:
     return {k: v[:n] for k, v in joined.items()}, [{k: v[n:] for k, v in joined.items()}]
 
 
-def _table_columns(table: str | Path | None, columns: Sequence[str], ids: np.ndarray) -> dict[str, list]:
-    """Columns of the row table beside a store, checked to hold the store's rows in order."""
+def _table_columns(table: str | Path | pl.DataFrame | None, columns: Sequence[str], ids: np.ndarray) -> dict[str, list]:
+    """Columns of the row table beside a store (a Parquet file or its rows), checked to hold the store's rows in order."""
     if table is None:
         raise ValueError("columns were asked for without the row table (table=...)")
-    frame = pl.read_parquet(table, columns=["id", *[c for c in columns if c != "id"]])
+    wanted = ["id", *[c for c in columns if c != "id"]]
+    frame = table.select(wanted) if isinstance(table, pl.DataFrame) else pl.read_parquet(table, columns=wanted)
     if not np.array_equal(frame["id"].to_numpy(), ids):
-        raise ValueError(f"{table}: row ids differ from the store's: the table and the store are out of step")
+        name = "the row table" if isinstance(table, pl.DataFrame) else table
+        raise ValueError(f"{name}: row ids differ from the store's: the table and the store are out of step")
     return {name: frame[name].to_list() for name in columns}
+
+
+def pooled_vectors(store: str | Path, layer: int) -> np.ndarray:
+    """`(N, H)` pooled vectors of one layer, in store order, read through the dataset chunk by chunk."""
+    data = StoreDataset(store, [layer], shuffle=False, batch_size=4096)
+    return np.concatenate([batch["x"][:, 0].numpy() for batch in data])
 
 
 def normalization(store: str | Path, kind: str = "pooled", save: bool = True) -> tuple[np.ndarray, np.ndarray]:
