@@ -6,6 +6,13 @@ i < n the input of block i, n (= -1) the final norm's output. The same points in
 
     output_hidden_states[i], 0 <= i < n     blocks.{i}.hook_resid_pre   (i = 0: the embeddings)
     output_hidden_states[n] (layer -1)      ln_final.hook_normalized
+
+(blocks.{i}.hook_resid_pre is also blocks.{i-1}.hook_resid_post.) The values agree with TransformerLens
+loaded without weight processing (`HookedTransformer.from_pretrained_no_processing`), with one
+caveat: TransformerLens places `hook_normalized` before the norm's elementwise weight (and bias),
+and Hugging Face's last hidden state is after it, so the stored -1 is `hook_normalized * ln_final.w
+(+ ln_final.b)`. Its default `from_pretrained` folds that weight into the unembedding, and for
+LayerNorm models centres the residual stream, which changes both kinds of values.
 """
 
 from pathlib import Path
