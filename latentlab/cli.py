@@ -130,8 +130,8 @@ def format_info(report: dict) -> str:
             for layer in report["layers"]
         ),
     ]
-    for name, array in report["arrays"].items():
-        lines.append(f"  {name:<8} {tuple(array['shape'])} {array['dtype']}, chunks {tuple(array['chunks'])}")
+    arrays = [f"{n} {tuple(a['shape'])} {a['dtype']}, chunks {tuple(a['chunks'])}" for n, a in report["arrays"].items()]
+    lines.append("  arrays   " + "\n           ".join(arrays))
     if report["normalization"]:
         lines.append(f"  normalization statistics for: {', '.join(report['normalization'])}")
     lines.append(f"  on disk  {report['bytes'] / 2**20:,.2f} MiB in {report['files']} files")
