@@ -1,5 +1,7 @@
 """The `latentlab` command: tools around the hidden-state stores that are not DAG stages.
 
+    latentlab label --model models/base --prompts prompts.txt --out hidden/mine.zarr --layers 2 -1 --tokens 8
+    latentlab info hidden/mine.zarr [--json]
     latentlab serve --model models/base --layers -1 --tokens 1         # HTTP API (latentlab/serve.py)
     latentlab extract --model models/base --rows data/labels/full.parquet --out data/hidden/full_text.zarr
     latentlab npz export data/hidden/full.zarr out.npz --table data/labels/full.parquet
@@ -8,7 +10,10 @@
 
 `extract` is re-extraction: the text of an earlier run (a `text_generated` column, or the exact
 `token_ids`) teacher-forced through a model in one pass, pooled over the same positions as
-generation, resumable like the label stage.
+generation, resumable like the label stage. `label` is the label stage's run (the same function)
+over any prompts file: Parquet (a column), JSON Lines (a field) or plain text (one prompt a line);
+rerun the same command after a kill to resume; `torchrun --nproc_per_node N -m latentlab.cli label ...`
+splits it across N processes.
 """
 
 import argparse
@@ -21,6 +26,13 @@ from latentlab.common.errors import InputError
 from latentlab.hidden import serve
 
 
+def label_config(args: argparse.Namespace):
+    """The LabelConfig of a command's options (those it has; the others keep their defaults)."""
+    from latentlab.hidden.labelling import LabelConfig
+
+    return LabelConfig(**{name: getattr(args, name) for name in LabelConfig.model_fields if hasattr(args, name)})
+
+
 def extract(args: argparse.Namespace) -> None:
     import polars as pl
     import torch
@@ -28,17 +40,11 @@ def extract(args: argparse.Namespace) -> None:
     from latentlab.common.inputs import read_table
     from latentlab.common.runtime import resolve_device, seed_everything
     from latentlab.hidden.extract import Extractor, TokenRows
-    from latentlab.hidden.labelling import LabelConfig, label, prepare
+    from latentlab.hidden.labelling import label, prepare
     from latentlab.lm.modeling import describe_model, load_lm
 
     seed_everything(args.seed)
-    cfg = LabelConfig(
-        layers=args.layers,
-        store_tokens=args.store_tokens,
-        batch_size=args.batch_size,
-        shard_rows=args.shard_rows,
-        dtype=args.dtype,
-    )
+    cfg = label_config(args)
     column = args.ids_column or args.text_column
     rows = read_table(args.rows, {"id": pl.Int64, "prompt": pl.String})
     if column not in rows.columns:
@@ -52,9 +58,84 @@ def extract(args: argparse.Namespace) -> None:
         completions = extractor.completion_ids(rows[column].to_list(), ended)
     name = Path(args.out).stem
     job = prepare(extractor, name, rows, cfg, args.seed, describe_model(args.model), completions)
-    work = Path(args.out).parent / f".{Path(args.out).name}.work"
-    label(extractor, job, Path(args.out), Path(args.table_out) if args.table_out else None, work)
+    label(extractor, job, Path(args.out), Path(args.table_out) if args.table_out else None, work_dir(Path(args.out)))
     print(f"{args.out}: {rows.height} rows re-extracted from {column}")
+
+
+def work_dir(out: Path) -> Path:
+    """Where a command's run keeps its work in progress (what a rerun resumes from): beside the output."""
+    return out.parent / f".{out.name}.work"
+
+
+def label_command(args: argparse.Namespace) -> None:
+    from latentlab.common.distributed import distributed
+    from latentlab.common.runtime import resolve_device, seed_everything
+    from latentlab.hidden.labelling import LabelSet, label_sets
+    from latentlab.hidden.prompts import read_prompts, require_writable
+
+    # default: about 1024 rows a shard, a whole number of batches
+    args.shard_rows = args.shard_rows or args.batch_size * max(1, 1024 // args.batch_size)
+    cfg = label_config(args)
+    rows = read_prompts(args.prompts, args.column)
+    out = require_writable(args.out)
+    table = require_writable(args.table or out.with_suffix(".parquet"))
+    model = Path(args.model).expanduser()
+    if not model.exists() and (args.model.startswith((".", "/", "~")) or args.model.count("/") > 1):
+        raise FileNotFoundError(f"--model {args.model}: no such model directory (nor a hub id like org/name)")
+    seed_everything(args.seed)
+    with distributed() as ranks:
+        # the job's name is the store's: the same rows and settings as a stage's set give its store
+        target = LabelSet(out.stem, rows, out, table, work_dir(out), source=str(args.prompts))
+        label_sets(
+            model if model.exists() else args.model, [target], cfg, args.seed, resolve_device(args.device), ranks
+        )
+        if ranks.rank == 0:
+            print(f"{out}: {rows.height} rows of {args.prompts} labelled; rows and generated text in {table}")
+
+
+def info_command(args: argparse.Namespace) -> None:
+    import json
+
+    from latentlab.hidden.info import describe_store
+
+    store = Path(args.store)
+    work = work_dir(store) / "store.zarr"
+    if not store.exists() and work.exists():  # killed before it finished: what is there so far
+        report = describe_store(work) | {"path": str(store), "shards_done": len(list(work.parent.glob("done/*")))}
+    else:
+        report = describe_store(store)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(format_info(report))
+
+
+def format_info(report: dict) -> str:
+    model = report["model"] or {}
+    state = "complete" if report["complete"] else "INCOMPLETE (a run did not finish; rerun it to resume)"
+    if "shards_done" in report:
+        state += f", {report['shards_done']} shard(s) done"
+    mode = report["mode"]
+    if mode == "generate":
+        mode += f", {report['tokens']} tokens"
+    lines = [
+        f"{report['path']}: {state}",
+        f"  model    {model.get('path')} (source {model.get('source')})",
+        f"  sha256   {model.get('sha256')}",
+        f"  mode     {mode}; {report['pooling']} over {report['positions']}",
+        f"  rows     {report['rows']}, hidden size {report['hidden_size']}, computed in {report['dtype']}",
+        "  layers   "
+        + "\n           ".join(
+            f"{layer['layer']:>3} (output_hidden_states[{layer['index']}]) = {layer['hook_name'] or 'hook name not recorded'}"
+            for layer in report["layers"]
+        ),
+    ]
+    arrays = [f"{n} {tuple(a['shape'])} {a['dtype']}, chunks {tuple(a['chunks'])}" for n, a in report["arrays"].items()]
+    lines.append("  arrays   " + "\n           ".join(arrays))
+    if report["normalization"]:
+        lines.append(f"  normalization statistics for: {', '.join(report['normalization'])}")
+    lines.append(f"  on disk  {report['bytes'] / 2**20:,.2f} MiB in {report['files']} files")
+    return "\n".join(lines)
 
 
 def npz_export(args: argparse.Namespace) -> None:
@@ -78,6 +159,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser = commands.add_parser("serve", help="HTTP API: mean-pooled hidden states of prompts")
     serve.add_arguments(serve_parser)
     serve_parser.set_defaults(run=serve.run)
+
+    lab = commands.add_parser("label", help="hidden states of a model over your prompts -> a store (the label stage)")
+    lab.add_argument("--model", required=True, help="a Hugging Face model directory or hub id (e.g. models/base)")
+    lab.add_argument("--prompts", required=True, help="Parquet, JSON Lines (.jsonl) or plain text (one prompt a line)")
+    lab.add_argument("--out", required=True, help="the Zarr store to write (e.g. hidden/mine.zarr)")
+    lab.add_argument("--column", default="prompt", help="the Parquet column or JSON field with the prompts")
+    lab.add_argument("--table", help="the row table (Parquet) with the generated text; default: beside --out")
+    lab.add_argument(
+        "--layers", type=int, nargs="+", default=[-1], help="output_hidden_states indices (-1: final norm)"
+    )
+    lab.add_argument("--tokens", type=int, default=1, help="1: pool over the prompt; N > 1: generate N, pool over them")
+    lab.add_argument("--temperature", type=float, default=1.0)
+    lab.add_argument("--top-p", type=float, default=1.0)
+    lab.add_argument("--store-tokens", action="store_true", help="also every pooled position: tokens (N, T, L, H)")
+    lab.add_argument("--batch-size", type=int, default=256)
+    lab.add_argument("--shard-rows", type=int, help="rows per shard file, the unit a rerun resumes (default: ~1024)")
+    lab.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    lab.add_argument("--device", default="auto")
+    lab.add_argument("--seed", type=int, default=0)
+    lab.set_defaults(run=label_command)
+
+    inf = commands.add_parser("info", help="what a hidden-state store holds")
+    inf.add_argument("store")
+    inf.add_argument("--json", action="store_true", help="machine-readable")
+    inf.set_defaults(run=info_command)
 
     ex = commands.add_parser("extract", help="re-extract hidden states of existing text (teacher-forced)")
     ex.add_argument("--model", default="models/base")

@@ -14,14 +14,11 @@ outside the DVC outputs, and only complete stores are moved into data/hidden.
 from pathlib import Path
 
 import polars as pl
-import torch
 
 from latentlab.common.distributed import distributed
 from latentlab.common.inputs import read_table, require_model_dir
-from latentlab.hidden.extract import Extractor
-from latentlab.hidden.labelling import label, prepare
+from latentlab.hidden.labelling import LabelSet, label_sets
 from latentlab.hidden.nla_table import write_nla_table
-from latentlab.lm.modeling import describe_model, load_lm
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
 from stages.common import GRID, MODELS, SYNTH, setup, stage
 
@@ -41,13 +38,12 @@ def main(params):
     with distributed() as ranks:
         run = setup(params)
         base = require_model_dir(MODELS / "base")
-        model, tokenizer = load_lm(base, run.device, dtype=getattr(torch, cfg.dtype))
-        extractor = Extractor(model, tokenizer, cfg)
-        info = describe_model(base)
-        # every set is checked (empty, too long for the context) before any is labelled
-        jobs = [prepare(extractor, name, rows(name), cfg, params.seed, info) for name in cfg.datasets]
-        for job in jobs:
-            label(extractor, job, HIDDEN / f"{job.name}.zarr", LABELS / f"{job.name}.parquet", WORK / job.name, ranks)
+        # the same run as `latentlab label`: every set is checked (empty, too long) before any is labelled
+        sets = [
+            LabelSet(name, rows(name), HIDDEN / f"{name}.zarr", LABELS / f"{name}.parquet", WORK / name)
+            for name in cfg.datasets
+        ]
+        label_sets(base, sets, cfg, params.seed, run.device, ranks)
         if ranks.rank == 0:
             write_nla_tables(cfg)
 

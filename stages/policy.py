@@ -11,7 +11,8 @@ import torch
 
 from latentlab.common.atomic import atomic_output
 from latentlab.common.tracking import StepLog
-from latentlab.hidden.store import open_store, read_pooled
+from latentlab.hidden.dataset import pooled_vectors
+from latentlab.hidden.store import open_store
 from latentlab.policies.actor_critic import ActorCritic, ActorCriticConfig, save_policy
 from latentlab.rl.awr import Batch, train_awr
 from latentlab.tasks.grid import read_transitions
@@ -25,7 +26,7 @@ def main(params):
     setup(params)
     cfg, grid = params.policy, params.grid
     data = read_transitions(GRID / "transitions.zarr")
-    hidden = read_pooled(STORE, cfg.eval.layer)  # (N, H)
+    hidden = pooled_vectors(STORE, cfg.eval.layer)  # (N, H), read through StoreDataset
     if not np.array_equal(open_store(STORE)["ids"][:], data["ids"]):
         raise ValueError(f"{STORE} does not hold the rows of {GRID / 'transitions.zarr'}: rerun `dvc repro label`")
     image, action, reward, done = (torch.from_numpy(data[k]) for k in ("obs", "action", "reward", "done"))

@@ -143,7 +143,8 @@ def test_bad_inputs_are_refused_before_any_work(lm, model_dir, tmp_path):
 
 
 def test_stage_refuses_a_long_prompt_with_one_line_and_writes_nothing(model_dir, tmp_path, monkeypatch, capsys):
-    repo = scratch_repo(tmp_path, model_dir, {"tokens": 60})  # 6-character prompts + 60 > 64 positions
+    # 6-character prompts + 60 > 64 positions (every set's rows are read first: no grid texts in this scratch repo)
+    repo = scratch_repo(tmp_path, model_dir, {"tokens": 60, "datasets": ["full", "test"]})
     monkeypatch.chdir(repo)
     from stages.label import main
 

@@ -21,7 +21,7 @@ import json
 import shutil
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,7 +37,10 @@ from latentlab.common.atomic import atomic_output
 from latentlab.common.distributed import Ranks
 from latentlab.common.tracking import progress
 from latentlab.hidden.extract import POSITIONS, ExtractConfig, Extracted, Extractor, TokenRows
+from latentlab.hidden.info import hook_name
 from latentlab.hidden.store import FORMAT, create_store
+from latentlab.lm.capture import decoder_blocks
+from latentlab.lm.modeling import describe_model, load_lm
 
 
 class LabelConfig(ExtractConfig):
@@ -78,6 +81,7 @@ class Job:
 
     def attributes(self, extractor: Extractor) -> dict:
         mode = "text" if self.completions is not None else self.cfg.mode
+        blocks = len(decoder_blocks(extractor.model)[0])
         return {
             "format": FORMAT,
             "complete": False,
@@ -85,6 +89,9 @@ class Job:
             "model": self.model,
             "layers": list(self.cfg.layers),
             "layer_indices": extractor.layer_indices,
+            # the same points as TransformerLens hooks, for users who know those names
+            "hook_names": [hook_name(i, blocks) for i in extractor.layer_indices],
+            "num_blocks": blocks,
             "mode": mode,
             "tokens": self.cfg.tokens,
             "pooling": "mean",
@@ -106,20 +113,59 @@ def prepare(
     seed: int,
     model: dict,
     completions: TokenRows | None = None,
+    source: str | None = None,
 ) -> Job:
     """Tokenize once and check every row (empty data, context length) before any work. With
-    `completions` (token ids per row): re-extract them in one teacher-forced pass, not generate."""
+    `completions` (token ids per row): re-extract them in one teacher-forced pass, not generate.
+    Messages name `source` (the input file), or else `name`."""
     prompts, ids = extractor.encode(rows["prompt"].to_list()), rows["id"].to_numpy()
     try:
         width = extractor.check(prompts, ids, completions)
     except ValueError as error:
-        raise ValueError(f"{name}: {error}") from None
+        raise ValueError(f"{source or name}: {error}") from None
     # what the result depends on; not the world size: any number of ranks resumes any other's work
     digest = hashlib.sha256(json.dumps([FORMAT, cfg.model_dump(), seed, model, name], sort_keys=True).encode())
     for tokens in (prompts, completions) if completions is not None else (prompts,):
         digest.update(tokens.flat.tobytes() + tokens.offsets.tobytes())
     digest.update(ids.tobytes())
     return Job(name, rows, cfg, seed, model, prompts, width, completions, digest.hexdigest())
+
+
+@dataclass
+class LabelSet:
+    """One dataset to label, and where its results go."""
+
+    name: str  # the job's name: it seeds the sampling streams (same name, rows and config: same store)
+    rows: pl.DataFrame  # at least `id` (int64) and `prompt` (string)
+    store: Path  # the Zarr store
+    table: Path | None  # the rows plus what was generated (Parquet), beside the store
+    work: Path  # work in progress, what a rerun resumes from (outside any DVC output)
+    source: str | None = None  # the input file, named in messages (default: `name`)
+
+
+def label_sets(
+    model_path: str | Path, sets: Sequence[LabelSet], cfg: LabelConfig, seed: int, device, ranks: Ranks | None = None
+) -> None:
+    """THE label run, shared by the `label` stage and `latentlab label`: load the model (a directory
+    or a hub id) once, check every set (empty, too long for the context) before any is labelled, then
+    label each one resumably, its shards split across torchrun ranks."""
+    model, tokenizer = load_lm(model_path, device, dtype=getattr(torch, cfg.dtype))
+    extractor = Extractor(model, tokenizer, cfg)
+    info = _describe(model_path)
+    jobs = [prepare(extractor, s.name, s.rows, cfg, seed, info, source=s.source) for s in sets]
+    for job, target in zip(jobs, sets):
+        label(extractor, job, target.store, target.table, target.work, ranks)
+
+
+def _describe(path_or_id: str | Path) -> dict:
+    """`describe_model` of a directory, or of a hub id `load_lm` has loaded (its files are then in
+    the local Hugging Face cache: the hash is over those; path and source are the id)."""
+    if Path(path_or_id).exists():
+        return describe_model(path_or_id)
+    from huggingface_hub import snapshot_download
+
+    local = snapshot_download(str(path_or_id), local_files_only=True)
+    return {**describe_model(local), "path": str(path_or_id), "source": str(path_or_id)}
 
 
 def _batch_generator(job: Job, batch: int, device: torch.device) -> torch.Generator:

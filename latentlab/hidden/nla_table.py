@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 from latentlab.common.atomic import atomic_output
 from latentlab.common.errors import InputError
 from latentlab.common.tables import TableWriter, read_checked, vector_type, vectors
-from latentlab.hidden.store import layer_position, open_store
+from latentlab.hidden.dataset import StoreDataset
+from latentlab.hidden.store import open_store
 
 VECTOR = "activation_vector"
 
@@ -41,25 +42,23 @@ def write_nla_table(
     the prompt alone in prompt mode. Returns the vector dimension.
     """
     group = open_store(store)
-    pooled, position = group["pooled"], layer_position(group, layer)
     if group.attrs["rows"] != rows.height:
         raise ValueError(f"{store} has {group.attrs['rows']} rows, the table beside it {rows.height}")
-    ids = group["ids"][:]
-    if not np.array_equal(ids, rows["id"].to_numpy()):
-        raise ValueError(f"{store}: row ids differ from the table's: the store and the table are out of step")
     generated = "text_generated" in rows.columns and group.attrs["mode"] == "generate"
-    dim = pooled.shape[-1]
+    columns = ["prompt", "text_generated"] if generated else ["prompt"]
+    # in store order, `rows_per_group` rows a batch; the dataset checks that the ids are the table's
+    data = StoreDataset(store, [layer], table=rows, columns=columns, shuffle=False, batch_size=rows_per_group)
+    dim = group["pooled"].shape[-1]
     with atomic_output(path) as partial, TableWriter(partial, nla_schema(dim)) as writer:
-        for lo in range(0, rows.height, rows_per_group):
-            chunk = rows[lo : lo + rows_per_group]
-            prompts = chunk["prompt"].to_list()
-            texts = chunk["text_generated"].to_list() if generated else [""] * len(prompts)
+        for batch in data:
+            prompts = batch["prompt"]
+            texts = batch["text_generated"] if generated else [""] * len(prompts)
             writer.write(
                 {
-                    "id": chunk["id"].to_list(),
+                    "id": batch["id"].tolist(),
                     "prompt": prompts,
                     "response": [p + t for p, t in zip(prompts, texts)],
-                    VECTOR: pooled[lo : lo + chunk.height, position],
+                    VECTOR: np.ascontiguousarray(batch["x"][:, 0].numpy()),
                 }
             )
     return dim
