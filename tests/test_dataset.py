@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from latentlab.cli import main as cli
 from latentlab.hidden.dataset import StoreDataset, normalization, pooled_vectors
-from latentlab.hidden.store import open_store, read_pooled
+from latentlab.hidden.store import layer_position, open_store
 from tests.label_fixtures import save_model
 
 CHUNK = 4  # --batch-size: the store's chunk along N
@@ -81,15 +81,19 @@ def test_normalisation_is_computed_once_kept_in_the_attributes_and_centres_the_s
     np.testing.assert_allclose(std, np.sqrt(((x - x.mean(0)) ** 2).sum(2).mean(0) / 32), rtol=1e-5)
 
     data = StoreDataset(labelled, kind="tokens", normalize=True, batch_size=10_000, shuffle=False)
+    assert (labelled / "zarr.json").read_bytes() == untouched  # reading never changes a store by default
     (batch,) = samples(data)
     normed = batch["x"].double()
     np.testing.assert_allclose(normed.mean(0), 0, atol=1e-5)
     np.testing.assert_allclose((normed**2).sum(2).mean(0), 32, rtol=1e-4)  # E ||x||^2 = H
+
+    StoreDataset(labelled, kind="tokens", normalize=True, save_stats=True)  # asked: kept in the attributes
     saved = open_store(labelled).attrs["normalization"]["tokens"]
     assert saved["samples"] == counts.sum() and np.allclose(saved["std"], std)
     assert "pooled" not in open_store(labelled).attrs["normalization"]
-    again = normalization(labelled, "tokens")  # read back, not recomputed
-    np.testing.assert_array_equal(again[0], mean) and np.testing.assert_array_equal(again[1], std)
+    again = normalization(labelled, "tokens")  # read back from the attributes
+    np.testing.assert_array_equal(again[0], mean)
+    np.testing.assert_array_equal(again[1], std)
 
 
 def test_columns_of_the_row_table_travel_with_their_samples(labelled):
@@ -109,9 +113,10 @@ def test_what_a_store_cannot_give_is_refused(labelled, tmp_path):
         StoreDataset(labelled, table=tmp_path / "other.parquet", columns=["prompt"])
 
 
-def test_pooled_vectors_are_read_pooled_bit_for_bit(labelled):
-    # what the policy stage and the NLA table read through the dataset: exactly what read_pooled gives
+def test_pooled_vectors_are_the_stored_array_bit_for_bit(labelled):
+    # what the policy stage and the NLA table read through the dataset: exactly the store's pooled array
+    store = open_store(labelled)
     for layer in (0, 1, -1):
-        mine, theirs = pooled_vectors(labelled, layer), read_pooled(labelled, layer)
+        mine, theirs = pooled_vectors(labelled, layer), store["pooled"][:, layer_position(store, layer)]
         assert mine.dtype == theirs.dtype == np.float32 and mine.shape == theirs.shape == (30, 32)
         assert mine.tobytes() == theirs.tobytes()

@@ -18,9 +18,9 @@
   `std` the root-mean-square deviation per dimension, `sqrt(E ||x - mean||^2 / H)` (a scalar): the
   normalised states have mean 0 and `E ||x||^2 = H`, SAELens' convention of scaling activations to
   an expected norm of sqrt(d_in), after centring. The statistics are computed once, over every
-  sample of the kind (float64 sums, one pass), and kept in the store's attributes under
-  `normalization`, so later datasets reuse them (`save_stats=False` keeps a store untouched, e.g. a
-  DVC output).
+  sample of the kind (float64 sums, one pass); with `save_stats=True` they are kept in the store's
+  attributes under `normalization`, so later datasets reuse them. Off by default: reading a store
+  never changes it (a DVC output would change its hash).
 """
 
 import json
@@ -50,7 +50,7 @@ class StoreDataset(IterableDataset):
         shuffle: bool = True,
         seed: int = 0,
         normalize: bool = False,
-        save_stats: bool = True,
+        save_stats: bool = False,
         batch_size: int | None = None,
     ):
         self.path = Path(store)
@@ -174,7 +174,7 @@ def pooled_vectors(store: str | Path, layer: int) -> np.ndarray:
     return np.concatenate([batch["x"][:, 0].numpy() for batch in data])
 
 
-def normalization(store: str | Path, kind: str = "pooled", save: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def normalization(store: str | Path, kind: str = "pooled", save: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per layer: the mean vector `(L, H)` and the RMS deviation per dimension `(L,)` of every sample
     of `kind` (see the module doc); read from the store's attributes, or computed in one pass over
     its chunks and (with `save`) written there."""

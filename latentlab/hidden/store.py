@@ -12,7 +12,6 @@ Chunks of `batch_rows` rows sit inside shard files of `shard_rows` rows, so a st
 
 from pathlib import Path
 
-import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
@@ -85,9 +84,3 @@ def layer_position(group: zarr.Group, layer: int) -> int:
     if layer not in layers:
         raise ValueError(f"layer {layer} is not in {group.store_path} (it holds layers {layers})")
     return layers.index(layer)
-
-
-def read_pooled(path: str | Path, layer: int) -> np.ndarray:
-    """`(N, H)` pooled vectors of one layer of a finished store."""
-    group = open_store(path)
-    return group["pooled"][:, layer_position(group, layer)]
