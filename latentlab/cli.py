@@ -1,6 +1,7 @@
 """The `latentlab` command: tools around the hidden-state stores that are not DAG stages.
 
     latentlab label --model models/base --prompts prompts.txt --out hidden/mine.zarr --layers 2 -1 --tokens 8
+    latentlab label --model models/base --prompts prompts.txt --out s3://bucket/hidden/mine.zarr   # any fsspec URL
     latentlab info hidden/mine.zarr [--json]
     latentlab serve --model models/base --layers -1 --tokens 1         # HTTP API (latentlab/serve.py)
     latentlab extract --model models/base --rows data/labels/full.parquet --out data/hidden/full_text.zarr
