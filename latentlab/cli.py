@@ -1,6 +1,7 @@
 """The `latentlab` command: tools around the hidden-state stores that are not DAG stages.
 
     latentlab label --model models/base --prompts prompts.txt --out hidden/mine.zarr --layers 2 -1 --tokens 8
+    latentlab label --model models/base --prompts prompts.txt --out s3://bucket/hidden/mine.zarr   # any fsspec URL
     latentlab info hidden/mine.zarr [--json]
     latentlab serve --model models/base --layers -1 --tokens 1         # HTTP API (latentlab/serve.py)
     latentlab extract --model models/base --rows data/labels/full.parquet --out data/hidden/full_text.zarr
@@ -62,30 +63,48 @@ def extract(args: argparse.Namespace) -> None:
     print(f"{args.out}: {rows.height} rows re-extracted from {column}")
 
 
-def work_dir(out: Path) -> Path:
-    """Where a command's run keeps its work in progress (what a rerun resumes from): beside the output."""
+def work_dir(out: Path | str) -> Path | str:
+    """Where a command's run keeps its work in progress (what a rerun resumes from): beside the output,
+    on the same storage (a URL beside a URL: `s3://bucket/.x.zarr.work`)."""
+    from latentlab.hidden.store import is_url
+
+    if is_url(out):
+        parent, name = str(out).rstrip("/").rsplit("/", 1)
+        return f"{parent}/.{name}.work"
     return out.parent / f".{out.name}.work"
+
+
+def output_location(out: str) -> Path | str:
+    """--out as a local path checked writable before any work, or an fsspec URL (s3://bucket/x.zarr) as it is."""
+    from latentlab.hidden.prompts import require_writable
+    from latentlab.hidden.store import is_url
+
+    return out.rstrip("/") if is_url(out) else require_writable(out)
+
+
+def with_suffix(out: Path | str, suffix: str) -> Path | str:
+    return out.with_suffix(suffix) if isinstance(out, Path) else out.rsplit(".", 1)[0] + suffix
 
 
 def label_command(args: argparse.Namespace) -> None:
     from latentlab.common.distributed import distributed
     from latentlab.common.runtime import resolve_device, seed_everything
     from latentlab.hidden.labelling import LabelSet, label_sets
-    from latentlab.hidden.prompts import read_prompts, require_writable
+    from latentlab.hidden.prompts import read_prompts
 
     # default: about 1024 rows a shard, a whole number of batches
     args.shard_rows = args.shard_rows or args.batch_size * max(1, 1024 // args.batch_size)
     cfg = label_config(args)
     rows = read_prompts(args.prompts, args.column)
-    out = require_writable(args.out)
-    table = require_writable(args.table or out.with_suffix(".parquet"))
+    out = output_location(args.out)
+    table = output_location(args.table or str(with_suffix(out, ".parquet")))
     model = Path(args.model).expanduser()
     if not model.exists() and (args.model.startswith((".", "/", "~")) or args.model.count("/") > 1):
         raise FileNotFoundError(f"--model {args.model}: no such model directory (nor a hub id like org/name)")
     seed_everything(args.seed)
     with distributed() as ranks:
         # the job's name is the store's: the same rows and settings as a stage's set give its store
-        target = LabelSet(out.stem, rows, out, table, work_dir(out), source=str(args.prompts))
+        target = LabelSet(Path(str(out)).stem, rows, out, table, work_dir(out), source=str(args.prompts))
         label_sets(
             model if model.exists() else args.model, [target], cfg, args.seed, resolve_device(args.device), ranks
         )
@@ -97,10 +116,15 @@ def info_command(args: argparse.Namespace) -> None:
     import json
 
     from latentlab.hidden.info import describe_store
+    from latentlab.hidden.store import filesystem, is_url, store_location
 
-    store = Path(args.store)
-    work = work_dir(store) / "store.zarr"
-    if not store.exists() and work.exists():  # killed before it finished: what is there so far
+    store = store_location(args.store)
+    if is_url(store):  # written in place: an unfinished store is the store itself, its markers beside it
+        report = describe_store(store)
+        fs, work = filesystem(work_dir(store))
+        if not report["complete"] and fs.exists(work):
+            report["shards_done"] = len(fs.find(f"{work}/done"))
+    elif not store.exists() and (work := work_dir(store) / "store.zarr").exists():  # killed before it finished
         report = describe_store(work) | {"path": str(store), "shards_done": len(list(work.parent.glob("done/*")))}
     else:
         report = describe_store(store)

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from latentlab.common.atomic import atomic_output
-from latentlab.hidden.store import layer_position, open_store
+from latentlab.hidden.store import filesystem, is_url, layer_position, open_store, read_parquet, store_location
 
 
 class StoreDataset(IterableDataset):
@@ -53,7 +53,7 @@ class StoreDataset(IterableDataset):
         save_stats: bool = False,
         batch_size: int | None = None,
     ):
-        self.path = Path(store)
+        self.path = store_location(store)  # a path or an fsspec URL
         group = open_store(self.path)  # checked here, in the main process; workers reopen it
         if kind not in ("pooled", "tokens"):
             raise ValueError(f"kind must be 'pooled' or 'tokens', not {kind!r}")
@@ -161,7 +161,7 @@ def _table_columns(table: str | Path | pl.DataFrame | None, columns: Sequence[st
     if table is None:
         raise ValueError("columns were asked for without the row table (table=...)")
     wanted = ["id", *[c for c in columns if c != "id"]]
-    frame = table.select(wanted) if isinstance(table, pl.DataFrame) else pl.read_parquet(table, columns=wanted)
+    frame = table.select(wanted) if isinstance(table, pl.DataFrame) else read_parquet(table, columns=wanted)
     if not np.array_equal(frame["id"].to_numpy(), ids):
         name = "the row table" if isinstance(table, pl.DataFrame) else table
         raise ValueError(f"{name}: row ids differ from the store's: the table and the store are out of step")
@@ -178,7 +178,7 @@ def normalization(store: str | Path, kind: str = "pooled", save: bool = False) -
     """Per layer: the mean vector `(L, H)` and the RMS deviation per dimension `(L,)` of every sample
     of `kind` (see the module doc); read from the store's attributes, or computed in one pass over
     its chunks and (with `save`) written there."""
-    path = Path(store)
+    path = store_location(store)
     group = open_store(path)
     saved = group.attrs.get("normalization", {}).get(kind)
     if saved is not None:
@@ -199,9 +199,14 @@ def normalization(store: str | Path, kind: str = "pooled", save: bool = False) -
     return mean, std
 
 
-def _set_attribute(store: Path, key: str, value) -> None:
-    """Set one attribute of a store by replacing its zarr.json whole (a crash never leaves half a file)."""
-    metadata = json.loads((store / "zarr.json").read_text())
+def _set_attribute(store: Path | str, key: str, value) -> None:
+    """Set one attribute of a store by replacing its zarr.json whole (a crash never leaves half a file;
+    on object storage one PUT replaces the object whole)."""
+    fs, root = filesystem(store)
+    metadata = json.loads(fs.cat_file(f"{root}/zarr.json"))
     metadata.setdefault("attributes", {})[key] = value
+    if is_url(store):
+        fs.pipe_file(f"{root}/zarr.json", json.dumps(metadata, indent=2).encode())
+        return
     with atomic_output(store / "zarr.json") as partial:
         partial.write_text(json.dumps(metadata, indent=2))

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import zarr
 
+from latentlab.hidden.store import filesystem, store_location
+
 
 def hook_name(index: int, num_blocks: int) -> str:
     """The TransformerLens hook at `output_hidden_states[index]` (index resolved into 0..num_blocks)."""
@@ -45,8 +47,9 @@ def hook_names(attrs: dict) -> list[str | None]:
 def describe_store(path: str | Path) -> dict:
     """What a store holds, finished or not: model, layers with their hook names, mode, rows, arrays,
     bytes on disk, whether it is complete (the `latentlab info` report)."""
-    path = Path(path)
-    if not (path / "zarr.json").exists():
+    path = store_location(path)
+    fs, root = filesystem(path)
+    if not fs.exists(f"{root}/zarr.json"):
         raise FileNotFoundError(f"{path} is not a Zarr store (no zarr.json)")
     try:
         group = zarr.open_group(path, mode="r")
@@ -62,7 +65,7 @@ def describe_store(path: str | Path) -> dict:
         }
     except Exception as error:  # zarr raises JSON, type and value errors for damaged metadata
         raise ValueError(f"{path} is not a readable Zarr store: {error}") from None
-    files = [f for f in path.rglob("*") if f.is_file()]
+    files = fs.find(root, detail=True)  # {path: info}, files only
     layers = attrs.get("layers", [])
     indices = attrs.get("layer_indices", [None] * len(layers))
     return {
@@ -82,7 +85,7 @@ def describe_store(path: str | Path) -> dict:
         "hidden_size": attrs.get("hidden_size"),
         "dtype": attrs.get("dtype"),
         "arrays": arrays,
-        "bytes": sum(f.stat().st_size for f in files),
+        "bytes": sum(info["size"] for info in files.values()),
         "files": len(files),
         "normalization": sorted(attrs.get("normalization", {})),
     }

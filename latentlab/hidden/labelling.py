@@ -13,6 +13,14 @@ before it and the final store is identical to an uninterrupted run. Only when ev
 marked is the store flagged `complete: true` and renamed onto its final path; readers
 (`open_store`) refuse a store that is not complete. Under torchrun, rank r takes shards
 r, r + world, ...: disjoint files, no locking, and the same store as one process.
+
+On object storage (a store at an fsspec URL, `s3://bucket/x.zarr`) nothing can be renamed: the
+store is written in place, and "nothing half-written" means no store that claims to be complete
+is ever partial: its `complete` attribute is set last (one PUT of zarr.json replaces the object
+whole), and readers refuse it until then. The work (the done-markers, the shards' rows and a
+`started` marker written once the empty store exists) lives beside it on the same storage
+(`s3://bucket/.x.zarr.work/`), so a rerun on any machine, or ranks on several nodes, share it.
+A rerun of another job over a finished store replaces it: the old store is gone from the start.
 """
 
 import gc
@@ -27,6 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import polars as pl
 import torch
@@ -38,7 +47,7 @@ from latentlab.common.distributed import Ranks
 from latentlab.common.tracking import progress
 from latentlab.hidden.extract import POSITIONS, ExtractConfig, Extracted, Extractor, TokenRows
 from latentlab.hidden.info import hook_name
-from latentlab.hidden.store import FORMAT, create_store
+from latentlab.hidden.store import FORMAT, create_store, filesystem, is_url
 from latentlab.lm.capture import decoder_blocks
 from latentlab.lm.modeling import describe_model, load_lm
 
@@ -137,9 +146,9 @@ class LabelSet:
 
     name: str  # the job's name: it seeds the sampling streams (same name, rows and config: same store)
     rows: pl.DataFrame  # at least `id` (int64) and `prompt` (string)
-    store: Path  # the Zarr store
-    table: Path | None  # the rows plus what was generated (Parquet), beside the store
-    work: Path  # work in progress, what a rerun resumes from (outside any DVC output)
+    store: Path | str  # the Zarr store: a path or an fsspec URL (s3://bucket/x.zarr)
+    table: Path | str | None  # the rows plus what was generated (Parquet), beside the store
+    work: Path | str  # work in progress, what a rerun resumes from (outside any DVC output; a URL for a URL store)
     source: str | None = None  # the input file, named in messages (default: `name`)
 
 
@@ -175,16 +184,47 @@ def _batch_generator(job: Job, batch: int, device: torch.device) -> torch.Genera
 
 
 def label(
-    extractor: Extractor, job: Job, store: Path, table: Path | None, work: Path, ranks: Ranks | None = None
+    extractor: Extractor,
+    job: Job,
+    store: Path | str,
+    table: Path | str | None,
+    work: Path | str,
+    ranks: Ranks | None = None,
 ) -> None:
-    """Label `job` into `store` (and `table`: the rows plus what was generated), resuming from `work`."""
+    """Label `job` into `store` (and `table`: the rows plus what was generated), resuming from `work`.
+    `store`, `table` and `work` are local paths, or fsspec URLs all three (see the module doc)."""
     ranks = ranks or Ranks()
+    if is_url(store):
+        _label_remote(extractor, job, str(store), None if table is None else str(table), str(work), ranks)
+        return
     parts, done = work / "store.zarr", work / "done"
     if ranks.rank == 0:
         _start_or_resume(extractor, job, work)
     ranks.barrier()  # the store exists before any rank writes into it
 
     shards = [s for s in range(job.shards) if s % ranks.world == ranks.rank and not (done / f"{s}").exists()]
+    _label_shards(
+        extractor,
+        job,
+        shards,
+        parts,
+        lambda shard, results, arrays: _write_shard(job, shard, results, arrays, work, extractor.decode),
+        ranks,
+    )
+    ranks.barrier()  # every shard is written before rank 0 looks
+    if ranks.rank == 0:
+        _finish(job, work, store, table)
+
+
+def _label_shards(
+    extractor: Extractor,
+    job: Job,
+    shards: list[int],
+    parts: Path | str,
+    write: Callable[[int, list[Extracted], dict[str, zarr.Array]], None],
+    ranks: Ranks,
+) -> None:
+    """Compute `shards` and `write` each into the store at `parts`, one shard behind in a writer thread."""
     todo = sum(hi - lo for lo, hi in map(job.shard_span, shards))
     group = zarr.open_group(parts, mode="r+")
     arrays = {name: group[name] for name in group.array_keys()}  # opened once: each open reads metadata
@@ -206,12 +246,9 @@ def label(
             results = _extract_shard(extractor, job, shard, tick)
             if pending is not None:
                 pending.result()  # at most two shards in memory; a write error stops the run here
-            pending = writer.submit(_write_shard, job, shard, results, arrays, work, extractor.decode)
+            pending = writer.submit(write, shard, results, arrays)
         if pending is not None:
             pending.result()
-    ranks.barrier()  # every shard is written before rank 0 looks
-    if ranks.rank == 0:
-        _finish(job, work, store, table)
 
 
 @contextmanager
@@ -239,16 +276,21 @@ def _start_or_resume(extractor: Extractor, job: Job, work: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
     done.mkdir(parents=True)
     with atomic_output(parts) as partial:  # a kill while creating leaves no half-made store to resume
-        create_store(
-            partial,
-            job.rows.height,
-            len(job.cfg.layers),
-            extractor.hidden_size,
-            job.width if job.cfg.store_tokens else None,
-            job.attributes(extractor),
-            job.cfg.batch_size,
-            job.cfg.shard_rows,
-        )
+        _create_job_store(extractor, job, partial)
+
+
+def _create_job_store(extractor: Extractor, job: Job, path: Path | str) -> None:
+    """The job's empty store, flagged incomplete."""
+    create_store(
+        path,
+        job.rows.height,
+        len(job.cfg.layers),
+        extractor.hidden_size,
+        job.width if job.cfg.store_tokens else None,
+        job.attributes(extractor),
+        job.cfg.batch_size,
+        job.cfg.shard_rows,
+    )
 
 
 def _extract_shard(extractor: Extractor, job: Job, shard: int, tick: Callable[[int, int], None]) -> list[Extracted]:
@@ -275,6 +317,20 @@ def _write_shard(
     decode: Callable[[TokenRows], list[str]],
 ) -> None:
     """Write a shard whole (every shard file is written exactly once), its rows, then its done-marker."""
+    rows = _shard_rows(job, shard, results, arrays, decode)
+    with atomic_output(work / "rows" / f"{shard}.parquet") as partial:
+        rows.write_parquet(partial)
+    (work / "done" / f"{shard}").touch()  # last: a marker always means a whole shard
+
+
+def _shard_rows(
+    job: Job,
+    shard: int,
+    results: list[Extracted],
+    arrays: dict[str, zarr.Array],
+    decode: Callable[[TokenRows], list[str]],
+) -> pl.DataFrame:
+    """Write a shard's arrays into the store; returns its rows plus what was generated."""
     lo, hi = job.shard_span(shard)
     counts = torch.cat([r.counts for r in results]).numpy().astype(np.int32)
     arrays["pooled"][lo:hi] = torch.cat([r.pooled for r in results]).numpy()
@@ -292,9 +348,7 @@ def _write_shard(
             "ended": pl.Series(torch.cat([r.ended for r in results]).numpy(), dtype=pl.Boolean),
             "log_prob": pl.Series(torch.cat([r.log_prob for r in results]).numpy(), dtype=pl.Float32),
         }
-    with atomic_output(work / "rows" / f"{shard}.parquet") as partial:
-        job.rows[lo:hi].with_columns(**extra).write_parquet(partial)
-    (work / "done" / f"{shard}").touch()  # last: a marker always means a whole shard
+    return job.rows[lo:hi].with_columns(**extra)
 
 
 def _finish(job: Job, work: Path, store: Path, table: Path | None) -> None:
@@ -309,3 +363,49 @@ def _finish(job: Job, work: Path, store: Path, table: Path | None) -> None:
     with atomic_output(store) as partial:
         shutil.move(work / "store.zarr", partial)  # a rename when work and store share a file system
     shutil.rmtree(work)
+
+
+def _label_remote(extractor: Extractor, job: Job, store: str, table: str | None, work: str, ranks: Ranks) -> None:
+    """`label` for a store at a URL: written in place, the work beside it on the same storage (module doc)."""
+    fs, root = filesystem(work)
+    if ranks.rank == 0:
+        fs.invalidate_cache()
+        try:
+            same = fs.exists(f"{root}/started") and (
+                zarr.open_group(store, mode="r").attrs.get("fingerprint") == job.fingerprint
+            )
+        except Exception:  # missing or damaged: start over
+            same = False
+        if same:
+            done = len(fs.find(f"{root}/done"))
+            print(f"label {job.name}: resuming, {done} of {job.shards} shard(s) already done")
+        else:
+            if fs.exists(root):
+                fs.rm(root, recursive=True)
+            _create_job_store(extractor, job, store)
+            fs.touch(f"{root}/started")  # the empty store is whole: from here on a rerun resumes
+    ranks.barrier()
+    fs.invalidate_cache()
+    done = {int(path.rsplit("/", 1)[1]) for path in fs.find(f"{root}/done")}
+    shards = [s for s in range(job.shards) if s % ranks.world == ranks.rank and s not in done]
+
+    def write(shard: int, results: list[Extracted], arrays: dict[str, zarr.Array]) -> None:
+        rows = _shard_rows(job, shard, results, arrays, extractor.decode)
+        with fs.open(f"{root}/rows/{shard}.parquet", "wb") as file:  # one object, whole or absent
+            rows.write_parquet(file)
+        fs.touch(f"{root}/done/{shard}")  # last: a marker always means a whole shard
+
+    _label_shards(extractor, job, shards, store, write, ranks)
+    ranks.barrier()
+    if ranks.rank != 0:
+        return
+    fs.invalidate_cache()
+    missing = [s for s in range(job.shards) if not fs.exists(f"{root}/done/{s}")]
+    if missing:
+        raise RuntimeError(f"label {job.name}: shards {missing} were not written; rerun to resume")
+    if table is not None:  # the table first: killed before the flag, a rerun only finishes
+        rows = pl.concat([pl.read_parquet(fs.cat_file(f"{root}/rows/{s}.parquet")) for s in range(job.shards)])
+        with fsspec.open(table, "wb") as file:
+            rows.write_parquet(file)
+    zarr.open_group(store, mode="r+").attrs["complete"] = True  # last: zarr.json replaced whole
+    fs.rm(root, recursive=True)

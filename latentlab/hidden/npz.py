@@ -17,7 +17,7 @@ import zarr
 
 from latentlab.common.atomic import atomic_output
 from latentlab.common.errors import InputError
-from latentlab.hidden.store import FORMAT, add_rows_array, create_store, layer_position, open_store
+from latentlab.hidden.store import FORMAT, add_rows_array, create_store, layer_position, open_store, read_parquet
 
 TRANSITION_KEYS = ("obs", "next_obs", "action", "reward", "done", "log_prob")
 REFERENCE_KEYS = (*TRANSITION_KEYS, "text_generated", "hidden_state")
@@ -48,7 +48,7 @@ def export_npz(
     # reference's mean over dim 1 turns back into the same vector
     hidden = group["tokens"][:, :, j] if "tokens" in group else group["pooled"][:, j][:, None]
     arrays = {"hidden_state": hidden.astype(np.float32), "n_positions": group["n_positions"][:]}
-    rows = pl.read_parquet(table) if table is not None else pl.DataFrame()
+    rows = read_parquet(table) if table is not None else pl.DataFrame()
     for key in TRANSITION_KEYS:
         if key in group:
             arrays[key] = group[key][:]

@@ -8,10 +8,16 @@
 
 Chunks of `batch_rows` rows sit inside shard files of `shard_rows` rows, so a store is a few files
 (DVC hashes every file). Readers refuse a store whose `complete` attribute is not true.
+
+A store is a local path or an fsspec URL (`s3://bucket/x.zarr`, `gs://...`): zarr opens URLs through
+fsspec (zarr.storage.FsspecStore); credentials and endpoint come from the file system's usual
+environment (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, or a profile).
 """
 
 from pathlib import Path
 
+import fsspec
+import polars as pl
 import zarr
 from zarr.codecs import ZstdCodec
 
@@ -43,7 +49,14 @@ def add_rows_array(
 
 
 def create_store(
-    path: Path, rows: int, layers: int, hidden: int, width: int | None, attrs: dict, batch_rows: int, shard_rows: int
+    path: str | Path,
+    rows: int,
+    layers: int,
+    hidden: int,
+    width: int | None,
+    attrs: dict,
+    batch_rows: int,
+    shard_rows: int,
 ) -> zarr.Group:
     """An empty store: pooled, ids, n_positions, and tokens when `width` (T) is given."""
     group = zarr.open_group(path, mode="w", zarr_format=3, attributes=attrs)
@@ -64,15 +77,39 @@ def create_store(
     return group
 
 
+def is_url(location: str | Path) -> bool:
+    """An fsspec URL (`s3://bucket/x.zarr`), not a local path."""
+    return "://" in str(location)
+
+
+def store_location(location: str | Path) -> str | Path:
+    """What zarr and fsspec open: a URL as it is (a Path would mangle `s3://`), a local path as a Path."""
+    return str(location) if is_url(location) else Path(location)
+
+
+def filesystem(location: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec file system `location` lives on and its path there (local paths too)."""
+    return fsspec.core.url_to_fs(str(location))
+
+
+def read_parquet(location: str | Path, columns: list[str] | None = None) -> pl.DataFrame:
+    """A Parquet file (e.g. the row table beside a store) at a local path or an fsspec URL."""
+    if not is_url(location):
+        return pl.read_parquet(location, columns=columns)
+    with fsspec.open(str(location), "rb") as file:
+        return pl.read_parquet(file, columns=columns)
+
+
 def open_store(path: str | Path) -> zarr.Group:
     """A finished store, read-only; a store that was never completed is refused."""
-    path = Path(path)
-    if not (path / "zarr.json").exists():
+    path = store_location(path)
+    fs, root = filesystem(path)
+    if not fs.exists(f"{root}/zarr.json"):
         raise FileNotFoundError(f"{path} is not a Zarr store (no zarr.json); run the stage that writes it")
     try:
         group = zarr.open_group(path, mode="r")
     except Exception as error:  # zarr raises JSON, type and value errors for damaged metadata
-        raise ValueError(f"{path} is not a readable Zarr store: {path / 'zarr.json'}: {error}") from None
+        raise ValueError(f"{path} is not a readable Zarr store: {path}/zarr.json: {error}") from None
     if group.attrs.get("complete") is not True:
         raise ValueError(f"{path} is incomplete (attribute complete is not true): a run did not finish")
     return group
