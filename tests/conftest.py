@@ -5,6 +5,10 @@ import pytest
 # Tests never log to W&B and never touch the user's Prefect state.
 os.environ["WANDB_MODE"] = "disabled"
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is downloaded: a hub id that is not here fails at once
+# One torch thread per test process unless the caller says otherwise: a thread count changes float results in the
+# last bits, and tests compare a run in this process with one in a subprocess (the stage, a killed-and-resumed
+# run, torchrun ranks); both read this. Two xdist workers x 1 thread also fit the 2 cores CI has.
+os.environ.setdefault("LATENTLAB_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

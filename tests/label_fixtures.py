@@ -14,7 +14,7 @@ from latentlab.tasks.arithmetic import ArithmeticConfig, make_splits
 
 REPO = Path(__file__).resolve().parents[1]
 # one thread everywhere: a single process and each torchrun worker then run the same kernels
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "LATENTLAB_THREADS": "1", "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}  # LATENTLAB_THREADS as this process has it (conftest): same arithmetic
 SMALL_SYNTH = ArithmeticConfig(operand_max=19, n_test=40)  # 760 training problems, 40 held out
 
 
