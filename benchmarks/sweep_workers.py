@@ -59,7 +59,9 @@ def timed_sweep(workers: int, args, root: Path, server_env: dict) -> dict:
     pool = f"bench{workers}"
     threads = max(1, (os.cpu_count() or 1) // workers)
     env = {**project.env, **server_env, "LATENTLAB_THREADS": str(threads)}
-    subprocess.run(["prefect", "work-pool", "create", pool, "--type", "process"], env=env, check=True)
+    subprocess.run(
+        ["prefect", "work-pool", "create", pool, "--type", "process"], env=env, check=True, capture_output=True
+    )
     logs = [(root / f"worker{workers}-{i}.log").open("w") for i in range(workers)]
     procs = [
         subprocess.Popen(
@@ -101,6 +103,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--targets", nargs="+", default=["grpo"])
     args = parser.parse_args()
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # prefect, dvc beside python
     with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
         root = Path(tmp)
         (root / "prefect").mkdir()
