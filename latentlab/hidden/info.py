@@ -17,9 +17,7 @@ LayerNorm models centres the residual stream, which changes both kinds of values
 
 from pathlib import Path
 
-import zarr
-
-from latentlab.hidden.store import filesystem, store_location
+from latentlab.hidden.store import filesystem, open_any_store, store_location
 
 
 def hook_name(index: int, num_blocks: int) -> str:
@@ -49,11 +47,9 @@ def describe_store(path: str | Path) -> dict:
     bytes on disk, whether it is complete (the `latentlab info` report)."""
     path = store_location(path)
     fs, root = filesystem(path)
-    if not fs.exists(f"{root}/zarr.json"):
-        raise FileNotFoundError(f"{path} is not a Zarr store (no zarr.json)")
+    group = open_any_store(path)
+    attrs = dict(group.attrs)
     try:
-        group = zarr.open_group(path, mode="r")
-        attrs = dict(group.attrs)
         arrays = {
             name: {
                 "shape": list(array.shape),
@@ -63,7 +59,7 @@ def describe_store(path: str | Path) -> dict:
             }
             for name, array in sorted(group.arrays())
         }
-    except Exception as error:  # zarr raises JSON, type and value errors for damaged metadata
+    except Exception as error:  # an array's own metadata damaged
         raise ValueError(f"{path} is not a readable Zarr store: {error}") from None
     files = fs.find(root, detail=True)  # {path: info}, files only
     layers = attrs.get("layers", [])

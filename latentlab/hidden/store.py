@@ -100,16 +100,21 @@ def read_parquet(location: str | Path, columns: list[str] | None = None) -> pl.D
         return pl.read_parquet(file, columns=columns)
 
 
-def open_store(path: str | Path) -> zarr.Group:
-    """A finished store, read-only; a store that was never completed is refused."""
+def open_any_store(path: str | Path) -> zarr.Group:
+    """A store read-only, finished or not (for reports on it; readers of its data use `open_store`)."""
     path = store_location(path)
     fs, root = filesystem(path)
     if not fs.exists(f"{root}/zarr.json"):
         raise FileNotFoundError(f"{path} is not a Zarr store (no zarr.json); run the stage that writes it")
     try:
-        group = zarr.open_group(path, mode="r")
+        return zarr.open_group(path, mode="r")
     except Exception as error:  # zarr raises JSON, type and value errors for damaged metadata
         raise ValueError(f"{path} is not a readable Zarr store: {path}/zarr.json: {error}") from None
+
+
+def open_store(path: str | Path) -> zarr.Group:
+    """A finished store, read-only; a store that was never completed is refused."""
+    group = open_any_store(path)
     if group.attrs.get("complete") is not True:
         raise ValueError(f"{path} is incomplete (attribute complete is not true): a run did not finish")
     return group
