@@ -88,6 +88,15 @@ def git(repo: str | Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
 
 
+def uncommitted(repo: str | Path) -> str:
+    """Modified tracked files an experiment would silently not see (it runs a clone of the last commit).
+
+    `results/` is left out: the sweeps write it (their summaries, the claims file) and only `report` reads
+    it, so one sweep after another, before committing their results, is the normal course of work.
+    """
+    return git(repo, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
+
+
 def exp_ref(baseline: str, name: str) -> str:
     """Where DVC keeps an experiment of `baseline` called `name`."""
     return f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"
@@ -215,7 +224,7 @@ def sweep(
 
     repo, grid, seeds, targets = str(Path(repo).resolve()), grid or {}, seeds or [0], targets or []
     check_keys(repo, grid)
-    if dirty := git(repo, "status", "--porcelain", "--untracked-files=no"):
+    if dirty := uncommitted(repo):
         raise SystemExit(f"commit first: the experiments run the last commit, and these files differ:\n{dirty}")
     baseline = git(repo, "rev-parse", "HEAD")
     experiments = plan(grid, seeds, targets)

@@ -9,7 +9,7 @@ import pytest
 
 from flows.claims import CLAIMS, update_claims
 from flows.stats import summarize, t_quantile, t_two_sided_probability
-from flows.sweep import parse_grid, plan
+from flows.sweep import parse_grid, plan, uncommitted
 from latentlab.figures import claims_markdown
 from tests.test_flows import _post, server  # noqa: F401  (the module-scoped Prefect server fixture)
 
@@ -49,6 +49,23 @@ def test_grid_plan_names_and_order():
     # a name depends on everything that defines the run, and only on that
     assert plan(grid, [0, 1], ["evaluate"])[3].name == experiments[3].name
     assert plan(grid, [0, 1], ["grpo"])[3].name != experiments[3].name
+
+
+def test_only_results_may_be_uncommitted_when_a_sweep_starts(tmp_path):
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "claims.json").write_text("{}")
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "start")
+    (tmp_path / "results" / "claims.json").write_text('{"claims": {}}')  # the previous sweep's output
+    (tmp_path / "notes.txt").write_text("untracked")
+    assert uncommitted(tmp_path) == ""
+    (tmp_path / "params.yaml").write_text("seed: 1\n")  # an edit the experiments would not see
+    assert uncommitted(tmp_path) == "M params.yaml"
 
 
 def test_claims_file_rewrites_its_own_entries_and_keeps_the_others(tmp_path):
