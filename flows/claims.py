@@ -16,18 +16,36 @@ NLA = "metrics/nla.json:"  # evaluate's NLA scores: nla_sft.* (SFT actor and cri
 SFT_ACTOR, RL_ACTOR = f"{NLA}nla_sft.actors.nla_sft", f"{NLA}nla_rl.actors.nla_rl"
 SURGERY = "metrics/surgery.json:"  # the surgery stage's three arms from one phase-1 state
 GRID = "metrics/policy.json:"  # evaluate's grid-world returns table
+INJECT = "metrics/inject.json:"  # the inject stage: the frozen SFT model, the injector at step 0 and after GRPO
 
 # Per-seed differences the sweep computes (paired: same seed, same configuration), named "a - b".
 DIFFERENCES = [
     ("grpo.accuracy_even", "sft.accuracy_even"),
     ("inject.accuracy", "grpo.accuracy"),
     (f"{RL_ACTOR}.fve", f"{SFT_ACTOR}.fve"),
+    (f"{INJECT}final.accuracy", f"{INJECT}sft.accuracy"),
 ]
 
 
 def difference_name(a: str, b: str) -> str:
     return f"{a} - {b}"
 
+
+# The injection table's columns: the frozen SFT model alone, the injected model before any training (and after the
+# alignment phase), after GRPO (overall / odd / even answers), what GRPO trains and how long a step takes.
+INJECTION_METRICS = [
+    f"{INJECT}sft.accuracy",
+    f"{INJECT}sft.accuracy_odd",
+    f"{INJECT}sft.accuracy_even",
+    f"{INJECT}step0.accuracy",
+    f"{INJECT}after_align.accuracy",
+    f"{INJECT}final.accuracy",
+    f"{INJECT}final.accuracy_odd",
+    f"{INJECT}final.accuracy_even",
+    difference_name(f"{INJECT}final.accuracy", f"{INJECT}sft.accuracy"),
+    f"{INJECT}trained_parameters",
+    f"{INJECT}seconds_per_step",
+]
 
 CLAIMS = {
     "even_recovery": {
@@ -78,6 +96,22 @@ CLAIMS = {
             f"{SURGERY}sac_minus_random",
             f"{SURGERY}sac.commits",
         ],
+    },
+    "inject_variants": {
+        "title": "Injection variants that keep the virtual token in distribution (issue 12): residual, gated, norm, token",
+        "metrics": INJECTION_METRICS,
+    },
+    "inject_align": {
+        "title": "Injection with an alignment phase before GRPO (KL to the model without the virtual token)",
+        "metrics": INJECTION_METRICS,
+    },
+    "inject_placeholder": {
+        "title": "Injection into an SFT model trained with a placeholder position (the consumer has seen the input)",
+        "metrics": INJECTION_METRICS,
+    },
+    "inject_shuffled": {
+        "title": "Shuffled control: the injector reads another prompt's hidden state",
+        "metrics": INJECTION_METRICS,
     },
     "grid_policy": {
         "title": "Grid world: the LM's hidden state helps an offline-trained policy (return on unseen levels)",

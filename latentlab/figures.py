@@ -121,6 +121,25 @@ def provenance_lines(sweep: dict) -> list[str]:
     ]
 
 
+def interval_cell(row: dict | float | int | None) -> str:
+    """A sweep row as `mean [low, high]` (a plain number as itself; `–` for nothing)."""
+    if row is None or isinstance(row, int | float):
+        return _number(row)
+    if row["low"] is None:
+        return _number(row["mean"])
+    return f"{_number(row['mean'])} [{_number(row['low'])}, {_number(row['high'])}]"
+
+
+def summary_table(first: str, columns: list[str], rows: dict[str, dict]) -> str:
+    """`rows[label][column]` (sweep rows or numbers) as a markdown table, `first` heading the label column."""
+    lines = [f"| {first} | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [
+        f"| {label} | " + " | ".join(interval_cell(cells.get(c)) for c in columns) + " |"
+        for label, cells in rows.items()
+    ]
+    return "\n".join(lines)
+
+
 def claims_markdown(claims: dict) -> str:
     """The report's Claims section body from results/claims.json (written by `flows.sweep --claims`)."""
     if not claims.get("claims"):

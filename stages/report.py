@@ -5,6 +5,7 @@ from pathlib import Path
 
 import polars as pl
 
+from flows.claims import INJECT, difference_name
 from latentlab.common.atomic import atomic_output
 from latentlab.common.inputs import InputError
 from latentlab.figures import (
@@ -13,6 +14,8 @@ from latentlab.figures import (
     plot_accuracy_by_parity,
     plot_parameters_vs_accuracy,
     plot_training_curves,
+    provenance_lines,
+    summary_table,
 )
 from stages.common import METRICS, PLOTS, REPORTS, stage
 
@@ -128,6 +131,79 @@ def claims_section() -> str:
     return claims_markdown(json.loads(CLAIMS.read_text()))
 
 
+INJECTION_CLAIMS = ("inject_variants", "inject_align", "inject_placeholder", "inject_shuffled")
+INJECTION_COLUMNS = {  # header -> metric, as the sweep names it (metrics/inject.json of each experiment)
+    "step-0 accuracy": f"{INJECT}step0.accuracy",
+    "after alignment": f"{INJECT}after_align.accuracy",
+    "accuracy": f"{INJECT}final.accuracy",
+    "odd y": f"{INJECT}final.accuracy_odd",
+    "even y": f"{INJECT}final.accuracy_even",
+    "− frozen SFT (paired)": difference_name(f"{INJECT}final.accuracy", f"{INJECT}sft.accuracy"),
+    "trained params": f"{INJECT}trained_parameters",
+    "s / step": f"{INJECT}seconds_per_step",
+}
+
+
+def mean_seconds_per_step(name: str) -> float | None:
+    """Mean of a training log's seconds_per_step column (plots/<name>_speed.csv of this run), if it logs one."""
+    path = PLOTS / f"{name}_speed.csv"
+    speed = pl.read_csv(path) if path.exists() else None
+    return None if speed is None or "seconds_per_step" not in speed.columns else speed["seconds_per_step"].mean()
+
+
+def injection_section(claims: dict) -> str:
+    """Issue 12's table: the frozen SFT model, GRPO of the whole model and every injection configuration the
+    `inject_*` claims hold, each over seeds with its interval (rows from results/claims.json)."""
+    found = {c: claims["claims"][c] for c in INJECTION_CLAIMS if c in claims.get("claims", {})}
+    if not found:
+        return "No injection sweeps in the claims file yet (README, *Hidden-state injection*).\n\n"
+    configs: dict[str, dict[str, dict]] = {}
+    for claim in found.values():
+        for r in claim["rows"]:
+            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in r["config"].items()) or "(defaults)"
+            configs.setdefault(label, {})[r["metric"]] = r
+    first = next(iter(configs.values()))  # the SFT model every configuration but placeholder ones starts from
+    sft = {f"{INJECT}sft.accuracy{p}": first.get(f"{INJECT}sft.accuracy{p}") for p in ("", "_odd", "_even")}
+    rows = {
+        "SFT model (frozen, no injection)": {
+            "step-0 accuracy": sft[f"{INJECT}sft.accuracy"],
+            "accuracy": sft[f"{INJECT}sft.accuracy"],
+            "odd y": sft[f"{INJECT}sft.accuracy_odd"],
+            "even y": sft[f"{INJECT}sft.accuracy_even"],
+            "s / step": mean_seconds_per_step("sft"),
+        }
+    }
+    grpo, parity = claims["claims"].get("inject_vs_grpo"), claims["claims"].get("even_recovery")
+    if grpo:
+        default = [r for r in grpo["rows"] if r["config"].get("grpo.even_bonus") in (None, "0.1")]
+        pick = {r["metric"]: r for r in default}
+        odd = [r for r in (parity or {}).get("rows", []) if r["metric"] == "grpo.accuracy_odd"]
+        odd = [r for r in odd if r["config"].get("grpo.even_bonus") in (None, "0.1")]
+        rows["GRPO of the whole model"] = {
+            "step-0 accuracy": sft[f"{INJECT}sft.accuracy"],
+            "accuracy": pick.get("grpo.accuracy"),
+            "odd y": odd[0] if odd else None,
+            "even y": pick.get("grpo.accuracy_even"),
+            "trained params": pick.get("grpo.trained_parameters"),
+            "s / step": mean_seconds_per_step("grpo"),
+        }
+    for label, metrics in configs.items():
+        rows[f"inject: {label}"] = {header: metrics.get(metric) for header, metric in INJECTION_COLUMNS.items()}
+    sources = [claims["claims"][c] for c in ("inject_vs_grpo", "even_recovery") if c in claims["claims"]]
+    provenance = [line for claim in [*found.values(), *sources[:1]] for line in provenance_lines(claim["sweep"])[:1]]
+    return (
+        "## Injection: which variant keeps the virtual token in distribution?\n\n"
+        "Held-out accuracy on the whole test set, mean [95% interval] over seeds. Step 0: before any training "
+        "(after the alignment phase where there is one, the next column). The paired column is the injector "
+        "after GRPO minus the frozen SFT model it reads, per seed. Seconds per step: the mean GRPO step of each "
+        "experiment (SFT and whole-model GRPO: this run's logs).\n\n"
+        + summary_table("model", list(INJECTION_COLUMNS), rows)
+        + "\n\n"
+        + "\n".join(f"- {line}" for line in provenance)
+        + "\n\n"
+    )
+
+
 def policy_section(path) -> str:
     """The grid-world returns table from metrics/policy.json (evaluate), and whether the state helped."""
     m = json.loads(path.read_text())
@@ -183,7 +259,8 @@ def main(params):
             "on the frozen SFT model with grpo's reward, sampler, prompts, groups and steps.\n\n"
             f"{comparison_table(efficiency, EFFICIENCY_COLUMNS)}\n\n"
             "![trainable parameters vs accuracy](parameters_vs_accuracy.png)\n\n"
-            f"{surgery_section(params, out)}"
+            + injection_section(json.loads(CLAIMS.read_text()) if CLAIMS.exists() else {})
+            + f"{surgery_section(params, out)}"
             + nla_section(json.loads((METRICS / "nla.json").read_text()), out)
             + policy_section(METRICS / "policy.json")
             + "## Training\n\n![training curves](training.png)\n\n"

@@ -68,6 +68,36 @@ def test_only_results_may_be_uncommitted_when_a_sweep_starts(tmp_path):
     assert uncommitted(tmp_path) == "M params.yaml"
 
 
+def test_the_injection_table_has_a_row_per_configuration_with_its_interval(tmp_path):
+    from flows.claims import INJECT, INJECTION_METRICS
+    from stages.report import injection_section
+
+    def row(config, metric, values):
+        return {"config": config, "metric": metric, **summarize(values), "seeds": [0, 1, 2], "experiments": ["e"] * 3}
+
+    variants = [
+        row({"inject.variant": v}, m, [base + 0.1 * i for i in range(3)])
+        for v, base in (("residual", 0.0), ("gated", 0.4))
+        for m in INJECTION_METRICS
+    ]
+    shuffled = [row({"inject.shuffle_hidden": "true"}, f"{INJECT}final.accuracy", [0.2, 0.2, 0.2])]
+    path = tmp_path / "claims.json"
+    summary = {"command": "c", "baseline": "abcdef0", "keys": [], "seeds": [0, 1, 2], "targets": ["inject"]}
+    summary |= {"interval": "t", "counts": {"total": 3, "ran": 3, "reused": 0, "failed": 0}}
+    update_claims(path, ["inject_variants"], {**summary, "rows": variants})
+    claims = update_claims(path, ["inject_shuffled"], {**summary, "rows": shuffled})
+
+    table = injection_section(claims)
+    lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    assert "| inject: variant=gated" in lines and "| inject: shuffle_hidden=true" in lines
+    # mean 0.5 of 0.4, 0.5, 0.6 with its t interval (4.303 * 0.1 / sqrt(3) = 0.248)
+    assert "0.500 [0.252, 0.748]" in lines["| inject: variant=gated"]
+    assert "0.200" in lines["| inject: shuffle_hidden=true"]
+    sft = lines["| SFT model (frozen, no injection)"].split(" | ")
+    assert sft[1] == sft[3] == "0.100 [-0.148, 0.348]"  # its step 0 is its accuracy: nothing trains
+    assert sft[2] == "–"  # no alignment phase
+
+
 def test_claims_file_rewrites_its_own_entries_and_keeps_the_others(tmp_path):
     path = tmp_path / "claims.json"
     path.write_text(json.dumps({"claims": {"later_stage": {"title": "kept", "rows": []}}}))
