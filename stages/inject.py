@@ -71,7 +71,11 @@ def main(params):
         )
     log.save(PLOTS / "inject.csv")  # and plots/inject_speed.csv (seconds_per_step, tokens_per_s)
     log.finish()
-    align_log.save(PLOTS / "inject_align.csv")
+    if align_log.rows:
+        align_log.save(PLOTS / "inject_align.csv")
+    else:  # no alignment: the columns alone, so the declared plot stays valid
+        with atomic_output(PLOTS / "inject_align.csv") as partial:
+            partial.write_text("step,kl,grad_norm,lr\n")
 
     seconds = [row["seconds_per_step"] for row in log.rows if "seconds_per_step" in row]
     metrics |= {"trained_parameters": trained, "seconds_per_step": sum(seconds) / max(1, len(seconds))}

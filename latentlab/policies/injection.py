@@ -225,9 +225,9 @@ class InjectionPolicy(LMPolicy):
             hidden = capture.last_position()[:, 0].float()  # (B, H); prompts are left-padded
         if self.injector.cfg.shuffle_hidden:
             hidden = hidden[derangement(rollout.prompt_ids)]
-        rollout.extras["hidden"] = self._hidden = hidden
+        rollout.extras["hidden"] = self._hidden = hidden  # gated: for the sampler's pass
         if self.is_gated:
-            out.past_key_values.crop(rollout.prompt_ids.shape[1] - 1)
+            out.past_key_values.crop(-1)  # drop the last position
         return out.past_key_values
 
     @contextmanager
@@ -242,18 +242,24 @@ class InjectionPolicy(LMPolicy):
 
         def edit(states: torch.Tensor) -> torch.Tensor | None:
             nonlocal applied
-            if applied:  # a decode step: the edited position is in the KV cache already
+            rows = self._hidden if hidden is None else hidden
+            # prepare's own pass (h not read yet) stays plain; a decode step has the edit in its cache already
+            if applied or rows is None:
                 return None
             applied, c = True, column % states.shape[1]
-            new = self.injector.gated(states[:, c], self._hidden if hidden is None else hidden)
+            new = self.injector.gated(states[:, c], rows)
             return torch.cat([states[:, :c], new[:, None], states[:, c + 1 :]], dim=1)
 
         with edit_block_input(self.model, self.injector.cfg.gate_layer, edit):
             yield
 
     def rollout(self, prompts: list, sampling, generator: torch.Generator | None = None) -> Rollout:
-        with self._gate(-1):  # the sampler's first pass: the prompt's last position after the cache
-            return super().rollout(prompts, sampling, generator)
+        self._hidden = None  # set by prepare, inside the call
+        try:
+            with self._gate(-1):  # the sampler's first pass: the prompt's last position after the cache
+                return super().rollout(prompts, sampling, generator)
+        finally:
+            self._hidden = None
 
     def logprobs(self, rollout: Rollout, temperature: float) -> torch.Tensor:
         with self._gate(rollout.prompt_ids.shape[1] - 1, rollout.extras["hidden"]):
