@@ -19,6 +19,7 @@ from latentlab.lm.training import LMTrainConfig
 from latentlab.policies.injection import InjectorConfig
 from latentlab.policies.nla_actor import NLAActorConfig
 from latentlab.policies.nla_critic import NLACriticConfig
+from latentlab.policies.placeholder import PlaceholderVariant
 from latentlab.rl.awr import AWRConfig
 from latentlab.rl.grpo import GRPOConfig, GRPOSettings
 from latentlab.rl.nla import CriticUpdates, NLASFTConfig, RewardKind
@@ -101,10 +102,30 @@ class InjectParams(InjectorConfig):
     """Weight of the pull toward identity: l2 * ||v - h||^2, mean over prompts."""
     lr: float = Field(gt=0)
     """AdamW learning rate of the injector (GRPO's other settings: the `grpo` section)."""
+    align_steps: int = Field(0, ge=0)
+    """Steps of the alignment phase before GRPO: the injector learns KL(model without v || with v) on gold answers
+    (xRAG's self-distillation; latentlab/policies/alignment.py). 0: none."""
+    align_lr: float = Field(1e-3, gt=0)
+    """AdamW learning rate of the alignment phase."""
+    align_batch: int = Field(64, gt=0)
+    """Training problems per alignment step."""
+    scale_sweep: int = Field(6, ge=0)
+    """Norms in the step-0 sweep of the norm variant -> plots/inject_scales.csv (0: the file holds a header only)."""
 
     @property
     def injector(self) -> InjectorConfig:
         return InjectorConfig.model_validate(self.model_dump(include=set(InjectorConfig.model_fields)))
+
+
+class SFTParams(LMTrainConfig):
+    placeholder_share: float = Field(0.0, ge=0, le=1)
+    """Share of SFT examples with an <INJECT> position after the prompt holding the `placeholder` variant's step-0
+    vector (latentlab/policies/placeholder.py), so the model has seen a virtual token. 0: plain SFT."""
+    placeholder: PlaceholderVariant = "residual"
+    """Which inject variant's step-0 vector fills it: residual (h), norm (h at the embedding rows' mean norm), token
+    (the mean embedding row); inject's defaults for scale and init_token."""
+    placeholder_layer: int = -1
+    """The hidden state h of that vector (as inject.layer: output_hidden_states numbering)."""
 
 
 class SurgeryParams(SurgeonConfig):
@@ -196,7 +217,7 @@ class Params(Config):
     synth: ArithmeticConfig
     base: BaseParams
     label: LabelParams = LabelParams()
-    sft: LMTrainConfig
+    sft: SFTParams
     grpo: GRPOParams
     grpo_full: StageLR
     inject: InjectParams

@@ -1,12 +1,18 @@
 """sft: supervised fine-tuning of models/base on the biased (odd-only) set -> models/sft.
 
-The loss covers the answer and its end-of-sequence token only, never the prompt.
+The loss covers the answer and its end-of-sequence token only, never the prompt. With
+`sft.placeholder_share` > 0 that share of examples carries a virtual token after the prompt
+(latentlab/policies/placeholder.py); at 0 nothing of it runs.
 """
+
+import torch
 
 from latentlab.common.atomic import atomic_output
 from latentlab.common.inputs import read_table, require_model_dir
 from latentlab.lm.modeling import load_lm, read_manifest, save_lm
+from latentlab.lm.tokenizer import INJECT
 from latentlab.lm.training import prompt_answer_examples, shuffled_batches, train_lm
+from latentlab.policies.placeholder import PlaceholderLM, add_placeholders
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
 from stages.common import MODELS, PLOTS, SYNTH, setup, stage, step_log
 
@@ -18,9 +24,15 @@ def main(params):
     model, tokenizer = load_lm(base, run.device)
     biased = read_table(SYNTH / "biased.parquet", PROBLEM_SCHEMA)
     examples = prompt_answer_examples(tokenizer, biased["prompt"].to_list(), biased["answer"].to_list())
+    cfg, trained = params.sft, model
+    if cfg.placeholder_share > 0:  # its own seeded draw: the data order stays that of plain SFT
+        inject_id = tokenizer.convert_tokens_to_ids(INJECT)
+        chooser = torch.Generator().manual_seed(params.seed + 2)
+        examples = add_placeholders(examples, cfg.placeholder_share, inject_id, chooser)
+        trained = PlaceholderLM(model, inject_id, cfg.placeholder, cfg.placeholder_layer)
     log = step_log(params, "sft", params.model_dump(include={"sft", "seed"}))
-    batches = shuffled_batches(examples, params.sft.batch_size, tokenizer.pad_token_id, run.data_rng)
-    train_lm(model, batches, params.sft, run.device, "sft", log)
+    batches = shuffled_batches(examples, cfg.batch_size, tokenizer.pad_token_id, run.data_rng)
+    train_lm(trained, batches, cfg, run.device, "sft", log)
     with atomic_output(MODELS / "sft") as out:
         save_lm(
             model,

@@ -5,7 +5,8 @@ index L (or -1) the output of the final norm, exactly the tuple Hugging Face ret
 only the layers asked for, so nothing forces every layer of every step to be materialised.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -80,3 +81,29 @@ class LayerCapture:
     def last_position(self) -> torch.Tensor:
         """`(B, L, H)`: the states of the last position of the latest pass."""
         return torch.stack([self.states[i][:, -1] for i in self.layers], dim=1)
+
+
+@contextmanager
+def edit_block_input(model, block: int, edit: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+    """While active, the input hidden states `(B, T, H)` of decoder block `block` (layer `block` as
+    output_hidden_states numbers it) pass through `edit`, which returns new states or None (unchanged).
+
+    A forward pre-hook, removed on exit (also on an exception). What the edit writes flows into that
+    block and every later one, and into the KV cache of the edited positions from that block on.
+    """
+    blocks, _ = decoder_blocks(model)
+
+    def pre_hook(module, args, kwargs):
+        states = args[0] if args else kwargs["hidden_states"]
+        edited = edit(states)
+        if edited is None:
+            return None
+        if args:
+            return (edited, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": edited}
+
+    handle = blocks[block].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

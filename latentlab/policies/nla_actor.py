@@ -19,7 +19,7 @@ Hooks are registered for the duration of one call and removed afterwards, also o
 """
 
 import json
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from latentlab.common.config import Config
-from latentlab.lm.capture import decoder_blocks
+from latentlab.lm.capture import decoder_blocks, edit_block_input
 from latentlab.lm.modeling import load_lm, save_lm, save_weights, write_manifest
 from latentlab.lm.padding import pad_sequences
 from latentlab.lm.sampling import Completions
@@ -142,31 +142,22 @@ class NLAActor(LMPolicy):
 
     @contextmanager
     def hooks(self, vectors: torch.Tensor):
-        """Forward pre-hooks on the blocks of the injection layers above the embedding, for one call."""
+        """Edits of the blocks' inputs at the injection layers above the embedding, for one call."""
         width = len(self.template_ids)
 
         def make(layer: int):
-            def pre_hook(module, args, kwargs):
-                states = args[0] if args else kwargs["hidden_states"]
+            def edit(states: torch.Tensor) -> torch.Tensor | None:
                 if states.shape[1] < width:  # a decode step: <INJECT> is in the KV cache already
                     return None
-                states = self._edit(states, vectors, layer)
-                if args:
-                    return (states, *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": states}
+                return self._edit(states, vectors, layer)
 
-            return pre_hook
+            return edit
 
-        handles = [
-            self._blocks[layer].register_forward_pre_hook(make(layer), with_kwargs=True)
-            for layer in self.injector.cfg.layers
-            if layer > 0
-        ]
-        try:
+        with ExitStack() as stack:
+            for layer in self.injector.cfg.layers:
+                if layer > 0:
+                    stack.enter_context(edit_block_input(self.model, layer, make(layer)))
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def rollout(self, prompts: list, sampling, generator: torch.Generator | None = None) -> Rollout:
         vectors = self.encode(prompts).extras["vector"]
