@@ -5,9 +5,9 @@ size, steps, warm-up, held-out monitor, seeded prompt and sampling streams), so 
 are compared like for like. The `inject` section sets the injector's variant, shape and input layer,
 its L2 pull toward its start, its learning rate and an optional alignment phase before GRPO.
 
--> metrics/inject.json: the variant, step-0 accuracy (overall / odd / even) on the whole test set,
-   after alignment too when there is one, trained parameters, seconds per GRPO step, the alignment's
-   final KL and seconds; plots/inject_align.csv (the alignment's KL per step; a header only without it);
+-> metrics/inject.json: the variant; accuracy (overall / odd / even) on the whole test set of the frozen SFT
+   model alone, of the injected model at step 0, after alignment when there is one, and after GRPO; trained
+   parameters, seconds per GRPO step, the alignment's final KL and seconds; plots/inject_align.csv (the alignment's KL per step; a header only without it);
    plots/inject_scales.csv (step-0 accuracy of the norm variant over a sweep of norms).
 """
 
@@ -21,6 +21,7 @@ from latentlab.common.tracking import StepLog
 from latentlab.lm.modeling import load_lm, read_manifest
 from latentlab.policies.alignment import align_injector
 from latentlab.policies.injection import InjectionPolicy, build_injector, save_injector
+from latentlab.policies.lm_policy import LMPolicy
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA, problem_batches
 from latentlab.tasks.injection_eval import accuracy, norm_sweep
 from latentlab.tasks.rewards import ArithmeticReward
@@ -33,16 +34,18 @@ def main(params):
     run, cfg = setup(params), params.inject
     sft = require_model_dir(MODELS / "sft")
     model, tokenizer = load_lm(sft, run.device)
-    injector = build_injector(model, cfg.injector, tokenizer)
-    policy = InjectionPolicy(model, tokenizer, injector, cfg.l2)
     full, test = read_table(SYNTH / "full.parquet", PROBLEM_SCHEMA), read_table(SYNTH / "test.parquet", PROBLEM_SCHEMA)
     reward, batch, tokens = (
         ArithmeticReward(params.grpo.even_bonus),
         params.evaluate.batch_size,
         params.evaluate.max_new_tokens,
     )
-    # greedy decoding draws no random numbers: the GRPO run below is the one it would be without this
-    metrics = {"variant": cfg.variant, "step0": accuracy(policy, test, reward, batch, tokens, "step 0")}
+    # greedy decoding draws no random numbers: the GRPO run below is the one it would be without these
+    # measurements. The frozen SFT model alone is what every variant reads and must beat.
+    metrics = {"variant": cfg.variant, "sft": accuracy(LMPolicy(model, tokenizer), test, reward, batch, tokens, "sft")}
+    injector = build_injector(model, cfg.injector, tokenizer)
+    policy = InjectionPolicy(model, tokenizer, injector, cfg.l2)
+    metrics["step0"] = accuracy(policy, test, reward, batch, tokens, "step 0")
 
     align_log = StepLog()
     if cfg.align_steps:  # its own seeded problem stream: GRPO's prompts and samples stay those of no alignment
@@ -65,6 +68,9 @@ def main(params):
     if any(p.requires_grad or p.grad is not None for p in model.parameters()):
         raise RuntimeError("the SFT model was not frozen: a base parameter is trainable or received a gradient")
     trained = sum(p.numel() for p in policy.trainable_parameters())
+    metrics["final"] = accuracy(
+        policy, test, reward, batch, tokens, "after GRPO"
+    )  # = evaluate's, for a sweep of inject
     with atomic_output(MODELS / "inject") as out:
         save_injector(
             injector, out, base=sft, parent=read_manifest(sft).get("content_sha256"), trained_parameters=trained
