@@ -22,6 +22,7 @@ distribution, not token for token).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -222,7 +223,8 @@ def run_trl(args, cfg, plan, reward, ours_and_floor, times, curves) -> dict:
         callbacks=[Interleave()],
         optimizers=(optimizer, schedule),
     )
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its summary: stdout is the JSON's
+        trainer.train()
     return {"version": trl.__version__, "loss_type": config.loss_type, "bf16": False, "gradient_checkpointing": False}
 
 

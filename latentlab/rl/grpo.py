@@ -149,7 +149,8 @@ class GRPOTrainer:
         cfg, G = self.cfg, self.cfg.group_size
         started = time.perf_counter()
         self.policy.train(False)  # sampling is a no-grad, dropout-free pass
-        rollout = self.policy.rollout([p for p in prompts for _ in range(G)], cfg.sampling, self.generator)
+        # each prompt's prefix runs once, its KV cache expanded to the group (sampling and scoring alike)
+        rollout = self.policy.rollout(prompts, cfg.sampling, self.generator, group_size=G)
         rewards = torch.tensor(
             self.reward_fn(rollout.texts, [t for t in targets for _ in range(G)]),
             dtype=torch.float32,
