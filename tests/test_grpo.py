@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from latentlab.lm.sampling import tokenize_prompts
 from latentlab.policies.lm_policy import LMPolicy
 from latentlab.rl.grpo import GRPOConfig, GRPOTrainer, group_advantages, grpo_loss
 
@@ -118,3 +119,24 @@ def test_short_grpo_run_raises_the_reward():
     assert last > first + 0.3, (first, last)
     for key in ("reward_std", "zero_std_groups", "kl", "clip_fraction", "loss", "tokens_per_s"):
         assert key in log.rows[-1]
+
+
+def test_sampler_logprobs_are_pi_old_and_groups_share_their_prompt(tiny_lm):
+    """With iterations > 1 the trainer takes pi_old from the sampler: the teacher-forced (shared-prefix)
+    pass of the same policy in eval mode gives the same numbers; a group's rows repeat their prompt."""
+    model, tokenizer = tiny_lm
+    policy = LMPolicy(model, tokenizer)
+    prompts, G = ["1+2=", "30-4=", "7+7="], 4
+    rollout = policy.rollout(
+        prompts,
+        GRPOConfig(steps=1, prompts_per_step=3, max_new_tokens=5, lr=1.0).sampling,
+        torch.Generator().manual_seed(0),
+        group_size=G,
+    )
+    assert rollout.group_size == G and rollout.completions.ids.shape[0] == len(rollout.texts) == 12
+    assert torch.equal(
+        rollout.prompt_ids, tokenize_prompts(tokenizer, [p for p in prompts for _ in range(G)], "cpu")[0]
+    )
+    with torch.no_grad():
+        teacher_forced = policy.logprobs(rollout, 1.0)
+    assert torch.allclose(rollout.completions.logprobs, teacher_forced, atol=1e-5)

@@ -70,7 +70,9 @@ def test_gated_sampling_log_probs_match_the_teacher_forced_pass_and_a_slow_refer
         h = policy.model(input_ids=ids, output_hidden_states=True).hidden_states[-1][:, -1]
         column = ids.shape[1] - 1
 
-        def by_hand(x: torch.Tensor, h=h, column=column) -> torch.Tensor:  # the formula at the last prompt position
+        def by_hand(
+            x: torch.Tensor, positions, h=h, column=column
+        ) -> torch.Tensor:  # the formula at the last prompt position
             v, x = policy.injector(h), x.clone()
             x[:, column] += policy.injector.gate * x[:, column].norm(dim=-1, keepdim=True) * v / v.norm()
             return x
@@ -155,7 +157,7 @@ def test_placeholder_sft_batches_share_one_and_share_zero():
             model(input_ids=plain_batch.input_ids, attention_mask=plain_batch.attention_mask).logits,
         )
         seen = []
-        with edit_block_input(model, 0, lambda x: seen.append(x)):  # record the embeddings of every pass
+        with edit_block_input(model, 0, lambda x, positions: seen.append(x)):  # record the embeddings of every pass
             wrapped(batch.input_ids, batch.attention_mask)
         seen = {"x": seen[-1]}  # the second, trained pass
     row, column = 0, int((batch.input_ids[0] == inject_id).nonzero())
@@ -221,3 +223,17 @@ def test_every_variant_saves_and_loads(cfg, tmp_path):
     for name, value in policy.injector.state_dict().items():
         assert torch.equal(loaded.injector.state_dict()[name], value), name
     assert loaded.generate(PROMPTS, 4) == policy.generate(PROMPTS, 4)
+
+
+@pytest.mark.parametrize("variant", ["residual", "gated", "norm", "token"])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_every_variant_scores_grouped_rollouts_as_it_sampled_them(variant, shuffle):
+    # GRPO samples G completions per prompt with the prompt's prefix (and the gate's edit) run once per
+    # group; the teacher-forced pass must score exactly what was sampled, row for row
+    policy = _policy(perturb=True, variant=variant, shuffle_hidden=shuffle)
+    sampling = SamplingConfig(max_new_tokens=4, temperature=0.8)
+    rollout = policy.rollout(PROMPTS, sampling, torch.Generator().manual_seed(0), group_size=3)
+    assert rollout.completions.ids.shape[0] == len(PROMPTS) * 3 and rollout.group_size == 3
+    with torch.no_grad():
+        scored = policy.logprobs(rollout, 0.8)
+    torch.testing.assert_close(scored, rollout.completions.logprobs, atol=1e-5, rtol=1e-4)

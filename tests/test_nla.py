@@ -106,15 +106,23 @@ def test_every_mode_and_layer_changes_the_output_when_the_vector_changes(mode, l
     assert (same[1] - other[1]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("group_size", [1, 3])
 @pytest.mark.parametrize("mode, layers", MODES + [("project", (1,))])
-def test_the_injection_survives_kv_cached_sampling(mode, layers):
+def test_the_injection_survives_kv_cached_sampling(mode, layers, group_size):
     """Log-probs the cached sampler recorded equal a teacher-forced re-score of the same tokens: the
-    vector was in the cache (prefix pass) and is applied once, at <INJECT>, in both."""
+    vector was in the cache (prefix pass) and is applied once, at <INJECT>, in both. With groups, the
+    prefix runs once per vector in both passes (the completions' pass must not be edited), and the
+    shared re-score equals the unshared one."""
     actor = _actor(mode, layers)
-    rollout = actor.rollout(_vectors(4), SamplingConfig(max_new_tokens=8), torch.Generator().manual_seed(0))
+    rollout = actor.rollout(
+        _vectors(4), SamplingConfig(max_new_tokens=8), torch.Generator().manual_seed(0), group_size=group_size
+    )
+    assert rollout.completions.ids.shape[0] == 4 * group_size
     with torch.no_grad():
         rescored = actor.logprobs(rollout, 1.0)
+        unshared = actor.logprobs(rollout.select(torch.arange(4 * group_size)), 1.0)
     torch.testing.assert_close(rescored, rollout.completions.logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unshared, rescored, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layers", [(0,), (1,)])

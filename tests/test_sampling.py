@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from latentlab.lm.capture import LayerCapture
-from latentlab.lm.sampling import SamplingConfig, completion_logprobs, sample, tokenize_prompts
+from latentlab.lm.sampling import Completions, SamplingConfig, completion_logprobs, sample, tokenize_prompts
 
 PROMPTS = ["3+4=", "12-5=", "40+9=", "1+1=", "48-47="]
 
@@ -137,3 +137,62 @@ def test_continuing_a_cache_equals_encoding_the_whole_prefix(tiny_lm):
         past_key_values=head.past_key_values,
     )
     assert torch.equal(whole.ids, continued.ids)
+
+
+def test_group_sampling_draws_what_repeated_prompts_draw(tiny_lm):
+    """Prefix on P rows, cache expanded to P * G: the same tokens as sampling P * G repeated prompts."""
+    model, tokenizer = tiny_lm
+    cfg, G = SamplingConfig(max_new_tokens=6, temperature=1.3), 4
+    repeated = [p for p in PROMPTS for _ in range(G)]
+    _, _, _, expected = _sample(model, tokenizer, repeated, cfg, seed=3)
+    _, _, _, grouped = _sample(model, tokenizer, PROMPTS, cfg, seed=3, group_size=G)
+    assert grouped.ids.shape == expected.ids.shape == (len(PROMPTS) * G, grouped.ids.shape[1])
+    assert torch.equal(grouped.ids, expected.ids) and torch.equal(grouped.mask, expected.mask)
+    assert torch.allclose(grouped.logprobs, expected.logprobs, atol=1e-5)
+    assert len({tuple(row.tolist()) for row in grouped.ids}) > len(PROMPTS)  # groups hold different completions
+
+
+def test_shared_prefix_logprobs_and_gradients_equal_the_unshared_pass():
+    """The prefix forward on one row per group, its KV cache expanded: the same log-probs and the same
+    gradient of every parameter as one pass over the P * G full sequences (float32 rounding only)."""
+    from tests.tiny import new_tiny_lm
+
+    model, tokenizer = new_tiny_lm()
+    G = 3
+    cfg = SamplingConfig(max_new_tokens=7, temperature=1.5)
+    ids, mask, _, sampled = _sample(model, tokenizer, PROMPTS, cfg, seed=1, group_size=G)
+    # end row r at token r % 7 (end-of-sequence there, padding after): completions of every length, masked tails
+    ends = torch.arange(len(sampled.ids)) % 7
+    after = torch.arange(7)[None] > ends[:, None]
+    tokens = sampled.ids.masked_fill(after, tokenizer.pad_token_id)
+    tokens[torch.arange(len(tokens)), ends] = tokenizer.eos_token_id
+    completions = Completions(tokens, ~after, sampled.logprobs)
+    results = []
+    for shared in (False, True):
+        model.zero_grad(set_to_none=True)
+        embeds, prefix_mask = model.get_input_embeddings()(ids), mask  # (P, L, H): rows of the P prompts
+        if not shared:  # every completion with its own copy of the prompt
+            embeds, prefix_mask = embeds.repeat_interleave(G, 0), prefix_mask.repeat_interleave(G, 0)
+        logprobs = completion_logprobs(model, embeds, prefix_mask, completions, 1.5, group_size=G if shared else 1)
+        # any loss that weighs rows and tokens differently: each row's gradient must land on its own prefix
+        weights = torch.arange(1, logprobs.numel() + 1, dtype=torch.float32).view_as(logprobs).sin()
+        (logprobs * weights).sum().backward()
+        results.append((logprobs.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (unshared, unshared_grads), (shared, shared_grads) = results
+    assert torch.allclose(shared, unshared, atol=1e-5) and (shared != 0).sum() == completions.mask.sum()
+    for name, grad in unshared_grads.items():
+        assert grad.abs().max() > 0, name
+        assert torch.allclose(shared_grads[name], grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_group_size_one_token_completions_and_capture(tiny_lm):
+    model, tokenizer = tiny_lm
+    cfg = SamplingConfig(max_new_tokens=1)
+    ids, mask, embeds, completions = _sample(model, tokenizer, PROMPTS, cfg, group_size=2)
+    assert completions.ids.shape == (2 * len(PROMPTS), 1)
+    shared = completion_logprobs(model, embeds, mask, completions, group_size=2)  # no second pass: T = 1
+    assert torch.allclose(shared, completions.logprobs, atol=1e-5)
+    with pytest.raises(ValueError, match="5 prefixes x 3"):
+        completion_logprobs(model, embeds, mask, completions, group_size=3)
+    with LayerCapture(model, [1]) as capture, pytest.raises(ValueError, match="group_size"):
+        sample(model, embeds, mask, cfg, 1, 0, capture=capture, group_size=2)

@@ -84,9 +84,12 @@ class LayerCapture:
 
 
 @contextmanager
-def edit_block_input(model, block: int, edit: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+def edit_block_input(
+    model, block: int, edit: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor | None]
+) -> Iterator[None]:
     """While active, the input hidden states `(B, T, H)` of decoder block `block` (layer `block` as
-    output_hidden_states numbers it) pass through `edit`, which returns new states or None (unchanged).
+    output_hidden_states numbers it) pass through `edit(states, position_ids)`, which returns new states
+    or None (unchanged); `position_ids` `(B, T)` is the pass's, or None when the caller gave none.
 
     A forward pre-hook, removed on exit (also on an exception). What the edit writes flows into that
     block and every later one, and into the KV cache of the edited positions from that block on.
@@ -95,7 +98,7 @@ def edit_block_input(model, block: int, edit: Callable[[torch.Tensor], torch.Ten
 
     def pre_hook(module, args, kwargs):
         states = args[0] if args else kwargs["hidden_states"]
-        edited = edit(states)
+        edited = edit(states, kwargs.get("position_ids"))
         if edited is None:
             return None
         if args:

@@ -8,6 +8,13 @@ token, an activation at <INJECT>) are just rows of `inputs_embeds`.
 `completion_logprobs` recomputes, with gradients, log pi(token) for exactly the sampled tokens in
 one teacher-forced pass. Alignment: the logits at position t predict the token at t+1, so the
 logits of the last prompt position score the first completion token.
+
+Groups (GRPO samples G completions of every prompt): with `group_size=G` both functions take the P
+distinct prefixes, run them once, and expand the KV cache of the prefix to the P * G rows (row
+p * G + g is completion g of prompt p) that the completions continue. The work on the prompt drops
+G-fold; what each completion attends to is the same keys and values, so the result is the unshared
+one up to float rounding. With gradients, the expanded cache is part of the graph
+(`repeat_interleave` sums the G rows' gradients back onto their prefix row).
 """
 
 from collections.abc import Callable
@@ -99,6 +106,7 @@ def sample(
     past_key_values=None,
     capture: LayerCapture | None = None,
     on_token: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    group_size: int = 1,
 ) -> Completions:
     """Continue each left-padded prefix of embeddings `(B, P, H)` for up to `cfg.max_new_tokens`.
 
@@ -111,10 +119,15 @@ def sample(
     capture, on_token: with an active `LayerCapture`, `on_token(t, states, alive)` receives, for
         generated token t, the chosen layers' states `(B, L, H)` at the position that predicted it
         (the last prefix position for t = 0) and which rows were still generating.
+    group_size: G > 1 continues each of the B prefixes G times: the prefix (and `past_key_values`)
+        runs on B rows, then its cache and last logits are repeated to B * G rows, and the draws are
+        those of B * G repeated prefixes (the same generator calls on the same logits).
     """
     if on_token is not None and capture is None:
         raise ValueError("on_token needs an active LayerCapture to read hidden states from")
-    batch, new = inputs_embeds.shape[:2]
+    if group_size > 1 and capture is not None:
+        raise ValueError("group_size > 1 does not expand captured states: capture with group_size=1")
+    new = inputs_embeds.shape[1]
     device = inputs_embeds.device
     positions = positions_from_mask(attention_mask)[:, -new:]
     out = model(
@@ -125,6 +138,13 @@ def sample(
         use_cache=True,
         logits_to_keep=1,
     )
+    logits, cache = out.logits[:, -1], out.past_key_values
+    if group_size > 1:  # (B, ...) -> (B * G, ...), row b * G + g continuing prefix b
+        cache.batch_repeat_interleave(group_size)
+        logits = logits.repeat_interleave(group_size, dim=0)
+        attention_mask = attention_mask.repeat_interleave(group_size, dim=0)
+        positions = positions.repeat_interleave(group_size, dim=0)
+    batch = attention_mask.shape[0]
     next_position = positions[:, -1] + 1
     ids = torch.full((batch, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((batch, cfg.max_new_tokens), device=device)
@@ -132,7 +152,7 @@ def sample(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     steps = 0
     for t in range(cfg.max_new_tokens):
-        tokens, token_logprobs = choose_tokens(out.logits[:, -1], cfg, generator)
+        tokens, token_logprobs = choose_tokens(logits, cfg, generator)
         alive = ~finished
         ids[:, t] = torch.where(alive, tokens, pad_id)
         logprobs[:, t] = torch.where(alive, token_logprobs, 0.0)
@@ -148,10 +168,11 @@ def sample(
             input_ids=ids[:, t : t + 1],
             attention_mask=attention_mask,
             position_ids=next_position[:, None],
-            past_key_values=out.past_key_values,
+            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
+        logits = out.logits[:, -1]
         next_position = next_position + 1
     return Completions(ids[:, :steps], mask[:, :steps], logprobs[:, :steps])
 
@@ -162,12 +183,17 @@ def completion_logprobs(
     prefix_mask: torch.Tensor,
     completions: Completions,
     temperature: float = 1.0,
+    group_size: int = 1,
 ) -> torch.Tensor:
     """log pi(token) of every sampled completion token `(B, T)`, with gradients, in one forward pass.
 
     The logits at position t predict token t+1: the prefix's last position scores completion token 0,
     completion position j-1 scores token j. Positions after end-of-sequence are masked (zero).
+    group_size: G > 1 takes B / G prefixes (one per group: completion rows p * G .. p * G + G - 1
+    continue prefix p) and runs them once, then the completions against their expanded KV cache.
     """
+    if group_size > 1:
+        return _grouped_completion_logprobs(model, prefix_embeds, prefix_mask, completions, temperature, group_size)
     prefix_len, length = prefix_embeds.shape[1], completions.ids.shape[1]
     embeds = torch.cat([prefix_embeds, model.get_input_embeddings()(completions.ids)], dim=1)
     mask = torch.cat([prefix_mask, completions.mask.long()], dim=1)
@@ -176,5 +202,48 @@ def completion_logprobs(
         inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask), logits_to_keep=length + 1
     ).logits[:, :-1]
     assert logits.shape[1] == length and prefix_len > 0
+    logprobs = _tempered_logprobs(logits, temperature).gather(-1, completions.ids[..., None]).squeeze(-1)
+    return logprobs * completions.mask
+
+
+def _grouped_completion_logprobs(
+    model,
+    prefix_embeds: torch.Tensor,
+    prefix_mask: torch.Tensor,
+    completions: Completions,
+    temperature: float,
+    group_size: int,
+) -> torch.Tensor:
+    """`completion_logprobs` with a shared prefix: two passes, the prefix on P rows, the completions on P * G.
+
+    pass 1 (P rows):     [prefix]                    -> KV cache, logits of the last position (token 0)
+    expand:              cache, logits, mask, positions repeated G times along the batch (differentiable)
+    pass 2 (P * G rows): completion tokens 0..T-2    -> logits that score tokens 1..T-1
+    The positions and attention mask are those of the one-pass version, so each score is the same.
+    """
+    rows, length = prefix_embeds.shape[0], completions.ids.shape[1]
+    if completions.ids.shape[0] != rows * group_size:
+        raise ValueError(f"{completions.ids.shape[0]} completions are not {rows} prefixes x {group_size}")
+    first = model(
+        inputs_embeds=prefix_embeds,
+        attention_mask=prefix_mask,
+        position_ids=positions_from_mask(prefix_mask),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    logits = first.logits.repeat_interleave(group_size, dim=0)  # (P * G, 1, V): scores completion token 0
+    if length > 1:
+        cache = first.past_key_values
+        cache.batch_repeat_interleave(group_size)  # (P, heads, L, d) -> (P * G, heads, L, d) in every layer
+        mask = torch.cat([prefix_mask.repeat_interleave(group_size, dim=0), completions.mask.long()], dim=1)
+        fed = length - 1  # the last completion token predicts nothing
+        rest = model(
+            input_ids=completions.ids[:, :fed],
+            attention_mask=mask[:, : prefix_mask.shape[1] + fed],
+            position_ids=positions_from_mask(mask)[:, prefix_mask.shape[1] : prefix_mask.shape[1] + fed],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits
+        logits = torch.cat([logits, rest], dim=1)  # (P * G, T, V)
     logprobs = _tempered_logprobs(logits, temperature).gather(-1, completions.ids[..., None]).squeeze(-1)
     return logprobs * completions.mask

@@ -240,7 +240,7 @@ class InjectionPolicy(LMPolicy):
             return
         applied = False
 
-        def edit(states: torch.Tensor) -> torch.Tensor | None:
+        def edit(states: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor | None:
             nonlocal applied
             rows = self._hidden if hidden is None else hidden
             # prepare's own pass (h not read yet) stays plain; a decode step has the edit in its cache already
@@ -253,16 +253,17 @@ class InjectionPolicy(LMPolicy):
         with edit_block_input(self.model, self.injector.cfg.gate_layer, edit):
             yield
 
-    def rollout(self, prompts: list, sampling, generator: torch.Generator | None = None) -> Rollout:
-        self._hidden = None  # set by prepare, inside the call
+    def rollout(self, prompts: list, sampling, generator: torch.Generator | None = None, group_size: int = 1):
+        self._hidden = None  # set by prepare, inside the call (one row per distinct prompt)
         try:
             with self._gate(-1):  # the sampler's first pass: the prompt's last position after the cache
-                return super().rollout(prompts, sampling, generator)
+                return super().rollout(prompts, sampling, generator, group_size)
         finally:
             self._hidden = None
 
     def logprobs(self, rollout: Rollout, temperature: float) -> torch.Tensor:
-        with self._gate(rollout.prompt_ids.shape[1] - 1, rollout.extras["hidden"]):
+        # the first pass is the prefix of one row per group (LMPolicy.logprobs): the gate edits those rows
+        with self._gate(rollout.prompt_ids.shape[1] - 1, rollout.extras["hidden"][:: rollout.group_size]):
             return super().logprobs(rollout, temperature)
 
     def completion_logits(self, rollout: Rollout) -> torch.Tensor:

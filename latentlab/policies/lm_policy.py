@@ -4,6 +4,11 @@
 samples completions from it with the shared sampler and scores sampled completions with
 gradients. Variants change only `prefix` (e.g. the injection policy appends a virtual token),
 `trainable_parameters` and `regularizers`; sampling and log-probs stay the same code.
+
+Groups: `rollout(prompts, ..., group_size=G)` samples G completions of each of the P prompts. The
+policy encodes, prepares and runs the prefix of the P prompts once and the sampler expands their KV
+cache to the P * G rows; the returned rollout holds P * G rows (row p * G + g: completion g of prompt
+p, its per-row tensors repeated) and remembers G, so that `logprobs` shares the prefix pass too.
 """
 
 from dataclasses import dataclass, field
@@ -20,9 +25,10 @@ class Rollout:
     completions: Completions
     texts: list[str]  # decoded completions, up to end-of-sequence
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # what a policy variant caches per row
+    group_size: int = 1  # G: rows p * G .. p * G + G - 1 share prompt p (and its prefix)
 
     def select(self, rows: torch.Tensor) -> "Rollout":
-        """The rollout of some rows only (a minibatch), every per-row tensor indexed alike."""
+        """The rollout of some rows only (a minibatch), every per-row tensor indexed alike (no groups)."""
         c = self.completions
         return Rollout(
             self.prompt_ids[rows],
@@ -31,6 +37,19 @@ class Rollout:
             [self.texts[i] for i in rows.tolist()],
             {name: value[rows] for name, value in self.extras.items()},
         )
+
+    def heads(self) -> "Rollout":
+        """The first row of every group: the P distinct prompts (their ids, mask and extras), nothing sampled."""
+        G = self.group_size
+        extras = {name: value[::G] for name, value in self.extras.items()}
+        return Rollout(self.prompt_ids[::G], self.prompt_mask[::G], None, [], extras)
+
+    def repeat(self, group_size: int) -> None:
+        """Repeat every per-row tensor `group_size` times along the rows, in place (prompt p -> rows p * G + g)."""
+        self.prompt_ids = self.prompt_ids.repeat_interleave(group_size, dim=0)
+        self.prompt_mask = self.prompt_mask.repeat_interleave(group_size, dim=0)
+        self.extras = {name: value.repeat_interleave(group_size, dim=0) for name, value in self.extras.items()}
+        self.group_size = group_size
 
 
 class LMPolicy:
@@ -61,7 +80,10 @@ class LMPolicy:
         return None
 
     @torch.no_grad()
-    def rollout(self, prompts: list, sampling: SamplingConfig, generator: torch.Generator | None = None) -> Rollout:
+    def rollout(
+        self, prompts: list, sampling: SamplingConfig, generator: torch.Generator | None = None, group_size: int = 1
+    ) -> Rollout:
+        """Sample `group_size` completions of each prompt: a rollout of len(prompts) * group_size rows."""
         rollout = self.encode(prompts)
         cache = self.prepare(rollout)
         embeds, prefix_mask = self.prefix(rollout)
@@ -76,14 +98,18 @@ class LMPolicy:
             self.tokenizer.pad_token_id,
             generator,
             past_key_values=cache,
+            group_size=group_size,
         )
+        rollout.repeat(group_size)
         rollout.texts = self.tokenizer.batch_decode(rollout.completions.ids, skip_special_tokens=True)
         return rollout
 
     def logprobs(self, rollout: Rollout, temperature: float) -> torch.Tensor:
-        """log pi(token) of the rollout's sampled tokens, with gradients where parameters train."""
-        embeds, prefix_mask = self.prefix(rollout)
-        return completion_logprobs(self.model, embeds, prefix_mask, rollout.completions, temperature)
+        """log pi(token) of the rollout's sampled tokens, with gradients where parameters train (the prefix
+        of each group runs once)."""
+        G = rollout.group_size
+        embeds, prefix_mask = self.prefix(rollout.heads() if G > 1 else rollout)
+        return completion_logprobs(self.model, embeds, prefix_mask, rollout.completions, temperature, G)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -146,8 +146,10 @@ class NLAActor(LMPolicy):
         width = len(self.template_ids)
 
         def make(layer: int):
-            def edit(states: torch.Tensor) -> torch.Tensor | None:
-                if states.shape[1] < width:  # a decode step: <INJECT> is in the KV cache already
+            def edit(states: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor | None:
+                # only a pass over the template itself (it starts at position 0) holds <INJECT>: a decode step
+                # or the completions of a shared-prefix pass continue a KV cache that has it already
+                if states.shape[1] < width or (positions is not None and int(positions[0, 0]) != 0):
                     return None
                 return self._edit(states, vectors, layer)
 
@@ -159,13 +161,14 @@ class NLAActor(LMPolicy):
                     stack.enter_context(edit_block_input(self.model, layer, make(layer)))
             yield
 
-    def rollout(self, prompts: list, sampling, generator: torch.Generator | None = None) -> Rollout:
+    def rollout(self, prompts: list, sampling, generator: torch.Generator | None = None, group_size: int = 1):
         vectors = self.encode(prompts).extras["vector"]
         with self.hooks(vectors):
-            return super().rollout(prompts, sampling, generator)
+            return super().rollout(prompts, sampling, generator, group_size)
 
     def logprobs(self, rollout: Rollout, temperature: float) -> torch.Tensor:
-        with self.hooks(rollout.extras["vector"]):
+        # the prefix pass runs on one row per group (LMPolicy.logprobs): the hooks edit those rows
+        with self.hooks(rollout.extras["vector"][:: rollout.group_size]):
             return super().logprobs(rollout, temperature)
 
     def teacher_forced(self, vectors: list, texts: list[str]) -> Rollout:

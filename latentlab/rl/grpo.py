@@ -149,7 +149,8 @@ class GRPOTrainer:
         cfg, G = self.cfg, self.cfg.group_size
         started = time.perf_counter()
         self.policy.train(False)  # sampling is a no-grad, dropout-free pass
-        rollout = self.policy.rollout([p for p in prompts for _ in range(G)], cfg.sampling, self.generator)
+        # each prompt's prefix runs once, its KV cache expanded to the group (sampling and scoring alike)
+        rollout = self.policy.rollout(prompts, cfg.sampling, self.generator, group_size=G)
         rewards = torch.tensor(
             self.reward_fn(rollout.texts, [t for t in targets for _ in range(G)]),
             dtype=torch.float32,
@@ -157,10 +158,11 @@ class GRPOTrainer:
         )
         advantages = group_advantages(rewards, G, cfg.scale_rewards)
         mask = rollout.completions.mask
+        # pi_old: with one gradient step per batch, pi_old = pi_theta and the detached current log-probs below
+        # serve; with several, the sampler's own log-probs are pi_old (the same policy in the same eval mode,
+        # same temperature, before any update; they differ from a teacher-forced pass in float rounding only)
+        old_logprobs = rollout.completions.logprobs if cfg.iterations > 1 else None
         with torch.no_grad():
-            # with one gradient step per batch, pi_old = pi_theta: the detached current log-probs
-            # below serve, and this extra pass is only needed when several steps reuse the batch
-            old_logprobs = self.policy.logprobs(rollout, cfg.temperature) if cfg.iterations > 1 else None
             ref_logprobs = self.ref_policy.logprobs(rollout, cfg.temperature) if self.ref_policy else None
 
         self.policy.train(True)
