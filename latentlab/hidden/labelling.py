@@ -47,7 +47,7 @@ from latentlab.common.distributed import Ranks
 from latentlab.common.tracking import progress
 from latentlab.hidden.extract import POSITIONS, ExtractConfig, Extracted, Extractor, TokenRows
 from latentlab.hidden.info import hook_name
-from latentlab.hidden.store import FORMAT, create_store, filesystem, is_url
+from latentlab.hidden.store import FORMAT, Compression, create_store, filesystem, is_url
 from latentlab.lm.capture import decoder_blocks
 from latentlab.lm.modeling import describe_model, load_lm
 
@@ -59,6 +59,10 @@ class LabelConfig(ExtractConfig):
     """Rows per forward pass; also the Zarr chunk along N and the unit that seeds sampling."""
     shard_rows: int = Field(1024, gt=0)
     """Rows per shard file: the unit written, resumed and handed to a rank (a multiple of batch_size)."""
+    compression: Compression = "zstd"
+    """Codec of the float arrays (pooled, tokens): none, lz4 (byte-shuffled, Blosc) or zstd (level 1). Hidden
+    states are nearly incompressible; zstd shrinks the zeros after end-of-sequence in `tokens` (see
+    benchmarks/label.py for each codec's write time and bytes). Readers open stores of any codec."""
 
     @model_validator(mode="after")
     def _shards_hold_whole_batches(self):
@@ -104,7 +108,8 @@ class Job:
             "mode": mode,
             "tokens": self.cfg.tokens,
             "pooling": "mean",
-            "positions": POSITIONS[mode],
+            "positions": POSITIONS[mode] if mode == "text" else self.cfg.positions,
+            "stop_at_eos": self.cfg.stop_at_eos,
             "dtype": self.cfg.dtype,
             "hidden_size": extractor.hidden_size,
             "rows": self.rows.height,
@@ -290,6 +295,7 @@ def _create_job_store(extractor: Extractor, job: Job, path: Path | str) -> None:
         job.attributes(extractor),
         job.cfg.batch_size,
         job.cfg.shard_rows,
+        job.cfg.compression,
     )
 
 
