@@ -277,7 +277,8 @@ class Extractor:
 
         def on_token(t: int, states: torch.Tensor, alive: torch.Tensor) -> None:
             # running sums: only the chosen layers of the newest position are ever held
-            states = torch.where(alive[:, None, None], states, 0)
+            if self.cfg.stop_at_eos:  # without it every row is alive at every step
+                states = torch.where(alive[:, None, None], states, 0)
             sums.add_(states.float())
             if tokens is not None:
                 tokens[:, t] = states

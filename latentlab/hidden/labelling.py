@@ -109,14 +109,13 @@ class Job:
             "tokens": self.cfg.tokens,
             "pooling": "mean",
             "positions": POSITIONS[mode] if mode == "text" else self.cfg.positions,
-            "stop_at_eos": self.cfg.stop_at_eos,
             "dtype": self.cfg.dtype,
             "hidden_size": extractor.hidden_size,
             "rows": self.rows.height,
             "seed": self.seed,
             "temperature": self.cfg.temperature,
             "top_p": self.cfg.top_p,
-        }
+        } | ({} if self.cfg.stop_at_eos else {"stop_at_eos": False})  # absent: stopped at end-of-sequence
 
 
 def prepare(
@@ -138,11 +137,22 @@ def prepare(
     except ValueError as error:
         raise ValueError(f"{source or name}: {error}") from None
     # what the result depends on; not the world size: any number of ranks resumes any other's work
-    digest = hashlib.sha256(json.dumps([FORMAT, cfg.model_dump(), seed, model, name], sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps([FORMAT, _identity(cfg), seed, model, name], sort_keys=True).encode())
     for tokens in (prompts, completions) if completions is not None else (prompts,):
         digest.update(tokens.flat.tobytes() + tokens.offsets.tobytes())
     digest.update(ids.tobytes())
     return Job(name, rows, cfg, seed, model, prompts, width, completions, digest.hexdigest())
+
+
+# options added after the store format's first version: at their defaults they leave a job's
+# fingerprint (and a store's attributes) as before, so earlier stores and unfinished work keep theirs
+LATER_OPTIONS = ("stop_at_eos", "compression")
+
+
+def _identity(cfg: LabelConfig) -> dict:
+    """The config as it enters a job's fingerprint: every option, the later ones only when not at their default."""
+    defaults = {name: LabelConfig.model_fields[name].default for name in LATER_OPTIONS}
+    return cfg.model_dump(exclude={name for name, value in defaults.items() if getattr(cfg, name) == value})
 
 
 @dataclass
