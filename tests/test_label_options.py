@@ -126,3 +126,13 @@ def test_defaults_keep_the_fingerprint_and_attributes_of_earlier_stores(tiny_lm,
     assert attrs["stop_at_eos"] is False and "end-of-sequence stops no row" in attrs["positions"]
     assert (open_store(store)["n_positions"][:] == 8).all()
     assert pl.read_parquet(table)["n_tokens"].to_list() == [8] * len(PROMPTS)
+
+
+def test_cli_options_reach_the_label_config():
+    from latentlab import cli
+
+    base = "label --model m --prompts p --out o.zarr --shard-rows 1024".split()
+    cfg = cli.label_config(cli.build_parser().parse_args(base))
+    assert cfg.stop_at_eos is True and cfg.compression == "zstd"
+    cfg = cli.label_config(cli.build_parser().parse_args(base + "--no-stop-at-eos --compression lz4".split()))
+    assert cfg.stop_at_eos is False and cfg.compression == "lz4"
