@@ -1,6 +1,6 @@
 """Labelling speed, memory and bytes: the reference approach, the `label` stage, and bare generation.
 
-    python benchmarks/label.py            # JSON on stdout, a few minutes on a 2-core CPU
+    python benchmarks/label.py            # JSON on stdout, about 4-5 minutes on a 2-core CPU
     python benchmarks/label.py --quick    # a smoke run
 
 Three approaches on the same model, prompts and machine, each in a fresh process forked from a
@@ -14,10 +14,15 @@ the model is loaded.
              on the fly, sharded Zarr written shard by shard; `label` stores per-token float16 states
              too (as the reference keeps them), `label_pooled` only the pooled vectors
   bare       the same sampler / forward pass with no extraction and nothing written: the ceiling
-for both modes (prompt: `tokens 1`; generate: `tokens N`), on the default-sized model, on a deep
-one (24 layers) and at 4x the rows. Ratios are speed ratios (rows/s): b/a = label vs reference,
-b/c = label vs bare. Each approach runs `--repeats` times, interleaved with the others; the best
-time and the largest peak are reported.
+for prompt mode (`tokens 1`) and generate mode (`tokens N`) with both stopping rules (stop at
+end-of-sequence; fixed length, every row exactly N tokens, the reference's 256-token setting), on
+the default-sized model (H 64, 4 layers), a deep one (24 layers) and a wide one (H 512, 8 layers,
+64 tokens, fixed length only: the reference keeps every layer of every step, which at this width
+costs what it costs on real models), and at twice the rows for memory. Ratios are speed ratios
+(rows/s): b/a = label vs reference, b/c = label vs bare. Each approach runs `--repeats` times,
+interleaved with the others; the best time and the largest peak are reported. Also measured: each
+codec's write time and bytes on label's own arrays, and what reading layers costs in one forward
+pass (hooks on the kept layer vs `output_hidden_states=True`).
 Threads default to 1: on a shared machine two OpenMP threads that wait on each other are slower.
 """
 
@@ -58,7 +63,7 @@ def benchmark_prompts(rows: int) -> list[str]:
 # ---- the three approaches (run inside a child process) ------------------------------------------
 
 
-def run_reference(model, tokenizer, prompts, tokens, batch_size, out: Path) -> dict:
+def run_reference(model, tokenizer, prompts, tokens, stop, batch_size, out: Path) -> dict:
     import numpy as np
     import torch
 
@@ -81,7 +86,7 @@ def run_reference(model, tokenizer, prompts, tokens, batch_size, out: Path) -> d
                 output_hidden_states=True,
                 return_dict_in_generate=True,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=tokenizer.eos_token_id if stop else None,  # None: exactly `tokens` for every row
             )
             states = torch.stack([step[-1][:, -1] for step in result.hidden_states], 1)  # (B, steps, H)
             padded = torch.zeros((states.shape[0], tokens, states.shape[2]))
@@ -94,14 +99,20 @@ def run_reference(model, tokenizer, prompts, tokens, batch_size, out: Path) -> d
     return {"bytes": directory_bytes(out / "reference.npz"), "hidden_state_bytes": hidden.nbytes}
 
 
-def run_label(model, tokenizer, prompts, tokens, batch_size, out: Path, store_tokens: bool) -> dict:
+def run_label(model, tokenizer, prompts, tokens, stop, batch_size, out: Path, store_tokens: bool, compression) -> dict:
     import polars as pl
 
     from latentlab.hidden.extract import Extractor
     from latentlab.hidden.labelling import LabelConfig, label, prepare
 
     cfg = LabelConfig(
-        layers=[-1], tokens=tokens, store_tokens=store_tokens, batch_size=batch_size, shard_rows=4 * batch_size
+        layers=[-1],
+        tokens=tokens,
+        stop_at_eos=stop,
+        store_tokens=store_tokens,
+        batch_size=batch_size,
+        shard_rows=4 * batch_size,
+        compression=compression,
     )
     rows = pl.DataFrame({"id": list(range(len(prompts))), "prompt": prompts})
     extractor = Extractor(model, tokenizer, cfg)
@@ -114,13 +125,13 @@ def run_label(model, tokenizer, prompts, tokens, batch_size, out: Path, store_to
     }
 
 
-def run_bare(model, tokenizer, prompts, tokens, batch_size, out: Path) -> dict:
+def run_bare(model, tokenizer, prompts, tokens, stop, batch_size, out: Path) -> dict:
     import torch
 
     from latentlab.hidden.extract import TokenRows
     from latentlab.lm.sampling import SamplingConfig, positions_from_mask, sample
 
-    sampling = SamplingConfig(max_new_tokens=tokens)
+    sampling = SamplingConfig(max_new_tokens=tokens, stop_at_eos=stop)
     encoded = TokenRows.from_lists(tokenizer(prompts, add_special_tokens=False)["input_ids"])  # once, as label does
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
@@ -146,7 +157,7 @@ def run_bare(model, tokenizer, prompts, tokens, batch_size, out: Path) -> dict:
     return {"bytes": 0}
 
 
-def child(approach: str, model_dir: Path, rows: int, tokens: int, args) -> dict:
+def child(approach: str, cell: dict, rows: int, args) -> dict:
     """One timed run of one approach (after a one-batch warm-up), in a process of its own."""
     import torch
 
@@ -154,21 +165,22 @@ def child(approach: str, model_dir: Path, rows: int, tokens: int, args) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, tokenizer = load_lm(model_dir)
+    model, tokenizer = load_lm(cell["model"])
     gc.freeze()  # as `label` does, for every approach: no full collection walks the model's objects
     prompts = benchmark_prompts(rows)
     run = {
         "reference": run_reference,
         "bare": run_bare,
-        "label": lambda *a: run_label(*a, store_tokens=True),
-        "label_pooled": lambda *a: run_label(*a, store_tokens=False),
+        "label": lambda *a: run_label(*a, store_tokens=True, compression=args.compression),
+        "label_pooled": lambda *a: run_label(*a, store_tokens=False, compression=args.compression),
     }[approach]
-    with tempfile.TemporaryDirectory() as warm_up:
-        run(model, tokenizer, prompts[: args.batch_size], tokens, args.batch_size, Path(warm_up))
+    tokens, stop, batch_size = cell["tokens"], cell["stop_at_eos"], cell["batch_size"]
+    with tempfile.TemporaryDirectory() as warm_up:  # a few rows: every code path once
+        run(model, tokenizer, prompts[: min(batch_size, 8)], tokens, stop, batch_size, Path(warm_up))
     loaded = rss_bytes()
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
-        sizes = run(model, tokenizer, prompts, tokens, args.batch_size, Path(out))
+        sizes = run(model, tokenizer, prompts, tokens, stop, batch_size, Path(out))
         seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
@@ -176,7 +188,6 @@ def child(approach: str, model_dir: Path, rows: int, tokens: int, args) -> dict:
         "peak_rss_mb": peak / 2**20,
         "peak_over_loaded_mb": (peak - loaded) / 2**20,
         **sizes,
-        "positions": rows * tokens if tokens > 1 else sum(map(len, prompts)),
     }
 
 
@@ -207,47 +218,134 @@ def in_fresh_process(function, *args):
 # ---- the comparison (the parent process) --------------------------------------------------------
 
 
-def build_model(directory: Path, layers: int) -> str:
-    """A random model of the default DAG's size (H=64, 4 heads, MLP 256) with `layers` blocks."""
+def build_model(directory: Path, hidden: int, layers: int) -> str:
+    """A random model: the default DAG's size is H=64 (4 heads, MLP 4H); wider ones get heads of 64."""
     from latentlab.lm.modeling import TinyLMConfig, build_tiny_lm, save_lm
     from latentlab.lm.tokenizer import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
-    cfg = TinyLMConfig(hidden_size=64, layers=layers, heads=4, intermediate_size=256, max_positions=128)
+    heads = max(4, hidden // 64)
+    cfg = TinyLMConfig(hidden_size=hidden, layers=layers, heads=heads, intermediate_size=4 * hidden, max_positions=128)
     return save_lm(build_tiny_lm(cfg, tokenizer), tokenizer, directory, source="scratch")
 
 
-def compare(model: Path, rows: int, tokens: int, args) -> dict:
+def compare(cell: dict, rows: int, args) -> dict:
     """Every approach `repeats` times, interleaved (a, b, b', c, a, b, ...) so that a noisy
     neighbour slows them alike; the best time and the largest peak of each."""
     runs = {approach: [] for approach in APPROACHES}
     for _ in range(args.repeats):
         for approach in APPROACHES:
-            runs[approach].append(in_fresh_process(child, approach, model, rows, tokens, args))
-    positions = runs["bare"][0]["positions"]
+            runs[approach].append(in_fresh_process(child, approach, cell, rows, args))
     summary = {}
     for approach, results in runs.items():
         seconds = min(r["seconds"] for r in results)
         summary[approach] = {
             "seconds": round(seconds, 3),
             "rows_per_s": round(rows / seconds, 1),
-            "tokens_per_s": round(positions / seconds, 1),
-            "peak_rss_mb": round(max(r["peak_rss_mb"] for r in results), 1),
             "peak_over_loaded_mb": round(max(r["peak_over_loaded_mb"] for r in results), 1),
             **{k: v for k, v in results[0].items() if k.endswith("bytes")},
         }
     a, b, bp, c = (summary[k] for k in APPROACHES)
     return {
+        "rows": rows,
         **summary,
         "b_over_a": round(b["rows_per_s"] / a["rows_per_s"], 2),
         "b_over_c": round(b["rows_per_s"] / c["rows_per_s"], 2),
         "b_pooled_over_a": round(bp["rows_per_s"] / a["rows_per_s"], 2),
         "b_pooled_over_c": round(bp["rows_per_s"] / c["rows_per_s"], 2),
-        "bytes_over_npz": {  # the whole store (pooled float32 included) and its per-token array alone
+        "bytes_over_npz": {  # the whole store (pooled float32 included) and the pooled-only store
             "store_with_tokens": round(b["bytes"] / a["bytes"], 3),
-            "tokens_array_vs_hidden_state": round(b["tokens_array_bytes"] / a["hidden_state_bytes"], 3),
             "store_pooled_only": round(bp["bytes"] / a["bytes"], 4),
         },
+    }
+
+
+def measure_codecs(cell: dict, rows: int, args) -> dict:
+    """Write time and bytes of each codec on one label run's own arrays (pooled float32, tokens
+    float16), written as `label` writes them (shard by shard, batch-row chunks), best of `repeats`."""
+    import numpy as np
+    import zarr
+
+    from latentlab.hidden.store import COMPRESSORS, create_store
+
+    with tempfile.TemporaryDirectory() as tmp:
+        in_fresh_process(child_label_once, cell, rows, Path(tmp) / "source", args)
+        source = zarr.open_group(Path(tmp) / "source" / "bench.zarr", mode="r")
+        pooled, tokens = source["pooled"][:], source["tokens"][:]
+        batch, shard = cell["batch_size"], 4 * cell["batch_size"]
+        result = {"arrays": {"pooled": list(pooled.shape), "tokens": list(tokens.shape)}}
+        result["zero_share_of_tokens"] = round(float((tokens == 0).mean()), 3)
+        for name in COMPRESSORS:
+            seconds = []
+            for repeat in range(args.repeats):
+                path = Path(tmp) / f"{name}-{repeat}.zarr"
+                group = create_store(path, len(pooled), 1, pooled.shape[-1], tokens.shape[1], {}, batch, shard, name)
+                started = time.perf_counter()
+                for lo in range(0, len(pooled), shard):
+                    group["pooled"][lo : lo + shard] = pooled[lo : lo + shard]
+                    group["tokens"][lo : lo + shard] = tokens[lo : lo + shard]
+                seconds.append(time.perf_counter() - started)
+                assert np.array_equal(zarr.open_group(path, mode="r")["tokens"][:], tokens)
+            result[name] = {
+                "write_s": round(min(seconds), 4),
+                "mb_per_s": round((pooled.nbytes + tokens.nbytes) / min(seconds) / 2**20, 1),
+                "bytes_over_raw": round(directory_bytes(path) / (pooled.nbytes + tokens.nbytes), 3),
+            }
+    return result
+
+
+def child_label_once(cell: dict, rows: int, out: Path, args) -> None:
+    """One uncompressed label run with per-token states: the arrays the codecs are measured on."""
+    import torch
+
+    from latentlab.lm.modeling import load_lm
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_lm(cell["model"])
+    out.mkdir()
+    run_label(
+        model,
+        tokenizer,
+        benchmark_prompts(rows),
+        cell["tokens"],
+        cell["stop_at_eos"],
+        cell["batch_size"],
+        out,
+        store_tokens=True,
+        compression="none",
+    )
+
+
+def hooks_vs_hidden_states(model: str, rows: int, args) -> dict:
+    """One prompt-mode forward pass: bare, with LayerCapture on the last layer, and with
+    `output_hidden_states=True` (every layer), interleaved, best of 5: what each way of reading costs."""
+    import torch
+
+    from latentlab.lm.capture import LayerCapture
+    from latentlab.lm.modeling import load_lm
+    from latentlab.lm.sampling import positions_from_mask
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_lm(model)
+    enc = tokenizer(benchmark_prompts(rows), return_tensors="pt", padding=True, add_special_tokens=False)
+    inputs = {**enc, "position_ids": positions_from_mask(enc["attention_mask"]), "use_cache": False}
+    times = {"bare": [], "hooks": [], "output_hidden_states": []}
+    with torch.no_grad():
+        for _ in range(6):
+            for way in times:
+                started = time.perf_counter()
+                if way == "hooks":
+                    with LayerCapture(model, [-1]) as capture:
+                        model(**inputs, logits_to_keep=1)
+                        capture.stacked()
+                else:
+                    model(**inputs, logits_to_keep=1, output_hidden_states=way == "output_hidden_states")
+                times[way].append(time.perf_counter() - started)
+    best = {way: min(t[1:]) for way, t in times.items()}  # the first round warms up
+    return {
+        **{f"{way}_s": round(t, 4) for way, t in best.items()},
+        "hooks_over_bare": round(best["hooks"] / best["bare"], 3),
+        "output_hidden_states_over_bare": round(best["output_hidden_states"] / best["bare"], 3),
     }
 
 
@@ -257,52 +355,83 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8, help="tokens generated in generate mode (params.yaml: 8)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--deep-layers", type=int, default=24)
+    parser.add_argument("--wide", type=int, nargs=3, default=[512, 8, 64], help="hidden size, layers, tokens")
+    parser.add_argument("--deep-rows", type=int, default=512)
+    parser.add_argument("--wide-rows", type=int, default=16)
+    parser.add_argument("--compression", default="zstd", choices=["none", "lz4", "zstd"], help="label's codec")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a smoke run: small, one repeat")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.tokens, args.batch_size, args.deep_layers, args.repeats = 64, 4, 32, 8, 1
+        args.wide, args.wide_rows, args.deep_rows = [256, 8, 16], 16, 64
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch starts: the children inherit it
     # import here, compute only in children: what every child needs is loaded once
     import polars  # noqa: F401
     import torch
     import transformers  # noqa: F401
+    import transformers.generation.utils  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401  (lazy: each child would import it again)
     import zarr  # noqa: F401
 
     import latentlab.hidden.labelling  # noqa: F401
+    import latentlab.lm.modeling  # noqa: F401
 
+    wide_hidden, wide_layers, wide_tokens = args.wide
     with tempfile.TemporaryDirectory() as tmp:
-        default, deep = Path(tmp) / "default", Path(tmp) / "deep"
-        in_fresh_process(build_model, default, 4)
-        in_fresh_process(build_model, deep, args.deep_layers)
-        scenarios = {
-            f"default: 4 layers, {args.rows} rows": (default, args.rows),
-            f"deep: {args.deep_layers} layers, {args.rows} rows": (deep, args.rows),
-            f"rows x4: 4 layers, {4 * args.rows} rows": (default, 4 * args.rows),
+        default, deep, wide = Path(tmp) / "default", Path(tmp) / "deep", Path(tmp) / "wide"
+        in_fresh_process(build_model, default, 64, 4)
+        in_fresh_process(build_model, deep, 64, args.deep_layers)
+        in_fresh_process(build_model, wide, wide_hidden, wide_layers)
+        models = {
+            "default": (default, args.rows, args.tokens, args.batch_size),
+            "deep": (deep, args.deep_rows, args.tokens, args.batch_size),
+            # the reference's fixed length only: its setting, and minutes of CPU per cell at this width
+            "wide": (wide, args.wide_rows, wide_tokens, min(args.batch_size, args.wide_rows)),
         }
-        results = {
-            name: {
-                "prompt (tokens 1)": compare(model, rows, 1, args),
-                f"generate (tokens {args.tokens})": compare(model, rows, args.tokens, args),
-            }
-            for name, (model, rows) in scenarios.items()
+        results, cells = {}, {}
+        for name, (model, rows, tokens, batch_size) in models.items():
+            for mode, (n, stop) in {
+                "prompt": (1, True),
+                "generate, stop at EOS": (tokens, True),
+                "generate, fixed length": (tokens, False),
+            }.items():
+                if name == "wide" and mode == "generate, stop at EOS":
+                    continue
+                cells[f"{name} / {mode}"] = {"model": model, "tokens": n, "stop_at_eos": stop, "batch_size": batch_size}
+                results[f"{name} / {mode}"] = compare(cells[f"{name} / {mode}"], rows, args)
+        memory = {  # the same cells at twice the rows (twice the shards): peak memory should not grow with them
+            f"default / {mode} x2 rows": compare(cells[f"default / {mode}"], 2 * args.rows, args)
+            for mode in ("prompt", "generate, fixed length")
         }
-    summary = {}  # the ratios side by side: by depth, and memory at 1x vs 4x the rows
-    for mode in next(iter(results.values())):
-        by_scenario = {name.split(":")[0]: modes[mode] for name, modes in results.items()}
-        summary[mode] = {
-            "b_over_a": {name: r["b_over_a"] for name, r in by_scenario.items()},
-            "b_over_c": {name: r["b_over_c"] for name, r in by_scenario.items()},
-            "peak_over_loaded_mb (default -> rows x4)": {
-                approach: [
-                    by_scenario["default"][approach]["peak_over_loaded_mb"],
-                    by_scenario["rows x4"][approach]["peak_over_loaded_mb"],
-                ]
-                for approach in APPROACHES
-            },
-            "bytes_over_npz": by_scenario["default"]["bytes_over_npz"],
+        codecs = {
+            "default / generate, stop at EOS": measure_codecs(
+                cells["default / generate, stop at EOS"], args.rows, args
+            ),
+            "wide / generate, fixed length": measure_codecs(
+                cells["wide / generate, fixed length"], args.wide_rows, args
+            ),
         }
+        capture = {
+            name: in_fresh_process(hooks_vs_hidden_states, model, min(args.batch_size, rows), args)
+            for name, (model, rows, _, _) in models.items()
+        }
+    summary = {
+        cell: {k: r[k] for k in ("b_over_a", "b_over_c", "b_pooled_over_a", "b_pooled_over_c")}
+        | {"bytes_over_npz": r["bytes_over_npz"]["store_with_tokens"]}
+        for cell, r in results.items()
+    }
+    summary["peak_over_loaded_mb (rows -> 2x rows)"] = {
+        mode: {
+            approach: [
+                results[f"default / {mode}"][approach]["peak_over_loaded_mb"],
+                r[approach]["peak_over_loaded_mb"],
+            ]
+            for approach in APPROACHES
+        }
+        for mode, r in zip(("prompt", "generate, fixed length"), memory.values())
+    }
     report = {
         "summary": summary,
         "machine": {
@@ -316,12 +445,19 @@ def main() -> None:
             "rows": args.rows,
             "tokens": args.tokens,
             "batch_size": args.batch_size,
-            "hidden_size": 64,
+            "models": {
+                "default": {"hidden": 64, "layers": 4},
+                "deep": {"hidden": 64, "layers": args.deep_layers},
+                "wide": {"hidden": wide_hidden, "layers": wide_layers, "tokens": wide_tokens, "rows": args.wide_rows},
+            },
             "layers_kept": [-1],
+            "compression": args.compression,
             "shard_rows": 4 * args.batch_size,
             "repeats": args.repeats,
         },
-        "results": results,
+        "results": results | memory,
+        "codecs": codecs,
+        "forward_pass_reading": capture,
     }
     print(json.dumps(report, indent=2))
 

@@ -197,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--temperature", type=float, default=1.0)
     lab.add_argument("--top-p", type=float, default=1.0)
     lab.add_argument("--store-tokens", action="store_true", help="also every pooled position: tokens (N, T, L, H)")
+    lab.add_argument(
+        "--no-stop-at-eos",
+        dest="stop_at_eos",
+        action="store_false",
+        help="generate exactly --tokens tokens for every row, end-of-sequence stops none (fixed length)",
+    )
+    lab.add_argument("--compression", default="zstd", choices=["none", "lz4", "zstd"], help="codec of the float arrays")
     lab.add_argument("--batch-size", type=int, default=256)
     lab.add_argument("--shard-rows", type=int, help="rows per shard file, the unit a rerun resumes (default: ~1024)")
     lab.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -221,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--ids-column", help="take exact token ids from this column instead (e.g. token_ids)")
     ex.add_argument("--layers", type=int, nargs="+", default=[-1])
     ex.add_argument("--store-tokens", action="store_true")
+    ex.add_argument("--compression", default="zstd", choices=["none", "lz4", "zstd"], help="codec of the float arrays")
     ex.add_argument("--batch-size", type=int, default=256)
     ex.add_argument("--shard-rows", type=int, default=1024)
     ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -34,6 +34,8 @@ POSITIONS = {
     "prompt": "the prompt's tokens",
     "generate": "the positions that produced each generated token (last prompt position, then each "
     "generated token), up to and including end-of-sequence",
+    "generate_fixed": "the positions that produced each of the N generated tokens (last prompt position, then "
+    "each generated token); end-of-sequence stops no row",
     "text": "the positions that produce each given completion token (last prompt position, then each "
     "completion token but the last), as in generate",
 }
@@ -48,12 +50,21 @@ class ExtractConfig(Config):
     """Sampling temperature when generating (0: greedy)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling mass when generating."""
+    stop_at_eos: bool = True
+    """Generate mode: a row stops at end-of-sequence (its mean ends there). False: every row gets exactly
+    `tokens` tokens and the mean is over all of them, end-of-sequence being an ordinary token (the reference's
+    fixed-length setting, e.g. 256 tokens; `generate(eos_token_id=None)`)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Compute dtype of the model (pooled sums are accumulated in float32 either way)."""
 
     @property
     def mode(self) -> str:
         return "prompt" if self.tokens == 1 else "generate"
+
+    @property
+    def positions(self) -> str:
+        """What each mean is over, in words (POSITIONS)."""
+        return POSITIONS["generate_fixed" if self.mode == "generate" and not self.stop_at_eos else self.mode]
 
 
 @dataclass
@@ -107,7 +118,7 @@ class Extracted:
     counts: torch.Tensor  # (B,) positions in each mean (generate: tokens sampled, end-of-sequence included)
     tokens: torch.Tensor | None = None  # (B, T, L, H) float16, zeros where not pooled
     token_ids: TokenRows | None = None  # generate: sampled ids, end-of-sequence included
-    ended: torch.Tensor | None = None  # generate: stopped at end-of-sequence
+    ended: torch.Tensor | None = None  # generate: the last token is end-of-sequence
     log_prob: torch.Tensor | None = None  # generate: sum of the sampled tokens' log-probs
 
 
@@ -130,7 +141,9 @@ class Extractor:
             raise ValueError(f"layers: {error}") from None
         self.hidden_size = model.config.hidden_size
         self.context = getattr(model.config, "max_position_embeddings", None)
-        self.sampling = SamplingConfig(max_new_tokens=cfg.tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+        self.sampling = SamplingConfig(
+            max_new_tokens=cfg.tokens, temperature=cfg.temperature, top_p=cfg.top_p, stop_at_eos=cfg.stop_at_eos
+        )
 
     @property
     def device(self) -> torch.device:
@@ -264,7 +277,8 @@ class Extractor:
 
         def on_token(t: int, states: torch.Tensor, alive: torch.Tensor) -> None:
             # running sums: only the chosen layers of the newest position are ever held
-            states = torch.where(alive[:, None, None], states, 0)
+            if self.cfg.stop_at_eos:  # without it every row is alive at every step
+                states = torch.where(alive[:, None, None], states, 0)
             sums.add_(states.float())
             if tokens is not None:
                 tokens[:, t] = states
@@ -282,7 +296,8 @@ class Extractor:
             on_token=on_token,
         )
         counts = done.lengths
-        ended = (done.ids == self.tokenizer.eos_token_id).any(1)
+        # the last token is end-of-sequence (with stop_at_eos the only one; without, one may come earlier too)
+        ended = done.ids.gather(1, (counts - 1)[:, None]).squeeze(1) == self.tokenizer.eos_token_id
         return Extracted(
             pooled=(sums / counts[:, None, None]).cpu(),
             counts=counts.cpu(),

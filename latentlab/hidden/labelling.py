@@ -47,7 +47,7 @@ from latentlab.common.distributed import Ranks
 from latentlab.common.tracking import progress
 from latentlab.hidden.extract import POSITIONS, ExtractConfig, Extracted, Extractor, TokenRows
 from latentlab.hidden.info import hook_name
-from latentlab.hidden.store import FORMAT, create_store, filesystem, is_url
+from latentlab.hidden.store import FORMAT, Compression, create_store, filesystem, is_url
 from latentlab.lm.capture import decoder_blocks
 from latentlab.lm.modeling import describe_model, load_lm
 
@@ -59,6 +59,10 @@ class LabelConfig(ExtractConfig):
     """Rows per forward pass; also the Zarr chunk along N and the unit that seeds sampling."""
     shard_rows: int = Field(1024, gt=0)
     """Rows per shard file: the unit written, resumed and handed to a rank (a multiple of batch_size)."""
+    compression: Compression = "zstd"
+    """Codec of the float arrays (pooled, tokens): none, lz4 (byte-shuffled, Blosc) or zstd (level 1). Hidden
+    states are nearly incompressible; zstd shrinks the zeros after end-of-sequence in `tokens` (see
+    benchmarks/label.py for each codec's write time and bytes). Readers open stores of any codec."""
 
     @model_validator(mode="after")
     def _shards_hold_whole_batches(self):
@@ -104,14 +108,14 @@ class Job:
             "mode": mode,
             "tokens": self.cfg.tokens,
             "pooling": "mean",
-            "positions": POSITIONS[mode],
+            "positions": POSITIONS[mode] if mode == "text" else self.cfg.positions,
             "dtype": self.cfg.dtype,
             "hidden_size": extractor.hidden_size,
             "rows": self.rows.height,
             "seed": self.seed,
             "temperature": self.cfg.temperature,
             "top_p": self.cfg.top_p,
-        }
+        } | ({} if self.cfg.stop_at_eos else {"stop_at_eos": False})  # absent: stopped at end-of-sequence
 
 
 def prepare(
@@ -133,11 +137,22 @@ def prepare(
     except ValueError as error:
         raise ValueError(f"{source or name}: {error}") from None
     # what the result depends on; not the world size: any number of ranks resumes any other's work
-    digest = hashlib.sha256(json.dumps([FORMAT, cfg.model_dump(), seed, model, name], sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps([FORMAT, _identity(cfg), seed, model, name], sort_keys=True).encode())
     for tokens in (prompts, completions) if completions is not None else (prompts,):
         digest.update(tokens.flat.tobytes() + tokens.offsets.tobytes())
     digest.update(ids.tobytes())
     return Job(name, rows, cfg, seed, model, prompts, width, completions, digest.hexdigest())
+
+
+# options added after the store format's first version: at their defaults they leave a job's
+# fingerprint (and a store's attributes) as before, so earlier stores and unfinished work keep theirs
+LATER_OPTIONS = ("stop_at_eos", "compression")
+
+
+def _identity(cfg: LabelConfig) -> dict:
+    """The config as it enters a job's fingerprint: every option, the later ones only when not at their default."""
+    defaults = {name: LabelConfig.model_fields[name].default for name in LATER_OPTIONS}
+    return cfg.model_dump(exclude={name for name, value in defaults.items() if getattr(cfg, name) == value})
 
 
 @dataclass
@@ -290,6 +305,7 @@ def _create_job_store(extractor: Extractor, job: Job, path: Path | str) -> None:
         job.attributes(extractor),
         job.cfg.batch_size,
         job.cfg.shard_rows,
+        job.cfg.compression,
     )
 
 

@@ -15,27 +15,45 @@ environment (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL,
 """
 
 from pathlib import Path
+from typing import Literal
 
 import fsspec
 import polars as pl
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import BloscCodec, ZstdCodec
 
 FORMAT = "latentlab.hidden/1"
-# hidden states are nearly incompressible noise, but per-token arrays hold zeros where a row had
-# ended: zstd level 1 shrinks those as well as the default level 3 does, in about half the time
-COMPRESSOR = ZstdCodec(level=1)
+# Hidden states are nearly incompressible noise (float mantissas), but per-token arrays hold zeros
+# where a row had ended, and their sign/exponent bytes repeat. The codec is a writer's choice only:
+# it is recorded in each array's metadata, so readers open stores written with any of them
+# (benchmarks/label.py measures write time and bytes of each).
+COMPRESSORS = {
+    "none": (),  # raw chunks: no CPU spent, bytes = the arrays' size
+    # byte-shuffled LZ4 (Blosc, one thread): the high bytes of each value compress, at memory speed
+    "lz4": (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),),
+    # zstd level 1: shrinks the zeros after end-of-sequence as well as level 3 does, in half the time
+    "zstd": (ZstdCodec(level=1),),
+}
+Compression = Literal["none", "lz4", "zstd"]
 
 
 def add_rows_array(
-    group: zarr.Group, name: str, shape: tuple, dtype, batch_rows: int, shard_rows: int, chunk_tail: tuple | None = None
+    group: zarr.Group,
+    name: str,
+    shape: tuple,
+    dtype,
+    batch_rows: int,
+    shard_rows: int,
+    chunk_tail: tuple | None = None,
+    compression: Compression = "zstd",
 ) -> zarr.Array:
     """An array chunked along N: `batch_rows`-row chunks (of `chunk_tail` beyond N, default: whole
-    rows) inside `shard_rows`-row shard files."""
+    rows) inside `shard_rows`-row shard files, each chunk compressed with `compression` (COMPRESSORS)."""
     rest = tuple(shape[1:])
+    compressors = COMPRESSORS[compression]
     if not rest:  # 1-D: one plain chunk per shard is already one file per shard
         return group.create_array(
-            name, shape=shape, dtype=dtype, chunks=(shard_rows,), fill_value=0, compressors=COMPRESSOR
+            name, shape=shape, dtype=dtype, chunks=(shard_rows,), fill_value=0, compressors=compressors
         )
     return group.create_array(
         name,
@@ -44,7 +62,7 @@ def add_rows_array(
         chunks=(batch_rows, *(chunk_tail or rest)),
         shards=(shard_rows, *rest),
         fill_value=0,
-        compressors=COMPRESSOR,
+        compressors=compressors,
     )
 
 
@@ -57,10 +75,12 @@ def create_store(
     attrs: dict,
     batch_rows: int,
     shard_rows: int,
+    compression: Compression = "zstd",
 ) -> zarr.Group:
-    """An empty store: pooled, ids, n_positions, and tokens when `width` (T) is given."""
+    """An empty store: pooled, ids, n_positions, and tokens when `width` (T) is given; the float
+    arrays compressed with `compression` (the small integer arrays always with zstd)."""
     group = zarr.open_group(path, mode="w", zarr_format=3, attributes=attrs)
-    add_rows_array(group, "pooled", (rows, layers, hidden), "float32", batch_rows, shard_rows)
+    add_rows_array(group, "pooled", (rows, layers, hidden), "float32", batch_rows, shard_rows, None, compression)
     add_rows_array(group, "ids", (rows,), "int64", batch_rows, shard_rows)
     add_rows_array(group, "n_positions", (rows,), "int32", batch_rows, shard_rows)
     if width is not None:
@@ -73,6 +93,7 @@ def create_store(
             batch_rows,
             shard_rows,
             chunk_tail=(width, 1, hidden),
+            compression=compression,
         )
     return group
 

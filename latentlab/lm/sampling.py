@@ -37,6 +37,9 @@ class SamplingConfig(Config):
     """Nucleus sampling: sample among the most likely tokens holding this much probability."""
     logit_noise: float = Field(0.0, ge=0)
     """Exploration noise: std of Gaussian noise added to the logits when choosing a token (not in log-probs)."""
+    stop_at_eos: bool = True
+    """False: end-of-sequence ends no row, every row gets exactly max_new_tokens tokens (an end-of-sequence
+    token is then an ordinary token), as `generate(eos_token_id=None)` and fixed-length pipelines do."""
 
 
 @dataclass
@@ -113,6 +116,7 @@ def sample(
     The prefix is encoded once; every later step feeds only the newest token against the KV cache.
     Rows that have emitted end-of-sequence keep running (cheaper than re-packing the batch) but
     their further tokens are replaced by padding and masked out; the loop stops when all are done.
+    With `cfg.stop_at_eos` false no row is ever done: every row gets `max_new_tokens` tokens.
 
     past_key_values: a cache that already holds the first columns of `attention_mask`; then
         `inputs_embeds` are only the new positions that continue it (e.g. a virtual token).
@@ -159,7 +163,8 @@ def sample(
         mask[:, t] = alive
         if on_token is not None:
             on_token(t, capture.last_position(), alive)
-        finished |= tokens == eos_id
+        if cfg.stop_at_eos:
+            finished |= tokens == eos_id
         steps = t + 1
         if finished.all() or t == cfg.max_new_tokens - 1:
             break

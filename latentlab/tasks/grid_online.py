@@ -71,6 +71,7 @@ def make_encoder(cfg: OnlineConfig, model_dir, labelled: dict, device, seed: int
         tokens=cfg.tokens or labelled["tokens"],
         temperature=labelled["temperature"],
         top_p=labelled["top_p"],
+        stop_at_eos=labelled.get("stop_at_eos", True),  # stores written before the option stopped at EOS
         dtype=labelled["dtype"],
     )
     model, tokenizer = load_lm(model_dir, device, dtype=getattr(torch, extract.dtype))
