@@ -16,7 +16,7 @@ from stages.common import MODELS, PLOTS, setup, stage
 from stages.recipes import train_with_grpo
 
 
-@stage
+@stage(torchrun=True)
 def main(params):
     run, cfg = setup(params), params.inject
     sft = require_model_dir(MODELS / "sft")
@@ -30,6 +30,8 @@ def main(params):
         else None
     )
     log = train_with_grpo(params, run, "inject", "inject", policy, reference)
+    if not run.leader:  # under torchrun rank 0 alone writes the outputs
+        return
 
     # the premise of the stage: the optimizer held only the injector and no gradient reached the base
     if any(p.requires_grad or p.grad is not None for p in model.parameters()):

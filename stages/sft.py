@@ -8,10 +8,10 @@ from latentlab.common.inputs import read_table, require_model_dir
 from latentlab.lm.modeling import load_lm, read_manifest, save_lm
 from latentlab.lm.training import prompt_answer_examples, shuffled_batches, train_lm
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
-from stages.common import MODELS, PLOTS, SYNTH, setup, stage, step_log
+from stages.common import MODELS, PLOTS, SYNTH, lm_shards, setup, stage, step_log
 
 
-@stage
+@stage(torchrun=True)
 def main(params):
     run = setup(params)
     base = require_model_dir(MODELS / "base")
@@ -19,8 +19,10 @@ def main(params):
     biased = read_table(SYNTH / "biased.parquet", PROBLEM_SCHEMA)
     examples = prompt_answer_examples(tokenizer, biased["prompt"].to_list(), biased["answer"].to_list())
     log = step_log(params, "sft", params.model_dump(include={"sft", "seed"}))
-    batches = shuffled_batches(examples, params.sft.batch_size, tokenizer.pad_token_id, run.data_rng)
-    train_lm(model, batches, params.sft, run.device, "sft", log)
+    batches = shuffled_batches(examples, params.sft.batch_size, tokenizer.pad_token_id, run.data_rng, lm_shards(run))
+    train_lm(model, batches, params.sft, run.device, "sft", log, lm_shards(run))
+    if not run.leader:  # under torchrun rank 0 alone writes the outputs
+        return
     with atomic_output(MODELS / "sft") as out:
         save_lm(
             model,
