@@ -104,13 +104,17 @@ def setup(params: Params) -> Run:
     import torch  # here, not at module level: synth and report never need it
 
     from latentlab.common.distributed import Shards, current_ranks
-    from latentlab.common.runtime import resolve_device, seed_everything
+    from latentlab.common.runtime import resolve_device, seed_everything, set_precision
 
     seed_everything(params.seed)
     ranks = current_ranks()
     device = resolve_device(params.device)
     if device.type == "cuda" and device.index is None:  # torchrun: the GPU `distributed()` made current
         device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        set_precision(params.gpu.precision, device)
+    except ValueError as error:
+        raise ParamsError(f"params.yaml: {error}") from None
     try:
         shards = Shards.of(params.launcher.shards, ranks)
     except ValueError as error:

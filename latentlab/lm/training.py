@@ -17,6 +17,7 @@ from latentlab.common.batches import epoch_batches
 from latentlab.common.config import Config
 from latentlab.common.distributed import ONE_PROCESS, Shards, data_parallel
 from latentlab.common.optim import build_optimizer, check_finite
+from latentlab.common.runtime import autocast
 from latentlab.common.tracking import StepLog, progress
 from latentlab.lm.padding import pad_sequences
 
@@ -127,11 +128,13 @@ def train_lm(
     net = data_parallel(model, shards.ranks)  # the model itself with one process
     optimizer, schedule = build_optimizer(model.parameters(), cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay)
     tokens, started = 0, time.perf_counter()
+    last_step, last_time = -1, started
     bar = progress(range(cfg.steps), desc)
     log.bar = bar
     for step in bar:
         batch = next(batches).to(device)
-        logits = net(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        with autocast():  # bf16 on a GPU per gpu.precision; nothing on the CPU
+            logits = net(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         if shards.single:
             loss = objective = masked_lm_loss(logits, batch)
         else:
@@ -147,12 +150,15 @@ def train_lm(
         schedule.step()
         tokens += int(batch.attention_mask.sum())
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            elapsed = time.perf_counter() - started
+            now = time.perf_counter()
+            elapsed, seconds_per_step = now - started, (now - last_time) / (step - last_step)
+            last_step, last_time = step, now
             log.log(
                 step,
                 loss=loss.item(),
                 grad_norm=float(grad_norm),
                 lr=schedule.get_last_lr()[0],
                 tokens_per_s=int(shards.sum(torch.tensor(tokens, device=device))) / elapsed,
+                seconds_per_step=seconds_per_step,  # since the last row (speed columns go to <name>_speed.csv)
             )
     model.eval()

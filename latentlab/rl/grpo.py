@@ -28,6 +28,7 @@ from pydantic import Field
 from latentlab.common.config import Config
 from latentlab.common.distributed import ONE_PROCESS, Shards, Synced
 from latentlab.common.optim import build_optimizer, check_finite
+from latentlab.common.runtime import autocast
 from latentlab.common.tracking import StepLog, progress
 from latentlab.lm.sampling import SamplingConfig
 from latentlab.policies.lm_policy import LMPolicy, Rollout
@@ -175,14 +176,15 @@ class GRPOTrainer:
         """Sample a group per prompt and score it; advantages are normalised within each group."""
         cfg, G = self.cfg, self.cfg.group_size
         self.policy.train(False)  # sampling is a no-grad, dropout-free pass
-        rollout = self.policy.rollout([p for p in prompts for _ in range(G)], cfg.sampling, generator)
+        with autocast():  # bf16 on a GPU per gpu.precision; nothing on the CPU
+            rollout = self.policy.rollout([p for p in prompts for _ in range(G)], cfg.sampling, generator)
         rewards = torch.tensor(
             self.reward_fn(rollout.texts, [t for t in targets for _ in range(G)]),
             dtype=torch.float32,
             device=self.policy.device,
         )
         advantages = group_advantages(rewards, G, cfg.scale_rewards)
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             # with one gradient step per batch, pi_old = pi_theta: the detached current log-probs
             # below serve, and this extra pass is only needed when several steps reuse the batch
             old_logprobs = self.policy.logprobs(rollout, cfg.temperature) if cfg.iterations > 1 else None
@@ -215,7 +217,8 @@ class GRPOTrainer:
             for k, part in enumerate(parts):
                 mask = part.rollout.completions.mask
                 with self.synced.forward(sync=k == len(parts) - 1) if self.synced else nullcontext():
-                    logprobs = self.policy.logprobs(part.rollout, cfg.temperature)
+                    with autocast():
+                        logprobs = self.policy.logprobs(part.rollout, cfg.temperature)
                     old = logprobs.detach() if part.old_logprobs is None else part.old_logprobs
                     loss, stats = grpo_loss(
                         logprobs,
