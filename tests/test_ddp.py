@@ -167,7 +167,9 @@ def test_a_failing_rank_takes_the_job_down_with_its_error(project, tmp_path):
     assert time.perf_counter() - started < 180
     assert all(node.returncode != 0 for node in nodes), outputs
     assert "error: models/sft does not exist" in outputs[1]
-    assert "stages.grpo FAILED" in outputs[0] and "stages.grpo FAILED" in outputs[1]
+    assert "stages.grpo FAILED" in outputs[1]  # torchrun's summary of the failed worker
+    # the healthy node fails too: its worker with the closed gloo connection, or its agent with the rendezvous
+    # store that the failed node's agent took down with it (which one comes first varies)
     assert not (good / "models" / "grpo").exists()
 
 
