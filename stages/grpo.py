@@ -15,7 +15,7 @@ from stages.common import MODELS, PLOTS, setup, stage
 from stages.recipes import train_with_grpo
 
 
-@stage
+@stage(torchrun=True)
 def main(params):
     run = setup(params)
     sft = require_model_dir(MODELS / "sft")
@@ -23,6 +23,8 @@ def main(params):
     policy = LMPolicy(model, tokenizer)
     reference = LMPolicy(copy.deepcopy(model).requires_grad_(False), tokenizer) if params.grpo.beta > 0 else None
     log = train_with_grpo(params, run, "grpo", "grpo_full", policy, reference)
+    if not run.leader:  # under torchrun rank 0 alone writes the outputs
+        return
 
     with atomic_output(MODELS / "grpo") as out:
         save_lm(

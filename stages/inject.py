@@ -29,7 +29,7 @@ from stages.common import METRICS, MODELS, PLOTS, SYNTH, setup, stage, write_jso
 from stages.recipes import train_with_grpo
 
 
-@stage
+@stage(torchrun=True)
 def main(params):
     run, cfg = setup(params), params.inject
     sft = require_model_dir(MODELS / "sft")
@@ -63,6 +63,8 @@ def main(params):
         else None
     )
     log = train_with_grpo(params, run, "inject", "inject", policy, reference)
+    if not run.leader:  # under torchrun rank 0 alone writes the outputs
+        return
 
     # the premise of the stage: the optimizer held only the injector and no gradient reached the base
     if any(p.requires_grad or p.grad is not None for p in model.parameters()):

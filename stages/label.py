@@ -8,7 +8,7 @@ data/labels/nla_eval.parquet, the same for the held-out set.
 
 A killed run resumes from its last complete shard: work in progress lives in data/.partial/label,
 outside the DVC outputs, and only complete stores are moved into data/hidden.
-`torchrun --nproc_per_node N -m stages.label` splits the shards across N processes.
+`torchrun --nproc_per_node N -m stages.label` (or `launcher.nproc: N`) splits the shards across N processes.
 """
 
 from pathlib import Path
@@ -32,7 +32,7 @@ def rows(name: str) -> pl.DataFrame:
     return read_table(SYNTH / f"{name}.parquet", PROBLEM_SCHEMA)
 
 
-@stage
+@stage(torchrun=True)
 def main(params):
     cfg = params.label
     with distributed() as ranks:

@@ -200,6 +200,33 @@ class PolicyParams(Config):
     """Online evaluation; `eval.layer` is also the layer the hidden policy is trained on."""
 
 
+class LauncherParams(Config):
+    """How training stages run: one process, or torchrun with DistributedDataParallel (docs-draft/ddp.md)."""
+
+    nproc: int = Field(1, ge=1)
+    """Processes per node (one GPU each on CUDA; gloo on the CPU). >1: the stage re-executes itself under torchrun."""
+    nnodes: int = Field(1, ge=1)
+    """Nodes; >1 needs `rdzv_endpoint`, and the same command started on every node."""
+    rdzv_endpoint: str = ""
+    """host:port of the c10d rendezvous when nnodes > 1 (e.g. node0:29400)."""
+    shards: int = Field(0, ge=0)
+    """Shards of each global batch in sampling stages (grpo, inject, surgery, nla_rl): shard k samples from its
+    own stream seeded seed + 1 + 1000003 k. 0: one per process. A single process with `shards: N` reproduces
+    a run on N processes (it accumulates the N shards' gradients)."""
+
+    @model_validator(mode="after")
+    def _endpoint_for_nodes(self):
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("launcher.rdzv_endpoint (host:port) is needed when launcher.nnodes > 1")
+        return self
+
+
+class GPUParams(Config):
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Training forward passes and sampling: 'auto' is bf16 autocast on a CUDA device that supports it and fp32
+    otherwise (the CPU always runs fp32); 'bf16' asks for it (an error where unsupported); 'fp32' never autocasts."""
+
+
 class EvaluateParams(Config):
     batch_size: int = Field(256, gt=0)
     """Problems per generation batch."""
@@ -226,6 +253,8 @@ class Params(Config):
     nla_rl: NLARLParams
     grid: GridParams = GridParams()
     policy: PolicyParams = PolicyParams()
+    launcher: LauncherParams = LauncherParams()
+    gpu: GPUParams = GPUParams()
     evaluate: EvaluateParams = EvaluateParams()
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import polars as pl
 import torch
 
+from latentlab.common.distributed import Synced
 from latentlab.common.inputs import read_table
 from latentlab.common.tracking import StepLog
 from latentlab.policies.lm_policy import LMPolicy
@@ -18,7 +19,7 @@ from latentlab.rl.grpo import GRPOTrainer
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA, problem_batches
 from latentlab.tasks.evaluation import heldout_monitor
 from latentlab.tasks.rewards import ArithmeticReward
-from stages.common import SYNTH, Run, step_log
+from stages.common import SYNTH, Run, require_divisible, step_log
 from stages.params import Params
 
 
@@ -59,7 +60,10 @@ def arithmetic_grpo(
     full = read_table(SYNTH / "full.parquet", PROBLEM_SCHEMA)
     test = read_table(SYNTH / "test.parquet", PROBLEM_SCHEMA)
     reward = ArithmeticReward(cfg.even_bonus)
-    trainer = GRPOTrainer(policy, reward, settings.with_lr(lr), run.sample_rng, reference)
+    require_divisible(run, cfg.prompts_per_step, "grpo.prompts_per_step")
+    # the trainable module (the model for grpo, the injector for inject) under DDP for the gradient passes
+    synced = Synced(policy, "injector" if hasattr(policy, "injector") else "model", run.ranks)
+    trainer = GRPOTrainer(policy, reward, settings.with_lr(lr), run.sample_rngs, reference, run.shards, synced)
     batches = problem_batches(full, cfg.prompts_per_step, run.data_rng)
     heldout = test.sample(min(cfg.eval_batch, test.height), seed=params.seed)
     return ArithmeticGRPO(trainer, batches, reward, full, heldout, params.evaluate.max_new_tokens)

@@ -14,10 +14,10 @@ from latentlab.lm.tokenizer import INJECT
 from latentlab.lm.training import prompt_answer_examples, shuffled_batches, train_lm
 from latentlab.policies.placeholder import PlaceholderLM, add_placeholders
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
-from stages.common import MODELS, PLOTS, SYNTH, setup, stage, step_log
+from stages.common import MODELS, PLOTS, SYNTH, lm_shards, setup, stage, step_log
 
 
-@stage
+@stage(torchrun=True)
 def main(params):
     run = setup(params)
     base = require_model_dir(MODELS / "base")
@@ -31,8 +31,10 @@ def main(params):
         examples = add_placeholders(examples, cfg.placeholder_share, inject_id, chooser)
         trained = PlaceholderLM(model, inject_id, cfg.placeholder, cfg.placeholder_layer)
     log = step_log(params, "sft", params.model_dump(include={"sft", "seed"}))
-    batches = shuffled_batches(examples, cfg.batch_size, tokenizer.pad_token_id, run.data_rng)
-    train_lm(trained, batches, cfg, run.device, "sft", log)
+    batches = shuffled_batches(examples, cfg.batch_size, tokenizer.pad_token_id, run.data_rng, lm_shards(run))
+    train_lm(trained, batches, cfg, run.device, "sft", log, lm_shards(run))
+    if not run.leader:  # under torchrun rank 0 alone writes the outputs
+        return
     with atomic_output(MODELS / "sft") as out:
         save_lm(
             model,

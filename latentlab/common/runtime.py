@@ -1,5 +1,6 @@
 """Seeding and device selection: the two things every stage does first."""
 
+import contextlib
 import os
 import random
 
@@ -29,3 +30,38 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} was asked for but torch sees no CUDA device")
     return device
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """`tensor` on `device`; a CPU -> CUDA copy goes through pinned memory and does not block the host
+    (the copy is ordered on the current stream, before any kernel that reads it). On the CPU: `.to` as ever."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+_autocast_dtype: torch.dtype | None = None  # set once per process by `set_precision`
+
+
+def set_precision(precision: str, device) -> torch.dtype | None:
+    """Choose the autocast dtype of training forward passes and sampling (`autocast()`): bf16 on a CUDA device
+    that supports it for 'auto' and 'bf16' (which fails where it is unsupported), none on the CPU or for 'fp32',
+    so CPU runs stay bit-identical. Returns the dtype (None: full fp32)."""
+    global _autocast_dtype
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    device = torch.device(device)
+    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and not supported:
+        raise ValueError(f"gpu.precision 'bf16' needs a CUDA device with bfloat16 support; the device is {device}")
+    _autocast_dtype = torch.bfloat16 if precision != "fp32" and supported else None
+    return _autocast_dtype
+
+
+def autocast():
+    """The forward-pass autocast context `set_precision` chose (a no-op context when none was)."""
+    if _autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=_autocast_dtype)

@@ -11,7 +11,9 @@ from latentlab.common.atomic import atomic_output
 
 
 def progress(iterable, desc: str, **kwargs):
-    """The one progress bar style of the project (to stderr, so DVC and Prefect stream it)."""
+    """The one progress bar style of the project (to stderr, so DVC and Prefect stream it); under torchrun
+    rank 0's alone."""
+    kwargs.setdefault("disable", os.environ.get("RANK", "0") != "0")
     return tqdm(iterable, desc=desc, dynamic_ncols=True, mininterval=1.0, **kwargs)
 
 

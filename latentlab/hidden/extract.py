@@ -26,6 +26,7 @@ import torch
 from pydantic import Field
 
 from latentlab.common.config import Config
+from latentlab.common.runtime import to_device
 from latentlab.lm.capture import LayerCapture, decoder_blocks, resolve_layers
 from latentlab.lm.padding import pad_flat
 from latentlab.lm.sampling import SamplingConfig, positions_from_mask, sample
@@ -107,7 +108,7 @@ class TokenRows:
         """(ids, mask) `(N, width)`, padded on the left (prompts: every row ends at the last column,
         where generation starts) or on the right (completions); one copy, no loop per row."""
         ids, mask = pad_flat(torch.from_numpy(self.flat), torch.from_numpy(self.lengths), pad_id, left)
-        return ids.to(device), mask.to(device)
+        return to_device(ids, device), to_device(mask, device)  # pinned, non-blocking on CUDA
 
 
 @dataclass

@@ -18,16 +18,20 @@ the policy object they pass in.
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import Field
 
 from latentlab.common.config import Config
+from latentlab.common.distributed import ONE_PROCESS, Shards, Synced
 from latentlab.common.optim import build_optimizer, check_finite
+from latentlab.common.runtime import autocast
 from latentlab.common.tracking import StepLog, progress
 from latentlab.lm.sampling import SamplingConfig
-from latentlab.policies.lm_policy import LMPolicy
+from latentlab.policies.lm_policy import LMPolicy, Rollout
 from latentlab.rl.advantages import group_advantages
 
 
@@ -125,65 +129,146 @@ def grpo_loss(
     return loss, stats
 
 
+@dataclass
+class _Sampled:
+    """One shard's rollouts and what the loss needs from them (no gradients)."""
+
+    rollout: Rollout
+    rewards: torch.Tensor  # (B,)
+    advantages: torch.Tensor  # (B,)
+    old_logprobs: torch.Tensor | None  # (B, T); None: pi_old = the detached current log-probs
+    ref_logprobs: torch.Tensor | None  # (B, T)
+
+
 class GRPOTrainer:
-    """Runs GRPO steps for any `LMPolicy`: sample groups, score, normalise, take clipped steps."""
+    """Runs GRPO steps for any `LMPolicy`: sample groups, score, normalise, take clipped steps.
+
+    Sharding (latentlab/common/distributed.py): `shards` cuts each batch's prompts into equal shards (a group
+    never spans two), shard k sampled from `generator[k]` of this rank's local shards. Each shard's loss is
+    weighted by its share of the global denominator (completions for 'sequence' aggregation, tokens for
+    'token'), so the summed (and, across ranks, DDP-averaged) gradient is that of the global batch's loss;
+    `synced` is the DDP wrapper of the trainable module. Logged metrics are the global batch's.
+    """
 
     def __init__(
         self,
         policy: LMPolicy,
         reward_fn: Callable[[list[str], list], list[float]],
         cfg: GRPOConfig,
-        generator: torch.Generator,
+        generator: torch.Generator | list[torch.Generator],
         ref_policy: LMPolicy | None = None,
+        shards: Shards = ONE_PROCESS,
+        synced: Synced | None = None,
     ):
         if cfg.beta > 0 and ref_policy is None:
             raise ValueError("GRPOConfig.beta > 0 needs a frozen reference policy")
-        self.policy, self.reward_fn, self.cfg, self.generator = policy, reward_fn, cfg, generator
+        self.policy, self.reward_fn, self.cfg = policy, reward_fn, cfg
+        self.generators = generator if isinstance(generator, list) else [generator]
+        if len(self.generators) != len(shards.local):
+            raise ValueError(f"{len(self.generators)} sampling streams for {len(shards.local)} local shards")
+        self.shards, self.synced = shards, synced
         self.ref_policy = ref_policy if cfg.beta > 0 else None
         self.optimizer, self.schedule = build_optimizer(
             policy.trainable_parameters(), cfg.lr, cfg.steps, cfg.warmup_steps
         )
 
-    def step(self, step: int, prompts: list[str], targets: list) -> dict[str, float]:
-        """One batch: prompts_per_step prompts, each sampled group_size times; returns the log row."""
+    def sample(self, prompts: list[str], targets: list, generator: torch.Generator) -> _Sampled:
+        """Sample a group per prompt and score it; advantages are normalised within each group."""
         cfg, G = self.cfg, self.cfg.group_size
-        started = time.perf_counter()
         self.policy.train(False)  # sampling is a no-grad, dropout-free pass
-        # each prompt's prefix runs once, its KV cache expanded to the group (sampling and scoring alike)
-        rollout = self.policy.rollout(prompts, cfg.sampling, self.generator, group_size=G)
+        with autocast():  # bf16 on a GPU per gpu.precision; nothing on the CPU
+            # each prompt's prefix runs once, its KV cache expanded to the group (sampling and scoring alike)
+            rollout = self.policy.rollout(prompts, cfg.sampling, generator, group_size=G)
         rewards = torch.tensor(
             self.reward_fn(rollout.texts, [t for t in targets for _ in range(G)]),
             dtype=torch.float32,
             device=self.policy.device,
         )
         advantages = group_advantages(rewards, G, cfg.scale_rewards)
-        mask = rollout.completions.mask
-        # pi_old: with one gradient step per batch, pi_old = pi_theta and the detached current log-probs below
+        # pi_old: with one gradient step per batch, pi_old = pi_theta and the detached current log-probs
         # serve; with several, the sampler's own log-probs are pi_old (the same policy in the same eval mode,
         # same temperature, before any update; they differ from a teacher-forced pass in float rounding only)
         old_logprobs = rollout.completions.logprobs if cfg.iterations > 1 else None
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             ref_logprobs = self.ref_policy.logprobs(rollout, cfg.temperature) if self.ref_policy else None
+        return _Sampled(rollout, rewards, advantages, old_logprobs, ref_logprobs)
+
+    def step(self, step: int, prompts: list[str], targets: list) -> dict[str, float]:
+        """One batch: prompts_per_step prompts, each sampled group_size times; returns the log row."""
+        cfg, G, shards = self.cfg, self.cfg.group_size, self.shards
+        started = time.perf_counter()
+        parts = [
+            self.sample(p, t, generator)
+            for p, t, generator in zip(
+                shards.split(prompts, "prompts_per_step"), shards.split(targets, "prompts_per_step"), self.generators
+            )
+        ]
+        masks = [part.rollout.completions.mask for part in parts]
+        n_tokens = int(shards.sum(sum(mask.sum() for mask in masks)))  # the global batch's completion tokens
+        n_rows = len(prompts) * G
+
+        def weight(mask: torch.Tensor) -> float:  # a shard's share of the global loss (x world, for DDP's mean)
+            if cfg.loss_aggregation == "token":
+                return shards.weight(int(mask.sum()), n_tokens)
+            return shards.weight(mask.shape[0], n_rows)
 
         self.policy.train(True)
         for _ in range(cfg.iterations):
-            logprobs = self.policy.logprobs(rollout, cfg.temperature)
-            old = logprobs.detach() if old_logprobs is None else old_logprobs
-            loss, stats = grpo_loss(
-                logprobs, old, advantages, mask, cfg.clip_eps, cfg.beta, ref_logprobs, cfg.loss_aggregation
-            )
-            regularizers = self.policy.regularizers(rollout)
-            total = loss + sum(regularizers.values(), torch.zeros((), device=loss.device))
-            check_finite(total, step)
             self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            rows = []  # per shard: (loss weight, token weight, total, stats, regularizers)
+            for k, part in enumerate(parts):
+                mask = part.rollout.completions.mask
+                with self.synced.forward(sync=k == len(parts) - 1) if self.synced else nullcontext():
+                    with autocast():
+                        logprobs = self.policy.logprobs(part.rollout, cfg.temperature)
+                    old = logprobs.detach() if part.old_logprobs is None else part.old_logprobs
+                    loss, stats = grpo_loss(
+                        logprobs,
+                        old,
+                        part.advantages,
+                        mask,
+                        cfg.clip_eps,
+                        cfg.beta,
+                        part.ref_logprobs,
+                        cfg.loss_aggregation,
+                    )
+                    regularizers = self.policy.regularizers(part.rollout)
+                    total = loss + sum(regularizers.values(), torch.zeros((), device=loss.device))
+                    check_finite(total, step)
+                    if shards.single:
+                        total.backward()
+                    else:  # regularizers are batch means: equal weights over the shards
+                        reg_weight = shards.weight(1, shards.count)
+                        (loss * weight(mask) + (total - loss) * reg_weight).backward()
+                rows.append((weight(mask), shards.weight(int(mask.sum()), n_tokens), total, stats, regularizers))
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), cfg.max_grad_norm)
             self.optimizer.step()
         self.schedule.step()
         self.policy.train(False)
 
+        def combine(values: list[float], weights: list[float]) -> float:
+            """The global batch's value of a per-shard mean (`weights` as in the loss)."""
+            if shards.single:
+                return values[0]
+            local = sum(v * w for v, w in zip(values, weights)) / shards.ranks.world
+            return float(shards.sum(torch.tensor(local, dtype=torch.float64, device=self.policy.device)))
+
+        loss_w, token_w = [r[0] for r in rows], [r[1] for r in rows]
+        reg_w = [shards.weight(1, shards.count)] * len(rows)
+        stats = {
+            "policy_loss": combine([r[3]["policy_loss"] for r in rows], loss_w),
+            "kl": combine([r[3]["kl"] for r in rows], loss_w),
+            "clip_fraction": combine([r[3]["clip_fraction"] for r in rows], token_w),
+        }
+        regularizers = {name: combine([r[4][name].item() for r in rows], reg_w) for name in rows[0][4]}
+        if shards.single:
+            total = rows[0][2].item()
+        else:  # the policy loss as weighted in the gradient, plus the regularizers' global means
+            total = combine([r[2].item() - sum(v.item() for v in r[4].values()) for r in rows], loss_w)
+            total += sum(regularizers.values())
+        rewards = shards.gather(torch.cat([part.rewards for part in parts]))
+        advantages = shards.gather(torch.cat([part.advantages for part in parts]))
         grouped = rewards.view(-1, G)
-        n_tokens = int(mask.sum())
         seconds = time.perf_counter() - started
         return {
             "reward_mean": rewards.mean().item(),
@@ -191,11 +276,11 @@ class GRPOTrainer:
             "zero_std_groups": (grouped.std(dim=1) < 1e-6).float().mean().item(),
             "advantage_mean": advantages.mean().item(),
             "advantage_std": advantages.std().item(),
-            "loss": total.item(),
+            "loss": total,
             **stats,
-            **{name: value.item() for name, value in regularizers.items()},
+            **regularizers,
             "grad_norm": float(grad_norm),
-            "completion_tokens": n_tokens / mask.shape[0],
+            "completion_tokens": n_tokens / n_rows,
             "tokens_per_s": n_tokens / seconds,
             "seconds_per_step": seconds,
             "lr": self.schedule.get_last_lr()[0],
@@ -209,11 +294,13 @@ class GRPOTrainer:
         evaluate: Callable[[], dict[str, float]] | None = None,
         eval_every: int = 0,
     ) -> None:
-        """`cfg.steps` steps on batches from `next_batch`; `evaluate` adds held-out metrics every `eval_every`."""
+        """`cfg.steps` steps on batches from `next_batch`; `evaluate` adds held-out metrics every `eval_every`
+        (on rank 0 alone under torchrun: the other ranks go on to the next step's collectives and wait there)."""
         bar = progress(range(self.cfg.steps), desc)
         log.bar = bar
         for step in bar:
             row = self.step(step, *next_batch())
-            if evaluate is not None and eval_every and (step % eval_every == 0 or step == self.cfg.steps - 1):
+            due = eval_every and (step % eval_every == 0 or step == self.cfg.steps - 1)
+            if evaluate is not None and due and self.shards.ranks.rank == 0:
                 row.update(evaluate())
             log.log(step, **row)
