@@ -140,6 +140,11 @@ def update_claims(path: str | Path, ids: list[str], summary: dict) -> dict:
         rows = sorted(
             (r for r in summary["rows"] if r["metric"] in metrics), key=lambda r: metrics.index(r["metric"])
         )  # stable: configurations stay in sweep order under each metric
+        if not rows and summary["rows"]:
+            raise KeyError(
+                f"claim {claim_id!r}: the sweep's experiments report none of its metrics {metrics}; are the stages "
+                "that write them among the targets, and their metrics files DVC outputs that `dvc exp show` can read?"
+            )
         claims["claims"][claim_id] = {
             **CLAIMS[claim_id],
             "sweep": {k: summary[k] for k in ("command", "baseline", "keys", "seeds", "targets", "interval", "counts")},

@@ -98,6 +98,15 @@ def test_the_injection_table_has_a_row_per_configuration_with_its_interval(tmp_p
     assert sft[2] == "–"  # no alignment phase
 
 
+def test_a_claim_whose_metrics_no_experiment_reports_is_refused(tmp_path):
+    row = {"config": {}, "metric": "grpo.accuracy", **summarize([0.5, 0.6]), "seeds": [0, 1], "experiments": ["a", "b"]}
+    summary = {"command": "c", "baseline": "abcdef0", "keys": [], "seeds": [0, 1], "targets": [], "interval": "t"}
+    summary |= {"counts": {"total": 2, "ran": 2, "reused": 0, "failed": 0}, "rows": [row]}
+    with pytest.raises(KeyError, match="inject_variants"):
+        update_claims(tmp_path / "claims.json", ["inject_variants"], summary)
+    assert not (tmp_path / "claims.json").exists()
+
+
 def test_claims_file_rewrites_its_own_entries_and_keeps_the_others(tmp_path):
     path = tmp_path / "claims.json"
     path.write_text(json.dumps({"claims": {"later_stage": {"title": "kept", "rows": []}}}))
