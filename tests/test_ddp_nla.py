@@ -1,4 +1,4 @@
-"""The NLA stages under torchrun (2 CPU processes, gloo, DDP) against one process with the same 2 shards.
+"""The NLA stages and surgery under torchrun (2 CPU processes, gloo, DDP) against one process with the same 2 shards.
 
 The contract of tests/test_ddp.py: a run on N processes equals, step by step within float tolerance, one
 process given the same global batch cut into the same N seeded shards (`launcher.shards`). The actor's
@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from tests.dag import ROOT, TINY
-from tests.test_ddp import assert_same_logs, assert_same_weights, copy, set_params, stage
+from tests.test_ddp import assert_same_logs, assert_same_weights, copy, project, set_params, stage  # noqa: F401
 
 NLA_RL_COLUMNS = ["reward_mean", "reward_std", "loss", "grad_norm", "mse", "fve", "explanation_chars", "critic_loss"]
 
@@ -65,3 +65,31 @@ def test_a_ppo_batch_that_does_not_split_into_the_shards_is_refused_naming_the_k
     assert result.returncode == 2
     assert "nla_rl.ppo.rollouts_per_step (8) is not divisible by the 3 shards" in result.stderr
     assert not (three / "models/nla_rl").exists()
+
+
+SURGERY_COLUMNS = ["reward_mean", "loss", "grad_norm", "surgery_reward", "probe_log_likelihood", "commits"]
+
+
+def test_surgery_on_two_processes_matches_one_process_with_two_shards(project, tmp_path):  # noqa: F811
+    """GRPO phases sharded as `grpo`, the probe batch split, an identical SAC replica on every rank."""
+    one, two = copy(project, tmp_path, "one", shards=2), copy(project, tmp_path, "two", nproc=2)
+    for directory in (one, two):
+        stage(directory, "surgery")
+    columns = [*SURGERY_COLUMNS, "action_magnitude", "q1_loss", "actor_loss", "heldout_accuracy"]
+    assert_same_logs(one / "plots/surgery.csv", two / "plots/surgery.csv", columns)
+    arms = ["sac_reward_mean", "random_surgery_reward", "grpo_only_reward_mean"]
+    assert_same_logs(one / "plots/surgery_arms.csv", two / "plots/surgery_arms.csv", arms)
+    for name in ("model.safetensors", "surgeon.safetensors"):
+        assert_same_weights(one / "models/surgery" / name, two / "models/surgery" / name)
+
+
+def test_policy_on_two_processes_matches_one(nla_project, tmp_path):
+    """AWR: each minibatch split across the ranks (no sampling: the plain one-process run is the reference)."""
+    one, two = copy(nla_project, tmp_path, "one"), copy(nla_project, tmp_path, "two", nproc=2)
+    for directory in (one, two):
+        stage(directory, "policy")
+    columns = [f"{arm}_{name}" for arm in ("hidden", "obs") for name in ("loss", "value_loss", "weight_mean")]
+    assert_same_logs(one / "plots/policy.csv", two / "plots/policy.csv", columns)
+    for arm in ("hidden", "obs"):
+        (weights,) = (one / "models/policy" / arm).glob("*.safetensors")
+        assert_same_weights(weights, two / "models/policy" / arm / weights.name)
