@@ -4,7 +4,8 @@ Prompts are activation vectors of data/labels/nla.parquet; the reward is f(||uni
 unit(v)||^2) (`nla_rl.reward`); after every RL step the critic takes `nla_rl.critic.updates_per_step`
 steps on the batch's (explanation, vector) pairs. GRPO is the shared core (rl/grpo.py), PPO the
 shared PPO (rl/ppo.py) with a value head on the actor's model. Held-out FVE of greedy explanations
-every `eval_every` steps. Log: plots/nla_rl.csv (reward, MSE, cosine, FVE, KL, explanation length, loss)
+every `eval_every` steps. Under torchrun (`launcher`) the batch's prompts are split across ranks as in `grpo`
+(docs-draft/ddp.md): the actor (model and injection map), PPO's value head and the critic train under DDP. Log: plots/nla_rl.csv (reward, MSE, cosine, FVE, KL, explanation length, loss)
 and plots/nla_rl_speed.csv (tokens/s).
 """
 
@@ -12,6 +13,7 @@ import copy
 
 from latentlab.common.atomic import atomic_output
 from latentlab.common.batches import epoch_batches
+from latentlab.common.distributed import Synced, SyncedAll
 from latentlab.common.inputs import require_model_dir
 from latentlab.hidden.nla_table import read_nla_table
 from latentlab.lm.modeling import read_manifest, save_weights
@@ -22,12 +24,18 @@ from latentlab.rl.grpo import GRPOTrainer
 from latentlab.rl.nla import CriticReward, CriticTrainer, train_rl
 from latentlab.rl.ppo import PPOTrainer
 from latentlab.tasks.nla_eval import explain, reconstruction_scores
-from stages.common import MODELS, PLOTS, setup, stage, step_log
+from stages.common import MODELS, PLOTS, require_divisible, setup, stage, step_log
 
 
-@stage
+@stage(torchrun=True)
 def main(params):
     run, cfg = setup(params), params.nla_rl
+    per_step, key = (
+        (cfg.grpo.prompts_per_step, "nla_rl.grpo.prompts_per_step")
+        if cfg.algo == "grpo"
+        else (cfg.ppo.rollouts_per_step, "nla_rl.ppo.rollouts_per_step")
+    )
+    require_divisible(run, per_step, key)
     sft = require_model_dir(MODELS / "nla_sft" / "actor")
     actor = load_actor(sft, run.device)
     critic = load_critic(MODELS / "nla_sft" / "critic", run.device)
@@ -37,20 +45,19 @@ def main(params):
     baseline, heldout_baseline = baseline_mse(critic, vectors), baseline_mse(critic, heldout)
 
     reward = CriticReward(critic, cfg.reward)
+    # the actor's model and its injection map under DDP for the gradient passes (a parameter-free map: none)
+    synced = SyncedAll(Synced(actor, "model", run.ranks), Synced(actor, "injector", run.ranks))
     if cfg.algo == "grpo":
         algo = cfg.grpo
         reference = copy.deepcopy(actor) if algo.beta > 0 else None  # the SFT actor, frozen
         if reference is not None:
             reference.model.requires_grad_(False)
-        trainer, value_head, per_step = (
-            GRPOTrainer(actor, reward, algo, run.sample_rng, reference),
-            None,
-            algo.prompts_per_step,
-        )
+        trainer = GRPOTrainer(actor, reward, algo, run.sample_rngs, reference, run.shards, synced)
+        value_head = None
     else:
         algo = cfg.ppo
         value_head = ValueHead(actor.model.config.hidden_size)
-        trainer, per_step = PPOTrainer(actor, value_head, reward, algo, run.sample_rng), algo.rollouts_per_step
+        trainer = PPOTrainer(actor, value_head, reward, algo, run.sample_rngs, run.shards, synced)
     rows = epoch_batches(len(vectors), per_step, run.data_rng)
     batches = ([vectors[i] for i in batch] for batch in rows)
 
@@ -59,7 +66,7 @@ def main(params):
         return {f"heldout_{k}": v for k, v in reconstruction_scores(critic, texts, heldout, heldout_baseline).items()}
 
     log = step_log(params, "nla_rl", params.model_dump(include={"nla_rl", "seed"}))
-    critic_trainer = CriticTrainer(critic, cfg.critic, algo.steps)
+    critic_trainer = CriticTrainer(critic, cfg.critic, algo.steps, run.shards)
     train_rl(
         trainer,
         reward,
@@ -71,7 +78,10 @@ def main(params):
         f"nla_rl {cfg.algo}",
         monitor,
         cfg.eval_every,
+        run.shards,
     )
+    if not run.leader:  # under torchrun rank 0 alone writes the outputs
+        return
 
     provenance = {"parent": read_manifest(sft).get("content_sha256"), "algo": cfg.algo}
     with atomic_output(MODELS / "nla_rl") as out:

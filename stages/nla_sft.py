@@ -5,7 +5,8 @@ to write for a vector is the text the vector was computed from (the problem and 
 continuation), the only explanation there is at this scale. `nla_sft.train_mode` picks what trains:
 the actor (next-token loss on the explanation given the injected vector), the critic (reconstruct
 the vector from the explanation) or both on the same batches. Both are saved either way, so nla_rl
-always starts from a pair. Log: plots/nla_sft.csv.
+always starts from a pair. Under torchrun (`launcher`) each rank trains on its contiguous shard of every
+batch under DDP, as `sft` (docs-draft/ddp.md). Log: plots/nla_sft.csv.
 """
 
 from latentlab.common.atomic import atomic_output
@@ -15,12 +16,12 @@ from latentlab.lm.modeling import load_lm, read_manifest
 from latentlab.policies.nla_actor import build_actor, save_actor
 from latentlab.policies.nla_critic import baseline_mse, build_critic, save_critic
 from latentlab.rl.nla import train_sft
-from stages.common import MODELS, PLOTS, setup, stage, step_log
+from stages.common import MODELS, PLOTS, lm_shards, setup, stage, step_log
 
 NLA = "data/labels/nla.parquet"
 
 
-@stage
+@stage(torchrun=True)
 def main(params):
     run, cfg = setup(params), params.nla_sft
     base = require_model_dir(MODELS / "base")
@@ -30,9 +31,10 @@ def main(params):
     critic_cfg = cfg.critic.model_copy(update={"layer": params.label.nla_layer})  # where the vectors were read
     critic = build_critic(model, tokenizer, critic_cfg, vectors)  # a truncated copy: the actor trains `model`
     actor = build_actor(model, tokenizer, cfg.actor, vectors, texts)
-    print(
-        f"nla_sft: {len(texts)} rows, vectors of {vectors.shape[1]}, injection norms {actor.injector.scales.tolist()}"
-    )
+    if run.leader:
+        print(
+            f"nla_sft: {len(texts)} rows, vectors of {vectors.shape[1]}, injection norms {actor.injector.scales.tolist()}"
+        )
 
     log = step_log(params, "nla_sft", params.model_dump(include={"nla_sft", "seed"}))
     train_sft(
@@ -44,7 +46,10 @@ def main(params):
         run.data_rng,
         log,
         baseline_mse(critic, vectors),
+        lm_shards(run),
     )
+    if not run.leader:  # under torchrun rank 0 alone writes the outputs
+        return
     provenance = {"parent": read_manifest(base).get("content_sha256"), "train_mode": cfg.train_mode}
     with atomic_output(MODELS / "nla_sft") as out:
         save_actor(actor, out / "actor", **provenance)

@@ -4,6 +4,7 @@
 Training data: data/grid/transitions.zarr and the pooled states of layer `policy.eval.layer` in
 data/hidden/grid.zarr (label). Both policies share the code, the seed and the data order; the
 observation-only one just does not take the state. `evaluate` plays them online (metrics/policy.json).
+Under torchrun (`launcher`) each AWR minibatch is split across ranks under DDP (docs-draft/ddp.md).
 """
 
 import numpy as np
@@ -16,14 +17,14 @@ from latentlab.hidden.store import open_store
 from latentlab.policies.actor_critic import ActorCritic, ActorCriticConfig, save_policy
 from latentlab.rl.awr import Batch, train_awr
 from latentlab.tasks.grid import read_transitions
-from stages.common import GRID, MODELS, PLOTS, setup, stage, step_log
+from stages.common import GRID, MODELS, PLOTS, lm_shards, setup, stage, step_log
 
 STORE = "data/hidden/grid.zarr"
 
 
-@stage
+@stage(torchrun=True)
 def main(params):
-    setup(params)
+    run = setup(params)
     cfg, grid = params.policy, params.grid
     data = read_transitions(GRID / "transitions.zarr")
     hidden = pooled_vectors(STORE, cfg.eval.layer)  # (N, H), read through StoreDataset
@@ -47,9 +48,12 @@ def main(params):
         if use_hidden:
             model.fit_hidden_scale(batch.hidden)
         logs[name] = step_log(params, f"policy-{name}", params.model_dump(include={"policy", "grid", "seed"}))
-        train_awr(model, batch, cfg.awr, torch.Generator().manual_seed(params.seed), logs[name], desc=f"awr {name}")
+        generator = torch.Generator().manual_seed(params.seed)
+        train_awr(model, batch, cfg.awr, generator, logs[name], f"awr {name}", lm_shards(run))
         logs[name].finish()
         policies[name] = model
+    if not run.leader:  # under torchrun rank 0 alone writes the outputs
+        return
     with atomic_output(MODELS / "policy") as out:
         for name, model in policies.items():
             save_policy(model, out / name, layer=cfg.eval.layer if name == "hidden" else None, store=STORE)

@@ -7,7 +7,9 @@ phase 3: GRPO steps, each followed by an edit that is kept when its reward clear
 `surgery.commit_threshold`), `random` (the same with uniform random edits) and `grpo_only` (the same
 GRPO steps, no surgery). -> models/surgery (the sac arm's model + surgeon.safetensors/json),
 metrics/surgery.json (each arm's test accuracy and commits), plots/surgery.csv (the sac arm's log),
-plots/surgery_arms.csv (the three arms' held-out curves and rewards side by side).
+plots/surgery_arms.csv (the three arms' held-out curves and rewards side by side). Under torchrun
+(`launcher`) the GRPO steps split their prompts as `grpo` does and the surgeon splits its probe batch; every
+rank keeps an identical replica of the SAC agent (docs-draft/ddp.md).
 """
 
 import copy
@@ -15,6 +17,7 @@ import copy
 import torch
 
 from latentlab.common.atomic import atomic_output
+from latentlab.common.distributed import Synced
 from latentlab.common.inputs import read_table, require_model_dir
 from latentlab.common.tracking import StepLog, write_side_by_side
 from latentlab.lm.modeling import load_lm, read_manifest, save_lm
@@ -22,26 +25,30 @@ from latentlab.policies.lm_policy import LMPolicy
 from latentlab.rl.surgeon import Surgeon, run_curriculum, save_surgeon
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
 from latentlab.tasks.evaluation import evaluate_policy
-from stages.common import METRICS, MODELS, PLOTS, SYNTH, setup, stage, step_log, write_json
+from stages.common import METRICS, MODELS, PLOTS, SYNTH, require_divisible, setup, stage, step_log, write_json
 from stages.recipes import arithmetic_grpo
 
 ARMS = ("sac", "random", "grpo_only")  # the method, then its controls
 SIDE_BY_SIDE = ["phase", "heldout_accuracy", "reward_mean", "surgery_reward", "commits"]
 
 
-@stage
+@stage(torchrun=True)
 def main(params):
     run, cfg, seed, every = setup(params), params.surgery, params.seed, params.grpo.eval_every
     sft = require_model_dir(MODELS / "sft")
     model, tokenizer = load_lm(sft, run.device)
     reference = LMPolicy(copy.deepcopy(model).requires_grad_(False), tokenizer) if params.grpo.beta > 0 else None
     p1, p2, p3 = cfg.phases
+    require_divisible(run, cfg.probe_size, "surgery.probe_size")
     grpo = arithmetic_grpo(params, run, cfg.lr, LMPolicy(model, tokenizer), reference, steps=p1 + p3)
     test = read_table(SYNTH / "test.parquet", PROBLEM_SCHEMA)
 
     def test_scores(policy: LMPolicy, name: str) -> dict:
         e = params.evaluate
         return evaluate_policy(policy, test, grpo.reward, e.batch_size, e.max_new_tokens, f"test {name}")[0]
+
+    def monitor(policy: LMPolicy):  # held-out curves: rank 0 alone (the others wait in the next collective)
+        return grpo.monitor(policy) if run.leader else None
 
     log = step_log(params, "surgery", params.model_dump(include={"grpo", "surgery", "seed"}))
     bootstrap = grpo.trainer
@@ -53,17 +60,22 @@ def main(params):
         lambda: next(grpo.batches),
         None,
         log,
-        grpo.monitor(bootstrap.policy),
+        monitor(bootstrap.policy),
         every,
         "surgery phase 1",
     )
-    metrics, logs = {"phases": cfg.phases, "after_phase_1": test_scores(bootstrap.policy, "phase 1")}, {}
+    metrics, logs = {"phases": cfg.phases}, {}
+    if run.leader:  # the test set is scored by rank 0 alone
+        metrics["after_phase_1"] = test_scores(bootstrap.policy, "phase 1")
     for arm in ARMS:  # each from a copy of the phase-1 state (model, optimizer, schedule, sampler) and the same streams
-        generator = torch.Generator(run.device).set_state(bootstrap.generator.get_state())
-        trainer = copy.deepcopy(bootstrap, {id(bootstrap.generator): generator, id(reference): reference})
+        memo = {id(g): torch.Generator(run.device).set_state(g.get_state()) for g in bootstrap.generators}
+        memo |= {id(reference): reference, id(bootstrap.synced): None}  # DDP's wrapper is made anew, not copied
+        trainer = copy.deepcopy(bootstrap, memo)
+        trainer.synced = Synced(trainer.policy, "model", run.ranks)
         surgeon_rng, model = torch.Generator().manual_seed(seed + 2), trainer.policy.model
+        # every rank: the same agent, stream and global probe results, hence the same edits (latentlab/rl/surgeon.py)
         agent = Surgeon.build_agent(model, cfg.surgeon, cfg.sac, surgeon_rng) if arm == "sac" else None
-        surgeon = None if arm == "grpo_only" else Surgeon(model, tokenizer, cfg.surgeon, agent, surgeon_rng)
+        surgeon = None if arm == "grpo_only" else Surgeon(model, tokenizer, cfg.surgeon, agent, surgeon_rng, run.shards)
         logs[arm] = log if arm == "sac" else StepLog()
         logs[arm].rows = logs[arm].rows if arm == "sac" else list(log.rows[:p1])
         run_curriculum(
@@ -74,10 +86,12 @@ def main(params):
             grpo.stream(params.grpo.prompts_per_step, seed + 3),
             grpo.stream(cfg.probe_size, seed + 4, answers=True),
             logs[arm],
-            grpo.monitor(trainer.policy),
+            monitor(trainer.policy),
             every,
             f"surgery {arm}",
         )
+        if not run.leader:  # under torchrun rank 0 alone scores the arms and writes the outputs
+            continue
         metrics[arm] = {**test_scores(trainer.policy, arm), "commits": surgeon.commits if surgeon else 0}
         if arm == "sac":
             with atomic_output(MODELS / "surgery") as out:
@@ -90,6 +104,8 @@ def main(params):
                     commits=surgeon.commits,
                     trained_parameters=model.num_parameters(),
                 )
+    if not run.leader:
+        return
     for control in ARMS[1:]:
         metrics[f"sac_minus_{control}"] = metrics["sac"]["accuracy"] - metrics[control]["accuracy"]
     write_json(METRICS / "surgery.json", metrics)

@@ -16,7 +16,7 @@ this average is the gradient of the global loss (`Shards.weight`).
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -175,7 +175,9 @@ class Synced:
     def __init__(self, owner, attr: str, ranks: Ranks | None = None):
         self.owner, self.attr = owner, attr
         ranks = ranks or current_ranks()
-        self.ddp = data_parallel(getattr(owner, attr), ranks) if ranks.world > 1 else None
+        module = getattr(owner, attr)
+        trains = any(p.requires_grad for p in module.parameters())  # nothing to average: no wrapper (DDP refuses)
+        self.ddp = data_parallel(module, ranks) if ranks.world > 1 and trains else None
 
     @contextmanager
     def forward(self, sync: bool = True) -> Iterator[None]:
@@ -189,6 +191,21 @@ class Synced:
                 yield
         finally:
             setattr(self.owner, self.attr, plain)
+
+
+class SyncedAll:
+    """Several `Synced` modules entered together: a policy's model and its add-on (the NLA actor's injection
+    map), PPO's value head. One backward then averages every module's gradients, each by its own DDP reducer."""
+
+    def __init__(self, *synced: Synced):
+        self.synced = synced
+
+    @contextmanager
+    def forward(self, sync: bool = True) -> Iterator[None]:
+        with ExitStack() as stack:
+            for one in self.synced:
+                stack.enter_context(one.forward(sync))
+            yield
 
 
 ONE_PROCESS = Shards()  # one process, one shard: the default of every trainer

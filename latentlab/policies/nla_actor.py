@@ -90,11 +90,6 @@ class VectorInjector(nn.Module):
         i = self.cfg.layers.index(layer)
         return self.scales[i] * unit(self.maps[str(layer)](unit(vectors.float() - self.mean)))
 
-    def apply(self, states: torch.Tensor, vectors: torch.Tensor, layer: int) -> torch.Tensor:
-        """The new `(B, H)` states at <INJECT> given the old ones there."""
-        x = self(vectors, layer).to(states.dtype)
-        return states + x if self.cfg.mode == "add" else x
-
 
 @torch.no_grad()
 def measure_scales(model, tokenizer, layers: list[int], texts: list[str]) -> list[float]:
@@ -131,7 +126,9 @@ class NLAActor(LMPolicy):
     def _edit(self, states: torch.Tensor, vectors: torch.Tensor, layer: int) -> torch.Tensor:
         """`states` with only the <INJECT> column replaced (a new tensor: autograd sees the edit)."""
         c = self.column
-        new = self.injector.apply(states[:, c], vectors, layer)
+        # the injector is called (not a method of it): under torchrun `self.injector` is its DDP wrapper
+        x = self.injector(vectors, layer).to(states.dtype)
+        new = states[:, c] + x if self.injector.cfg.mode == "add" else x
         return torch.cat([states[:, :c], new[:, None], states[:, c + 1 :]], dim=1)
 
     def prefix(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,11 +181,15 @@ class NLAActor(LMPolicy):
         rollout.texts = list(texts)
         return rollout
 
+    def sft_nll(self, vectors: list, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed negative log-likelihood, token count) of the explanations (+ end-of-sequence) given the vectors."""
+        rollout = self.teacher_forced(vectors, texts)
+        return -self.logprobs(rollout, 1.0).sum(), rollout.completions.mask.sum()
+
     def sft_loss(self, vectors: list, texts: list[str]) -> torch.Tensor:
         """Mean negative log-likelihood per token of the explanation (+ end-of-sequence) given the vector."""
-        rollout = self.teacher_forced(vectors, texts)
-        mask = rollout.completions.mask
-        return -self.logprobs(rollout, 1.0).sum() / mask.sum()
+        total, count = self.sft_nll(vectors, texts)
+        return total / count
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in [*self.model.parameters(), *self.injector.parameters()] if p.requires_grad]

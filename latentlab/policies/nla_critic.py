@@ -94,6 +94,9 @@ class NLACritic(nn.Module):
         self.register_buffer("mean", mean.float().clone() if cfg.center else torch.zeros(dim))
         self.head = nn.Linear(hidden, dim)
         self.score = nn.Parameter(torch.zeros(hidden))  # the weighted pooling's w (unused by the others)
+        # frozen where unused (it never had a gradient, so nothing changes): DDP wants a gradient for every
+        # parameter that requires one
+        self.score.requires_grad_(cfg.pooling == "weighted")
         with torch.no_grad():
             if hidden == dim:  # identity start: pred = pooled state - mean, the centred vector's estimate
                 self.head.weight.copy_(torch.eye(dim))
@@ -124,9 +127,12 @@ class NLACritic(nn.Module):
     def predict(self, texts: list[str]) -> torch.Tensor:
         return self(*self.encode(texts))
 
-    def loss(self, texts: list[str], vectors) -> torch.Tensor:
-        """Mean reconstruction loss of `vectors` from `texts`."""
-        return reconstruction_loss(self.predict(texts), self.target(vectors), self.cfg.loss).mean()
+    def loss(self, texts: list[str], vectors, net: nn.Module | None = None) -> torch.Tensor:
+        """Mean reconstruction loss of `vectors` from `texts`; `net` runs the forward pass (under torchrun the
+        critic's DDP wrapper, whose forward averages the gradients across ranks; default the critic itself)."""
+        return reconstruction_loss(
+            (self if net is None else net)(*self.encode(texts)), self.target(vectors), self.cfg.loss
+        ).mean()
 
 
 def baseline_mse(critic: NLACritic, vectors: np.ndarray) -> float:

@@ -22,6 +22,7 @@ from pydantic import Field
 
 from latentlab.common.batches import epoch_batches
 from latentlab.common.config import Config
+from latentlab.common.distributed import ONE_PROCESS, Shards, data_parallel
 from latentlab.common.optim import build_optimizer, check_finite
 from latentlab.common.tracking import StepLog, progress
 from latentlab.rl.advantages import gae
@@ -93,8 +94,22 @@ def train_awr(
     generator: torch.Generator,
     log: StepLog,
     desc: str = "awr",
+    shards: Shards = ONE_PROCESS,
 ) -> None:
-    """Fit `model` ((image, hidden) -> (logits, value)) to `data` by AWR (module doc), in place."""
+    """Fit `model` ((image, hidden) -> (logits, value)) to `data` by AWR (module doc), in place.
+
+    Under torchrun (`shards`: one per rank) every rank computes V, A and the weights on the whole dataset (the
+    same on every rank: the weights are DDP-synchronised), draws the same minibatch and keeps its contiguous
+    shard of it; both losses are means over rows, equally many on every rank, so DDP's averaged gradient is
+    the global minibatch's. One process is the reference: 2 processes reproduce it within float tolerance.
+    """
+    if cfg.batch_size % shards.count:
+        raise ValueError(f"policy.awr.batch_size ({cfg.batch_size}) is not divisible by the {shards.count} processes")
+    net = data_parallel(model, shards.ranks)  # the model itself with one process
+
+    def global_mean(value: torch.Tensor) -> float:  # a mean over this rank's rows -> the global minibatch's
+        return value.item() if shards.single else (shards.sum(value.detach()) / shards.ranks.world).item()
+
     steps = cfg.iterations * cfg.steps_per_iteration
     optimizer, schedule = build_optimizer(model.parameters(), cfg.lr, steps, warmup_steps=cfg.steps_per_iteration // 4)
     batches = epoch_batches(len(data.action), cfg.batch_size, generator)
@@ -107,8 +122,8 @@ def train_awr(
             weights = awr_weights(advantages, cfg.beta, cfg.w_max)
             model.train()
             for _ in range(cfg.steps_per_iteration):
-                rows = torch.tensor(next(batches))
-                logits, value = model(*data.inputs(rows))
+                (rows,) = shards.split(torch.tensor(next(batches)), "policy.awr.batch_size")  # all: one process
+                logits, value = net(*data.inputs(rows))
                 log_pi = F.log_softmax(logits, 1).gather(1, data.action[rows, None]).squeeze(1)  # (B,)
                 policy_loss = -(weights[rows] * log_pi).mean()
                 value_loss = 0.5 * (value - returns[rows]).pow(2).mean()
@@ -124,11 +139,11 @@ def train_awr(
                 if step % cfg.steps_per_iteration == 0 or step == 1:
                     log.log(
                         step,
-                        loss=loss.item(),
-                        policy_loss=policy_loss.item(),
-                        value_loss=value_loss.item(),
-                        weight_mean=weights[rows].mean().item(),
-                        weight_clipped=(weights[rows] >= cfg.w_max).float().mean().item(),
+                        loss=global_mean(loss),
+                        policy_loss=global_mean(policy_loss),
+                        value_loss=global_mean(value_loss),
+                        weight_mean=global_mean(weights[rows].mean()),
+                        weight_clipped=global_mean((weights[rows] >= cfg.w_max).float().mean()),
                         return_mean=returns.mean().item(),
                     )
     model.eval()

@@ -18,6 +18,7 @@ from pydantic import Field
 
 from latentlab.common.batches import epoch_batches
 from latentlab.common.config import Config
+from latentlab.common.distributed import ONE_PROCESS, Shards, Synced, SyncedAll, data_parallel
 from latentlab.common.optim import build_optimizer, check_finite
 from latentlab.common.tracking import StepLog, progress
 from latentlab.policies.nla_actor import NLAActor
@@ -39,18 +40,33 @@ def reward_from_mse(mse: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 class CriticReward:
-    """The reward callable of GRPO / PPO; keeps the last batch so the critic can learn from it."""
+    """The reward callable of GRPO / PPO; keeps the step's batch so the critic can learn from it.
+
+    A trainer with several local shards calls it once per shard: `begin()` starts a step, and the `last_*`
+    fields hold every call since (this rank's rows of the global batch, in shard order).
+    """
 
     def __init__(self, critic: NLACritic, kind: RewardKind):
         self.critic, self.kind = critic, kind
+        self.begin()
+
+    def begin(self) -> None:
         self.last_texts: list[str] = []
-        self.last_vectors: list = []
-        self.last_mse = torch.zeros(0)
+        self.last_vectors = np.zeros((0, self.critic.dim), dtype=np.float32)
+        self.last_mse = torch.zeros(0, device=self.critic.device)
 
     def __call__(self, texts: list[str], vectors: list) -> list[float]:
-        self.last_texts, self.last_vectors = list(texts), np.stack([np.asarray(v) for v in vectors])
-        self.last_mse = reconstruction_mse(self.critic, self.last_texts, self.last_vectors)
-        return reward_from_mse(self.last_mse, self.kind).tolist()
+        vectors = np.stack([np.asarray(v) for v in vectors])
+        mse = reconstruction_mse(self.critic, list(texts), vectors)
+        if self.last_texts:  # a later shard of the same step
+            self.last_vectors, self.last_mse = (
+                np.concatenate([self.last_vectors, vectors]),
+                torch.cat([self.last_mse, mse]),
+            )
+        else:
+            self.last_vectors, self.last_mse = vectors, mse
+        self.last_texts += list(texts)
+        return reward_from_mse(mse, self.kind).tolist()
 
 
 class NLASFTConfig(Config):
@@ -82,32 +98,53 @@ def train_sft(
     generator: torch.Generator,
     log: StepLog,
     baseline: float,
+    shards: Shards = ONE_PROCESS,
 ) -> None:
-    """Supervised NLA: the actor learns p(text | vector), the critic learns vector <- text, on the same batches."""
-    parts = {}
+    """Supervised NLA: the actor learns p(text | vector), the critic learns vector <- text, on the same batches.
+
+    Under torchrun (`shards`: one per rank) every rank draws the same batch and keeps its contiguous shard of
+    it; the actor (model and injection map) and the critic train under DDP. The actor's loss is the mean over
+    the global batch's tokens (each rank divides its summed NLL by the all-reduced token count, times the
+    world size for DDP's average); the critic's is a mean over rows, equally many on every rank. One process
+    is the reference: 2 processes reproduce it within float tolerance.
+    """
+    if cfg.batch_size % shards.count:
+        raise ValueError(f"nla_sft.batch_size ({cfg.batch_size}) is not divisible by the {shards.count} processes")
+    parts, nets = {}, {}
     if actor is not None:
         parts["actor"] = (
             actor.trainable_parameters(),
             *build_optimizer(actor.trainable_parameters(), cfg.actor_lr, cfg.steps, cfg.warmup_steps),
         )
+        # the model and its injection map under DDP for the gradient pass (a parameter-free map: none)
+        nets["actor"] = SyncedAll(Synced(actor, "model", shards.ranks), Synced(actor, "injector", shards.ranks))
         actor.train(True)
     if critic is not None:
         params = list(critic.parameters())
         parts["critic"] = (params, *build_optimizer(params, cfg.critic_lr, cfg.steps, cfg.warmup_steps))
+        nets["critic"] = data_parallel(critic, shards.ranks)  # the critic itself with one process
         critic.train(True)
     bar = progress(range(cfg.steps), "nla_sft")
     log.bar = bar
     batches = epoch_batches(len(texts), cfg.batch_size, generator)
     for step in bar:
-        rows = next(batches)
+        (rows,) = shards.split(next(batches), "nla_sft.batch_size")  # the whole batch with one process
         v, x = [vectors[i] for i in rows], [texts[i] for i in rows]
-        losses = {}
+        losses = {}  # name: (the loss to differentiate, the global batch's loss to log)
         if actor is not None:
-            losses["actor"] = actor.sft_loss(v, x)
+            if shards.single:
+                loss = actor.sft_loss(v, x)
+                losses["actor"] = (loss, loss)
+            else:
+                with nets["actor"].forward():
+                    total, count = actor.sft_nll(v, x)
+                count = shards.sum(count).clamp(min=1)  # the global batch's explanation tokens
+                losses["actor"] = (total / count * shards.ranks.world, shards.sum(total.detach()) / count)
         if critic is not None:
-            losses["critic"] = critic.loss(x, np.stack(v))
+            loss = critic.loss(x, np.stack(v), nets["critic"])
+            losses["critic"] = (loss, shards.sum(loss.detach()) / shards.ranks.world)
         row = {}
-        for name, loss in losses.items():
+        for name, (loss, global_loss) in losses.items():
             params, optimizer, schedule = parts[name]
             check_finite(loss, step, f"{name} loss")
             optimizer.zero_grad(set_to_none=True)
@@ -115,7 +152,7 @@ def train_sft(
             row[f"{name}_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             optimizer.step()
             schedule.step()
-            row[f"{name}_loss"] = loss.item()
+            row[f"{name}_loss"] = global_loss.item()
         if "critic" in losses and critic.cfg.loss == "mse":
             row["critic_fve"] = 1 - row["critic_loss"] / baseline  # on the training batch (gold text)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
@@ -133,26 +170,32 @@ class CriticUpdates(Config):
 
 
 class CriticTrainer:
-    """The critic keeps learning during RL: it reconstructs each batch's vectors from the actor's explanations."""
+    """The critic keeps learning during RL: it reconstructs each batch's vectors from the actor's explanations.
 
-    def __init__(self, critic: NLACritic, cfg: CriticUpdates, steps: int):
-        self.critic, self.cfg = critic, cfg
+    Under torchrun each rank learns from its rows of the batch (equally many on every rank): the mean loss of
+    its rows, averaged across ranks by DDP, is the global batch's mean loss.
+    """
+
+    def __init__(self, critic: NLACritic, cfg: CriticUpdates, steps: int, shards: Shards = ONE_PROCESS):
+        self.critic, self.cfg, self.shards = critic, cfg, shards
         self.optimizer, self.schedule = build_optimizer(list(critic.parameters()), cfg.lr, max(1, steps))
+        self.net = data_parallel(critic, shards.ranks) if cfg.updates_per_step else critic  # DDP's or itself
 
     def update(self, texts: list[str], vectors: np.ndarray, step: int) -> dict[str, float]:
         if self.cfg.updates_per_step == 0:
             return {}
-        self.critic.train(True)
+        critic = self.critic
+        critic.train(True)
         for _ in range(self.cfg.updates_per_step):
-            loss = self.critic.loss(texts, vectors)
+            loss = critic.loss(texts, vectors, self.net)
             check_finite(loss, step, "critic loss")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.critic.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
             self.optimizer.step()
         self.schedule.step()
-        self.critic.train(False)
-        return {"critic_loss": loss.item()}
+        critic.train(False)
+        return {"critic_loss": self.shards.sum(loss.detach()).item() / self.shards.ranks.world}
 
 
 def train_rl(
@@ -166,24 +209,34 @@ def train_rl(
     desc: str,
     evaluate: Callable[[], dict[str, float]] | None = None,
     eval_every: int = 0,
+    shards: Shards = ONE_PROCESS,
 ) -> None:
-    """`steps` RL steps (`trainer.step(step, vectors, vectors)`: GRPO or PPO), each followed by critic updates."""
+    """`steps` RL steps (`trainer.step(step, vectors, vectors)`: GRPO or PPO), each followed by critic updates.
+
+    Under torchrun the logged reconstruction metrics are the global batch's (gathered from every rank) and the
+    held-out `evaluate` runs on rank 0 alone (the others wait in the next step's collectives)."""
     bar = progress(range(steps), desc)
     log.bar = bar
     for step in bar:
         vectors = next(batches)
+        reward.begin()
         row = trainer.step(step, vectors, vectors)
-        mse = reward.last_mse
-        lengths = [len(t) for t in reward.last_texts]
+        mse = shards.gather(reward.last_mse)
+        texts = reward.last_texts
+        lengths, empty = [len(t) for t in texts], [not t.strip() for t in texts]
+        if shards.ranks.world > 1:  # every rank's explanations (equally many on each)
+            lengths = shards.gather(torch.tensor(lengths, dtype=torch.float64)).tolist()
+            empty = shards.gather(torch.tensor(empty, dtype=torch.float64)).tolist()
         row.update(
             mse=mse.mean().item(),
             cosine=(1 - mse / 2).mean().item(),
             fve=1 - mse.mean().item() / baseline,
             explanation_chars=float(np.mean(lengths)),
-            empty_fraction=float(np.mean([not t.strip() for t in reward.last_texts])),
+            empty_fraction=float(np.mean(empty)),
         )
-        row.update(critic_trainer.update(reward.last_texts, reward.last_vectors, step))
-        if evaluate is not None and eval_every and (step % eval_every == 0 or step == steps - 1):
+        row.update(critic_trainer.update(texts, reward.last_vectors, step))
+        due = eval_every and (step % eval_every == 0 or step == steps - 1)
+        if evaluate is not None and due and shards.ranks.rank == 0:
             row.update(evaluate())
         if not math.isfinite(row["mse"]):
             raise ValueError(f"non-finite reconstruction error at step {step}")

@@ -18,14 +18,16 @@ Tokens after a completion's end-of-sequence are masked out of every mean.
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from pydantic import Field
 
 from latentlab.common.config import Config
+from latentlab.common.distributed import ONE_PROCESS, Shards, Synced, SyncedAll
 from latentlab.common.optim import build_optimizer, check_finite
 from latentlab.lm.sampling import SamplingConfig
-from latentlab.policies.lm_policy import LMPolicy
+from latentlab.policies.lm_policy import LMPolicy, Rollout
 from latentlab.policies.value_head import ValueHead, logprobs_and_values
 from latentlab.rl.advantages import gae
 
@@ -107,8 +109,33 @@ def ppo_value_loss(
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask.float())
 
 
+@dataclass
+class _Batch:
+    """One shard's rollouts and what the updates need from them (no gradients)."""
+
+    rollout: Rollout
+    rewards: torch.Tensor  # (B,)
+    old_logprobs: torch.Tensor  # (B, T)
+    old_values: torch.Tensor  # (B, T)
+    advantages: torch.Tensor  # (B, T), whitened over the global batch in `step`
+    returns: torch.Tensor  # (B, T)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.rollout.completions.mask
+
+
 class PPOTrainer:
-    """PPO steps for any `LMPolicy` and a value head on its model: the same `step(step, prompts, targets)` as GRPO."""
+    """PPO steps for any `LMPolicy` and a value head on its model: the same `step(step, prompts, targets)` as GRPO.
+
+    Sharding (latentlab/common/distributed.py), as GRPOTrainer: `shards` cuts each batch's prompts into equal
+    shards, shard k sampled from `generator[k]` of this rank's local shards; GAE runs per rollout, the
+    advantages are whitened over the global batch's tokens (all-reduced sums). Each shard's rollouts are cut
+    into `minibatches` by the same seeded permutation; global minibatch j is the shards' minibatches j, each
+    shard's loss weighted by its share of that minibatch's tokens, so the accumulated (and, across ranks,
+    DDP-averaged) gradient is that of the global minibatch's token mean. `synced` is the DDP wrapper of the
+    policy's trainable modules; the value head gets its own.
+    """
 
     def __init__(
         self,
@@ -116,28 +143,30 @@ class PPOTrainer:
         value_head: ValueHead,
         reward_fn: Callable[[list[str], list], list[float]],
         cfg: PPOConfig,
-        generator: torch.Generator,
+        generator: torch.Generator | list[torch.Generator],
+        shards: Shards = ONE_PROCESS,
+        synced: Synced | SyncedAll | None = None,
     ):
-        if cfg.rollouts_per_step % cfg.minibatches:
+        if cfg.rollouts_per_step % (cfg.minibatches * shards.count):
             raise ValueError(
-                f"rollouts_per_step ({cfg.rollouts_per_step}) must divide into {cfg.minibatches} minibatches"
+                f"rollouts_per_step ({cfg.rollouts_per_step}) must divide into {cfg.minibatches} minibatches "
+                f"in each of the {shards.count} shards"
             )
-        self.policy, self.value_head, self.reward_fn, self.cfg, self.generator = (
-            policy,
-            value_head.to(policy.device),
-            reward_fn,
-            cfg,
-            generator,
-        )
+        self.policy, self.value_head, self.reward_fn, self.cfg = policy, value_head.to(policy.device), reward_fn, cfg
+        self.generators = generator if isinstance(generator, list) else [generator]
+        if len(self.generators) != len(shards.local):
+            raise ValueError(f"{len(self.generators)} sampling streams for {len(shards.local)} local shards")
+        self.shards = shards
+        self.synced = SyncedAll(*([synced] if synced else []), Synced(self, "value_head", shards.ranks))
         self.parameters = [*policy.trainable_parameters(), *value_head.parameters()]
         updates = cfg.steps * cfg.epochs * cfg.minibatches
         self.optimizer, self.schedule = build_optimizer(self.parameters, cfg.lr, updates, cfg.warmup_steps)
 
-    def step(self, step: int, prompts: list, targets: list) -> dict[str, float]:
+    def sample(self, prompts: list, targets: list, generator: torch.Generator) -> _Batch:
+        """Sample one completion per prompt, score it, and estimate advantages by GAE (not yet whitened)."""
         cfg = self.cfg
-        started = time.perf_counter()
         self.policy.train(False)
-        rollout = self.policy.rollout(prompts, cfg.sampling, self.generator)
+        rollout = self.policy.rollout(prompts, cfg.sampling, generator)
         mask = rollout.completions.mask
         rewards = torch.tensor(self.reward_fn(rollout.texts, targets), dtype=torch.float32, device=mask.device)
         with torch.no_grad():
@@ -155,51 +184,84 @@ class PPOTrainer:
                 ).T
                 * mask
             )
-            returns = advantages + old_values
-            if cfg.normalize_advantages:
-                mean = masked_mean(advantages, mask)
-                std = masked_mean((advantages - mean) ** 2, mask).sqrt()
-                advantages = (advantages - mean) / (std + 1e-8) * mask
+        return _Batch(rollout, rewards, old_logprobs, old_values, advantages, advantages + old_values)
+
+    def step(self, step: int, prompts: list, targets: list) -> dict[str, float]:
+        cfg, shards = self.cfg, self.shards
+        started = time.perf_counter()
+        parts = [
+            self.sample(p, t, generator)
+            for p, t, generator in zip(
+                shards.split(prompts, "rollouts_per_step"), shards.split(targets, "rollouts_per_step"), self.generators
+            )
+        ]
+        n_tokens = shards.sum(sum(part.mask.sum() for part in parts))  # the global batch's completion tokens
+        if cfg.normalize_advantages:  # whiten over the global batch's tokens: masked means of all-reduced sums
+            with torch.no_grad():
+                count = n_tokens.clamp(min=1)
+                mean = shards.sum(sum((part.advantages * part.mask).sum() for part in parts)) / count
+                var = shards.sum(sum(((part.advantages - mean) ** 2 * part.mask).sum() for part in parts)) / count
+                for part in parts:
+                    part.advantages = (part.advantages - mean) / (var.sqrt() + 1e-8) * part.mask
 
         self.policy.train(True)
         stats_sum: dict[str, float] = {}
         updates = 0
-        size = cfg.rollouts_per_step // cfg.minibatches
+        size = len(parts[0].rewards) // cfg.minibatches
         for _ in range(cfg.epochs):
-            order = torch.randperm(len(rewards), generator=torch.Generator().manual_seed(step * 1000 + updates))
+            # every shard cuts its rollouts by the same permutation (one shard: the whole batch's)
+            order = torch.randperm(
+                len(parts[0].rewards), generator=torch.Generator().manual_seed(step * 1000 + updates)
+            )
             for rows in order.split(size):
-                rows = rows.to(mask.device)
-                part = rollout.select(rows)
-                logprobs, values = logprobs_and_values(self.policy, self.value_head, part, cfg.temperature)
-                m = mask[rows]
-                policy_loss, stats = ppo_policy_loss(logprobs, old_logprobs[rows], advantages[rows], m, cfg.clip_eps)
-                value_loss = ppo_value_loss(values, old_values[rows], returns[rows], m, cfg.value_clip)
-                loss = policy_loss + cfg.vf_coef * value_loss
-                check_finite(loss, step)
+                rows = rows.to(parts[0].mask.device)
+                # the global minibatch's tokens: each shard's token mean is weighted by its share of them
+                tokens = int(shards.sum(sum(part.mask[rows].sum() for part in parts)))
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                shard_stats = []  # per shard: (weight, stats)
+                for k, part in enumerate(parts):
+                    with self.synced.forward(sync=k == len(parts) - 1):
+                        logprobs, values = logprobs_and_values(
+                            self.policy, self.value_head, part.rollout.select(rows), cfg.temperature
+                        )
+                    m = part.mask[rows]
+                    policy_loss, stats = ppo_policy_loss(
+                        logprobs, part.old_logprobs[rows], part.advantages[rows], m, cfg.clip_eps
+                    )
+                    value_loss = ppo_value_loss(values, part.old_values[rows], part.returns[rows], m, cfg.value_clip)
+                    loss = policy_loss + cfg.vf_coef * value_loss
+                    check_finite(loss, step)
+                    weight = shards.weight(int(m.sum()), tokens)
+                    (loss if shards.single else loss * weight).backward()
+                    stats = {**stats, "policy_loss": policy_loss.item(), "value_loss": value_loss.item()}
+                    shard_stats.append((weight, {**stats, "loss": loss.item()}))
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, cfg.max_grad_norm)
                 self.optimizer.step()
                 self.schedule.step()
                 updates += 1
-                for name, value in {
-                    **stats,
-                    "policy_loss": policy_loss.item(),
-                    "value_loss": value_loss.item(),
-                    "loss": loss.item(),
-                    "grad_norm": float(grad_norm),
-                }.items():
+                for name, value in {**self.combine(shard_stats), "grad_norm": float(grad_norm)}.items():
                     stats_sum[name] = stats_sum.get(name, 0.0) + value
         self.policy.train(False)
-        n_tokens = int(mask.sum())
+        rewards = shards.gather(torch.cat([part.rewards for part in parts]))
+        value_sum = shards.sum(sum((part.old_values * part.mask).sum() for part in parts))
+        n_tokens = int(n_tokens)
         seconds = time.perf_counter() - started
         return {
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item(),
-            "value_mean": masked_mean(old_values, mask).item(),
+            "value_mean": (value_sum / max(n_tokens, 1)).item(),
             **{name: total / updates for name, total in stats_sum.items()},
             "completion_tokens": n_tokens / len(rewards),
             "tokens_per_s": n_tokens / seconds,
             "seconds_per_step": seconds,
             "lr": self.schedule.get_last_lr()[0],
         }
+
+    def combine(self, shard_stats: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
+        """The global minibatch's value of each per-shard token mean (weighted as in the loss)."""
+        if self.shards.single:
+            return shard_stats[0][1]
+        names = list(shard_stats[0][1])
+        local = torch.tensor([sum(w * stats[name] for w, stats in shard_stats) for name in names], dtype=torch.float64)
+        total = self.shards.sum(local.to(self.policy.device)) / self.shards.ranks.world
+        return dict(zip(names, total.tolist()))

@@ -27,6 +27,7 @@ from pydantic import Field
 from safetensors.torch import load_file
 
 from latentlab.common.config import Config
+from latentlab.common.distributed import ONE_PROCESS, Shards
 from latentlab.common.tracking import StepLog, progress
 from latentlab.lm.capture import LayerCapture
 from latentlab.lm.modeling import save_weights
@@ -70,10 +71,26 @@ def probe(model, tokenizer, prompts: Sequence[str], answers: Sequence[str]) -> t
 
 
 class Surgeon:
-    """Proposes an edit, measures it in a SurgicalTheater, learns (SAC) and maybe commits it."""
+    """Proposes an edit, measures it in a SurgicalTheater, learns (SAC) and maybe commits it.
 
-    def __init__(self, model, tokenizer, cfg: SurgeonConfig, agent: SAC | None, generator: torch.Generator):
+    Under torchrun (`shards`) the probe batch is cut into shards like a GRPO batch: each rank probes its
+    shards, and the state and quality are the means over the shards, all-reduced, so every rank sees the same
+    global state and reward. Every rank keeps an identical replica of the agent (same seeded stream, same
+    inputs, same updates), so every rank draws the same action and commits the same edit on its copy of the
+    model: the surgeon needs no collective of its own. One process given N shards reproduces N ranks.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        cfg: SurgeonConfig,
+        agent: SAC | None,
+        generator: torch.Generator,
+        shards: Shards = ONE_PROCESS,
+    ):
         self.model, self.tokenizer, self.cfg, self.agent, self.generator = model, tokenizer, cfg, agent, generator
+        self.shards = shards
         self.targets = attention_targets(model, cfg.layers, cfg.projections)
         self.heads = max(t.heads for t in self.targets)
         self.commits = 0
@@ -93,15 +110,31 @@ class Surgeon:
             return torch.rand(self.action_dim, generator=self.generator) * 2 - 1
         return self.agent.act(state)
 
+    def probe(self, prompts: Sequence[str], answers: Sequence[str]) -> tuple[torch.Tensor, float]:
+        """`probe` of the whole (global) probe batch: the mean over its shards of each shard's probe."""
+        shards = self.shards
+        if shards.single:
+            return probe(self.model, self.tokenizer, prompts, answers)
+        parts = [
+            probe(self.model, self.tokenizer, p, a)
+            for p, a in zip(shards.split(prompts, "surgery.probe_size"), shards.split(answers, "surgery.probe_size"))
+        ]
+        local = sum(
+            torch.cat([state.double(), torch.tensor([quality], dtype=torch.float64)]) for state, quality in parts
+        )
+        device = next(self.model.parameters()).device  # nccl reduces GPU tensors
+        total = (shards.sum(local.to(device)) / shards.count).cpu()
+        return total[:-1].float(), total[-1].item()
+
     def step(self, prompts: Sequence[str], answers: Sequence[str], may_commit: bool) -> dict[str, float]:
         """One edit: measure, learn, and keep it if allowed and good enough; returns the log row."""
         started = time.perf_counter()
-        state, before = probe(self.model, self.tokenizer, prompts, answers)
+        state, before = self.probe(prompts, answers)
         action = self.act(state)  # (A,) in [-1, 1]
         factors = 1 + self.cfg.max_scale * action.view(len(self.targets), self.heads)
         with SurgicalTheater(self.model, self.targets) as theater:
             scale_heads(self.targets, factors)
-            _, after = probe(self.model, self.tokenizer, prompts, answers)
+            _, after = self.probe(prompts, answers)
             reward = after - before
             relative_change = theater.relative_change()
             if may_commit and reward > self.cfg.commit_threshold:
@@ -135,13 +168,14 @@ def run_curriculum(
     next_batch: Callable[[], tuple[list[str], list]],
     next_probe: Callable[[], tuple[list[str], list[str]]],
     log: StepLog,
-    monitor: Callable[[], dict[str, float]],
+    monitor: Callable[[], dict[str, float]] | None,
     eval_every: int,
     desc: str,
 ) -> None:
     """One step per entry of `phases` (1: GRPO step; 2: surgical step, nothing committed; 3: GRPO step then
     a surgical step that may commit), numbered from `first_step`; held-out `monitor` every `eval_every`
-    steps and at the last one. `surgeon=None` skips the surgery (the GRPO-only control)."""
+    steps and at the last one (`monitor=None`: never, as on the ranks but 0 under torchrun). `surgeon=None`
+    skips the surgery (the GRPO-only control)."""
     bar = progress(phases, desc)
     log.bar = bar
     last = first_step + len(phases) - 1
@@ -151,7 +185,7 @@ def run_curriculum(
             row |= trainer.step(step, *next_batch())
         if phase in (2, 3) and surgeon is not None:
             row |= surgeon.step(*next_probe(), may_commit=phase == 3)
-        if eval_every and (step % eval_every == 0 or step == last):
+        if monitor is not None and eval_every and (step % eval_every == 0 or step == last):
             row |= monitor()
         log.log(step, **row)
 
