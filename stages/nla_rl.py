@@ -5,7 +5,7 @@ unit(v)||^2) (`nla_rl.reward`); after every RL step the critic takes `nla_rl.cri
 steps on the batch's (explanation, vector) pairs. GRPO is the shared core (rl/grpo.py), PPO the
 shared PPO (rl/ppo.py) with a value head on the actor's model. Held-out FVE of greedy explanations
 every `eval_every` steps. Under torchrun (`launcher`) the batch's prompts are split across ranks as in `grpo`
-(docs-draft/ddp.md): the actor (model and injection map), PPO's value head and the critic train under DDP. Log: plots/nla_rl.csv (reward, MSE, cosine, FVE, KL, explanation length, loss)
+(README: Training on several processes, GPUs or nodes): the actor (model and injection map), PPO's value head and the critic train under DDP. Log: plots/nla_rl.csv (reward, MSE, cosine, FVE, KL, explanation length, loss)
 and plots/nla_rl_speed.csv (tokens/s).
 """
 

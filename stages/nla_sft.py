@@ -6,7 +6,7 @@ continuation), the only explanation there is at this scale. `nla_sft.train_mode`
 the actor (next-token loss on the explanation given the injected vector), the critic (reconstruct
 the vector from the explanation) or both on the same batches. Both are saved either way, so nla_rl
 always starts from a pair. Under torchrun (`launcher`) each rank trains on its contiguous shard of every
-batch under DDP, as `sft` (docs-draft/ddp.md). Log: plots/nla_sft.csv.
+batch under DDP, as `sft` (README: Training on several processes, GPUs or nodes). Log: plots/nla_sft.csv.
 """
 
 from latentlab.common.atomic import atomic_output

@@ -201,7 +201,7 @@ class PolicyParams(Config):
 
 
 class LauncherParams(Config):
-    """How training stages run: one process, or torchrun with DistributedDataParallel (docs-draft/ddp.md)."""
+    """How training stages run: one process, or torchrun with DistributedDataParallel (README: Training on several processes, GPUs or nodes)."""
 
     nproc: int = Field(1, ge=1)
     """Processes per node (one GPU each on CUDA; gloo on the CPU). >1: the stage re-executes itself under torchrun."""

@@ -4,7 +4,7 @@
 Training data: data/grid/transitions.zarr and the pooled states of layer `policy.eval.layer` in
 data/hidden/grid.zarr (label). Both policies share the code, the seed and the data order; the
 observation-only one just does not take the state. `evaluate` plays them online (metrics/policy.json).
-Under torchrun (`launcher`) each AWR minibatch is split across ranks under DDP (docs-draft/ddp.md).
+Under torchrun (`launcher`) each AWR minibatch is split across ranks under DDP (README: Training on several processes, GPUs or nodes).
 """
 
 import numpy as np

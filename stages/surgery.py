@@ -9,7 +9,7 @@ GRPO steps, no surgery). -> models/surgery (the sac arm's model + surgeon.safete
 metrics/surgery.json (each arm's test accuracy and commits), plots/surgery.csv (the sac arm's log),
 plots/surgery_arms.csv (the three arms' held-out curves and rewards side by side). Under torchrun
 (`launcher`) the GRPO steps split their prompts as `grpo` does and the surgeon splits its probe batch; every
-rank keeps an identical replica of the SAC agent (docs-draft/ddp.md).
+rank keeps an identical replica of the SAC agent (README: Training on several processes, GPUs or nodes).
 """
 
 import copy

@@ -1,6 +1,6 @@
 """A DVC remote on S3: push, pull and experiments through an S3 API served on 127.0.0.1 by moto.
 
-The commands are the README's (docs-draft/s3.md), run on a fresh tiny project of its own: the DAG
+The commands are the README's (section "A DVC remote on S3"), run on a fresh tiny project of its own: the DAG
 cut down to its first stages (synth, grid, base: Parquet tables, a Zarr store, a model directory),
 so that the plain commands (`dvc push`, `dvc pull`, `dvc status`) cover the whole of it.
 """
