@@ -47,6 +47,9 @@ INJECTION_METRICS = [
     f"{INJECT}seconds_per_step",
 ]
 
+# Written only by some configurations (inject.align_steps > 0): a default run lacks them by design.
+CONDITIONAL_METRICS = {f"{INJECT}after_align.accuracy"}
+
 CLAIMS = {
     "even_recovery": {
         "title": "GRPO with the even bonus recovers even answers that SFT on odd-only data lost",

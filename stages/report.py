@@ -144,13 +144,6 @@ INJECTION_COLUMNS = {  # header -> metric, as the sweep names it (metrics/inject
 }
 
 
-def mean_seconds_per_step(name: str) -> float | None:
-    """Mean of a training log's seconds_per_step column (plots/<name>_speed.csv of this run), if it logs one."""
-    path = PLOTS / f"{name}_speed.csv"
-    speed = pl.read_csv(path) if path.exists() else None
-    return None if speed is None or "seconds_per_step" not in speed.columns else speed["seconds_per_step"].mean()
-
-
 def injection_section(claims: dict) -> str:
     """Issue 12's table: the frozen SFT model, GRPO of the whole model and every injection configuration the
     `inject_*` claims hold, each over seeds with its interval (rows from results/claims.json)."""
@@ -170,7 +163,6 @@ def injection_section(claims: dict) -> str:
             "accuracy": sft[f"{INJECT}sft.accuracy"],
             "odd y": sft[f"{INJECT}sft.accuracy_odd"],
             "even y": sft[f"{INJECT}sft.accuracy_even"],
-            "s / step": mean_seconds_per_step("sft"),
         }
     }
     grpo, parity = claims["claims"].get("inject_vs_grpo"), claims["claims"].get("even_recovery")
@@ -185,7 +177,6 @@ def injection_section(claims: dict) -> str:
             "odd y": odd[0] if odd else None,
             "even y": pick.get("grpo.accuracy_even"),
             "trained params": pick.get("grpo.trained_parameters"),
-            "s / step": mean_seconds_per_step("grpo"),
         }
     for label, metrics in configs.items():
         rows[f"inject: {label}"] = {header: metrics.get(metric) for header, metric in INJECTION_COLUMNS.items()}
@@ -196,7 +187,8 @@ def injection_section(claims: dict) -> str:
         "Held-out accuracy on the whole test set, mean [95% interval] over seeds. Step 0: before any training "
         "(after the alignment phase where there is one, the next column). The paired column is the injector "
         "after GRPO minus the frozen SFT model it reads, per seed. Seconds per step: the mean GRPO step of each "
-        "experiment (SFT and whole-model GRPO: this run's logs).\n\n"
+        "experiment, two experiments sharing the machine (SFT's and whole-model GRPO's vary run to run and are not "
+        "DAG inputs: `plots/sft_speed.csv`, `plots/grpo_speed.csv` and the README give them).\n\n"
         + summary_table("model", list(INJECTION_COLUMNS), rows)
         + "\n\n"
         + "\n".join(f"- {line}" for line in provenance)

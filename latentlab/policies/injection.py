@@ -133,7 +133,18 @@ class HiddenStateInjector(nn.Module):
             return self.mlp(h) - self.start
         return self.mlp(h)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """v for the states h `(B, H)`; given the residual stream x `(B, H)` (gated), x edited by v instead.
+
+        The gated edit goes through forward (not a method beside it) so that under DistributedDataParallel it
+        is a forward of the wrapper, whose gradient hooks then average the injector's gradients over ranks.
+        """
+        if x is not None:
+            return self.gated(x, h)
+        return self.vector(h)
+
+    def vector(self, h: torch.Tensor) -> torch.Tensor:
+        """v = h + MLP(h), rescaled per variant (token: MLP(h), started at a token's embedding)."""
         if self.cfg.variant == "token":
             return self.mlp(h)
         v = h + self.mlp(h)
@@ -147,7 +158,7 @@ class HiddenStateInjector(nn.Module):
 
     def gated(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """gated: the residual stream x `(B, H)` plus g ||x|| v / ||v|| (Activation Oracles; x itself at g = 0)."""
-        v = unit(self(h))
+        v = unit(self.vector(h))
         return x + (self.gate * x.float().norm(dim=-1, keepdim=True) * v).to(x.dtype)
 
 
@@ -247,7 +258,7 @@ class InjectionPolicy(LMPolicy):
             if applied or rows is None:
                 return None
             applied, c = True, column % states.shape[1]
-            new = self.injector.gated(states[:, c], rows)
+            new = self.injector(rows, x=states[:, c])  # through forward: a DDP wrapper syncs the gradients
             return torch.cat([states[:, :c], new[:, None], states[:, c + 1 :]], dim=1)
 
         with edit_block_input(self.model, self.injector.cfg.gate_layer, edit):
