@@ -190,15 +190,27 @@ def completion_logprobs(
     temperature: float = 1.0,
     group_size: int = 1,
 ) -> torch.Tensor:
-    """log pi(token) of every sampled completion token `(B, T)`, with gradients, in one forward pass.
+    """log pi(token) of every sampled completion token `(B, T)`, with gradients (`teacher_forced_logits`).
+
+    Positions after end-of-sequence are masked (zero).
+    """
+    logits = teacher_forced_logits(model, prefix_embeds, prefix_mask, completions, group_size)
+    logprobs = _tempered_logprobs(logits, temperature).gather(-1, completions.ids[..., None]).squeeze(-1)
+    return logprobs * completions.mask
+
+
+def teacher_forced_logits(
+    model, prefix_embeds: torch.Tensor, prefix_mask: torch.Tensor, completions: Completions, group_size: int = 1
+) -> torch.Tensor:
+    """`(B, T, V)` logits that predict completion tokens 0..T-1, with gradients, teacher-forced.
 
     The logits at position t predict token t+1: the prefix's last position scores completion token 0,
-    completion position j-1 scores token j. Positions after end-of-sequence are masked (zero).
-    group_size: G > 1 takes B / G prefixes (one per group: completion rows p * G .. p * G + G - 1
-    continue prefix p) and runs them once, then the completions against their expanded KV cache.
+    completion position j-1 scores token j. One pass over [prefix, completion]; with group_size G > 1
+    the B / G prefixes (one per group: completion rows p * G .. p * G + G - 1 continue prefix p) run
+    once and the completions run against their expanded KV cache (`_grouped_logits`).
     """
     if group_size > 1:
-        return _grouped_completion_logprobs(model, prefix_embeds, prefix_mask, completions, temperature, group_size)
+        return _grouped_logits(model, prefix_embeds, prefix_mask, completions, group_size)
     prefix_len, length = prefix_embeds.shape[1], completions.ids.shape[1]
     embeds = torch.cat([prefix_embeds, model.get_input_embeddings()(completions.ids)], dim=1)
     mask = torch.cat([prefix_mask, completions.mask.long()], dim=1)
@@ -207,20 +219,17 @@ def completion_logprobs(
         inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask), logits_to_keep=length + 1
     ).logits[:, :-1]
     assert logits.shape[1] == length and prefix_len > 0
-    logprobs = _tempered_logprobs(logits, temperature).gather(-1, completions.ids[..., None]).squeeze(-1)
-    return logprobs * completions.mask
+    return logits
 
 
-def _grouped_completion_logprobs(
+def _grouped_logits(
     model,
     prefix_embeds: torch.Tensor,
     prefix_mask: torch.Tensor,
     completions: Completions,
-    temperature: float,
     group_size: int,
 ) -> torch.Tensor:
-    """`completion_logprobs` with a shared prefix: two passes, the prefix on P rows, the completions on P * G.
-
+    """`teacher_forced_logits` with a shared prefix: two passes, the prefix on P rows, the completions on P * G.
     pass 1 (P rows):     [prefix]                    -> KV cache, logits of the last position (token 0)
     expand:              cache, logits, mask, positions repeated G times along the batch (differentiable)
     pass 2 (P * G rows): completion tokens 0..T-2    -> logits that score tokens 1..T-1
@@ -250,5 +259,4 @@ def _grouped_completion_logprobs(
             use_cache=True,
         ).logits
         logits = torch.cat([logits, rest], dim=1)  # (P * G, T, V)
-    logprobs = _tempered_logprobs(logits, temperature).gather(-1, completions.ids[..., None]).squeeze(-1)
-    return logprobs * completions.mask
+    return logits

@@ -16,8 +16,8 @@ import torch
 from latentlab.common.optim import build_optimizer, check_finite
 from latentlab.common.tracking import StepLog, progress
 from latentlab.lm.padding import pad_sequences
-from latentlab.lm.sampling import Completions
-from latentlab.policies.injection import InjectionPolicy, teacher_forced_logits
+from latentlab.lm.sampling import Completions, teacher_forced_logits
+from latentlab.policies.injection import InjectionPolicy
 from latentlab.policies.lm_policy import Rollout
 
 

@@ -42,7 +42,7 @@ from latentlab.common.config import Config
 from latentlab.common.errors import InputError
 from latentlab.lm.capture import LayerCapture, decoder_blocks, edit_block_input
 from latentlab.lm.modeling import load_lm, read_manifest, save_weights, write_manifest
-from latentlab.lm.sampling import positions_from_mask
+from latentlab.lm.sampling import positions_from_mask, teacher_forced_logits
 from latentlab.policies.lm_policy import LMPolicy, Rollout
 
 WEIGHTS = "injector.safetensors"
@@ -180,18 +180,6 @@ def build_injector(model, cfg: InjectorConfig, tokenizer=None) -> HiddenStateInj
                 raise ValueError(f"init_token {cfg.init_token!r} must be one token, it is {len(ids)}")
             start = rows[ids[0]]
     return HiddenStateInjector(model.config.hidden_size, cfg, rms, scale, start).to(embeddings.device)
-
-
-def teacher_forced_logits(model, prefix_embeds: torch.Tensor, prefix_mask: torch.Tensor, completions) -> torch.Tensor:
-    """`(B, T, V)` logits over [prefix, completion] that predict completion tokens 0..T-1 (the prefix's last
-    position predicts token 0), with gradients: the full distributions behind `completion_logprobs`."""
-    length = completions.ids.shape[1]
-    embeds = torch.cat([prefix_embeds, model.get_input_embeddings()(completions.ids)], dim=1)
-    mask = torch.cat([prefix_mask, completions.mask.long()], dim=1)
-    logits = model(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask), logits_to_keep=length + 1
-    ).logits
-    return logits[:, :-1]
 
 
 def derangement(prompt_ids: torch.Tensor) -> torch.Tensor:
