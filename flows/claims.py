@@ -32,7 +32,7 @@ def difference_name(a: str, b: str) -> str:
 
 
 # The injection table's columns: the frozen SFT model alone, the injected model before any training (and after the
-# alignment phase), after GRPO (overall / odd / even answers), what GRPO trains and how long a step takes.
+# alignment phase), after GRPO (overall / odd / even answers), and what GRPO trains.
 INJECTION_METRICS = [
     f"{INJECT}sft.accuracy",
     f"{INJECT}sft.accuracy_odd",
@@ -44,7 +44,6 @@ INJECTION_METRICS = [
     f"{INJECT}final.accuracy_even",
     difference_name(f"{INJECT}final.accuracy", f"{INJECT}sft.accuracy"),
     f"{INJECT}trained_parameters",
-    f"{INJECT}seconds_per_step",
 ]
 
 # Written only by some configurations (inject.align_steps > 0): a default run lacks them by design.

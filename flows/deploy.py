@@ -20,12 +20,13 @@ def main() -> None:
     parser.add_argument("--cron", default="0 3 * * *", help="cron schedule (server time zone: UTC)")
     parser.add_argument("--repo", default=".", help="the project checkout the runs work in")
     parser.add_argument("--push", action="store_true", help="dvc push at the end of every scheduled run")
+    parser.add_argument("--jobs", "-j", type=int, default=1, help="stages run at once at most (flows.pipeline)")
     args = parser.parse_args()
     pipeline.serve(
         name=args.name,
         cron=args.cron,
-        parameters={"repo": str(Path(args.repo).resolve()), "push_at_end": args.push},
-        description="latentlab DAG: dvc repro stage by stage, metrics and report as artifacts",
+        parameters={"repo": str(Path(args.repo).resolve()), "push_at_end": args.push, "jobs": args.jobs},
+        description="latentlab DAG: dvc repro of each stage once its inputs are ready, metrics and report as artifacts",
         tags=["latentlab"],
     )
 

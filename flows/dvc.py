@@ -61,24 +61,27 @@ def run_streaming(command: list[str], cwd: str | Path, log: Callable[[str], None
         raise CommandError(f"`{' '.join(command)}` exited with {process.returncode}:\n" + "\n".join(tail))
 
 
-def stage_order(cwd: str | Path) -> list[str]:
-    """The stages of dvc.yaml in an order DVC can run them: `dvc dag --dot` topologically sorted,
-    ties kept in dvc.yaml order."""
+def stage_graph(cwd: str | Path) -> dict[str, set[str]]:
+    """Every stage of dvc.yaml (in dvc.yaml order) and the stages it depends on, from `dvc dag --dot`."""
     dot = subprocess.run(
         [require_dvc(), "dag", "--dot"], cwd=cwd, check=True, capture_output=True, text=True, env=tool_environment()
     ).stdout
-    nodes, parents = [], {}
+    parents: dict[str, set[str]] = {}
     for line in dot.splitlines():
         if match := _EDGE.match(line.strip()):
             parents[match.group(2)].add(match.group(1))
         elif match := _NODE.match(line.strip()):
-            nodes.append(match.group(1))
             parents[match.group(1)] = set()
+    return parents
+
+
+def stage_order(parents: dict[str, set[str]]) -> list[str]:
+    """The stages in an order DVC can run them one by one: topologically sorted, ties in dvc.yaml order."""
     order: list[str] = []
-    while len(order) < len(nodes):
-        ready = [n for n in nodes if n not in order and parents[n] <= set(order)]
+    while len(order) < len(parents):
+        ready = [n for n in parents if n not in order and parents[n] <= set(order)]
         if not ready:
-            raise RuntimeError(f"dvc dag has a cycle among {set(nodes) - set(order)}")
+            raise RuntimeError(f"dvc dag has a cycle among {set(parents) - set(order)}")
         order.append(ready[0])
     return order
 

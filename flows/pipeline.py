@@ -1,25 +1,34 @@
-"""The DVC DAG as a Prefect flow: one task per stage, in DVC's order, each a `dvc repro` of it.
+"""The DVC DAG as a Prefect flow: one task per stage, each a `dvc repro` of it once its upstream stages are done.
 
     python -m flows.pipeline                                   # like `dvc repro`
+    python -m flows.pipeline --jobs 2                          # two independent stages at a time (2 cores)
     python -m flows.pipeline --force grpo                      # rerun grpo (and what it changes)
+    python -m flows.pipeline --force all --jobs 2              # rerun everything, as `dvc repro --force`
     python -m flows.pipeline --set grpo.even_bonus=0.5 --name bonus05   # an experiment (`dvc exp save`)
     python -m flows.pipeline --push                            # `dvc push` at the end
 
 DVC still decides what is stale, so a task whose stage is up to date returns in about a second.
+With `--jobs N` up to N stages whose inputs are ready run at once (grpo, inject, surgery, nla_sft and
+policy only need sft or label): DVC releases its repository lock while a stage's command runs and
+takes it again to record the result, so concurrent `dvc repro`s of different stages are safe
+(`--wait-for-lock` makes the short locked phases queue instead of fail). Each stage uses `threads`
+CPU threads (params.yaml), so N x threads should not exceed the cores.
 Retries re-run a failed stage; its output lines stream into the Prefect logs; the metrics are
 published as a table artifact and the report as a markdown artifact.
 """
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import as_completed
 from ruamel.yaml import YAML
 
-from flows.dvc import apply_param_overrides, require_dvc, run_streaming, stage_order
+from flows.dvc import apply_param_overrides, require_dvc, run_streaming, stage_graph, stage_order
 
 METRICS = "metrics/eval.json"
 REPORT = "reports/report.md"
@@ -27,8 +36,10 @@ REPORT = "reports/report.md"
 
 @task(retries=2, retry_delay_seconds=5, task_run_name="dvc repro {stage}")
 def repro_stage(stage: str, repo: str, force: bool = False) -> None:
-    command = ["dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+    command = ["dvc", "--wait-for-lock", "repro", "--single-item", stage] + (["--force"] if force else [])
+    started = time.perf_counter()
     run_streaming(command, repo, get_run_logger().info)
+    get_run_logger().info(f"dvc repro {stage}: {time.perf_counter() - started:.1f} s")
 
 
 @task(task_run_name="set params")
@@ -67,27 +78,62 @@ def pipeline(
     experiment_name: str | None = None,
     push_at_end: bool = False,
     remote: str | None = None,
+    jobs: int = 1,
 ) -> list[str]:
-    """Reproduce the DAG stage by stage; returns the stages in the order they ran.
+    """Reproduce the DAG, each stage once the stages it depends on are done; returns the stages in the order
+    they started.
 
-    force_stage: rerun this stage even if DVC finds it up to date (later stages follow if it changes).
+    force_stage: rerun this stage even if DVC finds it up to date (later stages follow if it changes);
+        "all": every stage (as `dvc repro --force`).
     params: dotted overrides, e.g. {"grpo.even_bonus": 0.5}: the run becomes a DVC experiment.
+    jobs: stages run at once at most (1: one after another, in `stage_order`).
     """
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     repo = str(Path(repo).resolve())
     require_dvc()  # before any task: a missing dvc is one clear line, not a retried FileNotFoundError
-    stages = stage_order(repo)
-    if force_stage is not None and force_stage not in stages:
-        raise ValueError(f"force_stage={force_stage!r} is not a stage of dvc.yaml; stages: {stages}")
+    parents = stage_graph(repo)
+    if force_stage not in (None, "all") and force_stage not in parents:
+        raise ValueError(f"force_stage={force_stage!r} is not a stage of dvc.yaml; stages: {list(parents)}")
     if params:
         set_params(repo, params)
-    for stage in stages:
-        repro_stage(stage, repo, force=stage == force_stage)
+    started = run_stages(parents, repo, force_stage, jobs)
     if params:
         save_experiment(repo, experiment_name)
     publish(repo)
     if push_at_end:
         push(repo, remote)
-    return stages
+    return started
+
+
+def run_stages(parents: dict[str, set[str]], repo: str, force_stage: str | None, jobs: int) -> list[str]:
+    """Submit each stage once every stage it depends on has finished, at most `jobs` at a time, in
+    `stage_order` among those ready. After a failure nothing new starts; the running stages finish, then
+    the failure is raised. Returns the stages in the order they started."""
+    order = stage_order(parents)
+    started: list[str] = []
+    running: dict[str, Any] = {}  # stage -> its PrefectFuture
+    done: set[str] = set()
+    failure: BaseException | None = None
+    while True:
+        ready = [s for s in order if s not in done and s not in running and parents[s] <= done]
+        while failure is None and ready and len(running) < jobs:
+            stage = ready.pop(0)
+            running[stage] = repro_stage.submit(stage, repo, force=force_stage in (stage, "all"))
+            started.append(stage)
+        if not running:
+            break
+        finished = next(as_completed(list(running.values())))
+        stage = next(s for s, future in running.items() if future is finished)
+        del running[stage]
+        try:
+            finished.result()
+            done.add(stage)
+        except BaseException as error:  # the first failure is the flow's; the others were running beside it
+            failure = failure or error
+    if failure is not None:
+        raise failure
+    return started
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -104,11 +150,12 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo", default=".")
-    parser.add_argument("--force", dest="force_stage", help="rerun this stage even if up to date")
+    parser.add_argument("--force", dest="force_stage", help="rerun this stage even if up to date ('all': every stage)")
     parser.add_argument("--set", "-S", action="append", default=[], metavar="KEY=VALUE", help="param override")
     parser.add_argument("--name", dest="experiment_name", help="experiment name (with --set)")
     parser.add_argument("--push", dest="push_at_end", action="store_true", help="dvc push at the end")
     parser.add_argument("--remote", help="DVC remote for --push (default: the default remote)")
+    parser.add_argument("--jobs", "-j", type=int, default=1, help="stages run at once at most (default 1)")
     args = parser.parse_args()
     pipeline(
         repo=args.repo,
@@ -117,6 +164,7 @@ def main() -> None:
         experiment_name=args.experiment_name,
         push_at_end=args.push_at_end,
         remote=args.remote,
+        jobs=args.jobs,
     )
 
 

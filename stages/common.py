@@ -106,7 +106,7 @@ def setup(params: Params) -> Run:
     from latentlab.common.distributed import Shards, current_ranks
     from latentlab.common.runtime import resolve_device, seed_everything, set_precision
 
-    seed_everything(params.seed)
+    seed_everything(params.seed, params.threads)
     ranks = current_ranks()
     device = resolve_device(params.device)
     if device.type == "cuda" and device.index is None:  # torchrun: the GPU `distributed()` made current

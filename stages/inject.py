@@ -7,7 +7,8 @@ its L2 pull toward its start, its learning rate and an optional alignment phase 
 
 -> metrics/inject.json: the variant; accuracy (overall / odd / even) on the whole test set of the frozen SFT
    model alone, of the injected model at step 0, after alignment when there is one, and after GRPO; trained
-   parameters, seconds per GRPO step, the alignment's final KL and seconds; plots/inject_align.csv (the alignment's KL per step; a header only without it);
+   parameters, the alignment's final KL; plots/inject_align.csv (the alignment's KL per step; a header only without
+   it); plots/inject_speed.csv (seconds per GRPO step);
    plots/inject_scales.csv (step-0 accuracy of the norm variant over a sweep of norms).
 """
 
@@ -85,8 +86,8 @@ def main(params):
         with atomic_output(PLOTS / "inject_align.csv") as partial:
             partial.write_text("step,kl,grad_norm,lr\n")
 
-    seconds = [row["seconds_per_step"] for row in log.rows if "seconds_per_step" in row]
-    metrics |= {"trained_parameters": trained, "seconds_per_step": sum(seconds) / max(1, len(seconds))}
+    # (seconds per step differ every run: they stay in plots/inject_speed.csv, out of this hashed output)
+    metrics |= {"trained_parameters": trained}
     write_json(METRICS / "inject.json", metrics)
     # after training and saving: building the sweep's injectors draws random numbers
     prompts = full["prompt"].to_list()[:512]

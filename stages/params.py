@@ -239,6 +239,11 @@ class Params(Config):
     """Seed for every random choice of every stage."""
     device: str = "auto"
     """'auto' (GPU when present), 'cpu', 'cuda', 'cuda:1', ..."""
+    threads: int = Field(1, ge=0)
+    """torch's CPU threads in each stage process (0: every core torch sees). A CPU kernel's floating-point result
+    depends on its thread count, so this is a param: dvc.lock records it, and a lock holds on any machine. One
+    thread is the fastest here for every stage but base's large matmuls (README: Speed), and lets two stages run
+    side by side on two cores (`python -m flows.pipeline --jobs 2`)."""
     wandb: WandbParams = WandbParams()
     model: ModelParams = ModelParams()
     synth: ArithmeticConfig

@@ -140,7 +140,6 @@ INJECTION_COLUMNS = {  # header -> metric, as the sweep names it (metrics/inject
     "even y": f"{INJECT}final.accuracy_even",
     "− frozen SFT (paired)": difference_name(f"{INJECT}final.accuracy", f"{INJECT}sft.accuracy"),
     "trained params": f"{INJECT}trained_parameters",
-    "s / step": f"{INJECT}seconds_per_step",
 }
 
 
@@ -186,9 +185,8 @@ def injection_section(claims: dict) -> str:
         "## Injection: which variant keeps the virtual token in distribution?\n\n"
         "Held-out accuracy on the whole test set, mean [95% interval] over seeds. Step 0: before any training "
         "(after the alignment phase where there is one, the next column). The paired column is the injector "
-        "after GRPO minus the frozen SFT model it reads, per seed. Seconds per step: the mean GRPO step of each "
-        "experiment, two experiments sharing the machine (SFT's and whole-model GRPO's vary run to run and are not "
-        "DAG inputs: `plots/sft_speed.csv`, `plots/grpo_speed.csv` and the README give them).\n\n"
+        "after GRPO minus the frozen SFT model it reads, per seed. Step times vary run to run, so no DAG output "
+        "holds them: `plots/inject_speed.csv`, `plots/grpo_speed.csv` and the README give them.\n\n"
         + summary_table("model", list(INJECTION_COLUMNS), rows)
         + "\n\n"
         + "\n".join(f"- {line}" for line in provenance)

@@ -167,6 +167,27 @@ def test_flow_experiment_with_overrides_then_push(dag, server, tmp_path):
         dag.restore()
 
 
+def test_independent_stages_run_side_by_side_with_the_same_results(dag, server):
+    dag.set_params({"grpo": {"even_bonus": 0.3}})  # grpo, inject and surgery (all after sft) rerun, and what follows
+    try:
+        _flow(dag, server, "--jobs", "2")
+        run = _latest_flow_run(server)
+        assert run["state_type"] == "COMPLETED"
+        tasks = {t["name"].removeprefix("dvc repro "): t for t in _task_runs(server, run["id"])}
+        rerun = ["grpo", "inject", "surgery"]
+        spans = sorted((tasks[s]["start_time"], tasks[s]["end_time"]) for s in rerun)
+        assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), f"none overlapped: {spans}"
+        for before, after in re.findall(r'"(\w+)" -> "(\w+)"', dag.run("dvc", "dag", "--dot").stdout):
+            assert tasks[before]["end_time"] <= tasks[after]["start_time"], (before, after)
+        assert "up to date" in dag.run("dvc", "status").stdout  # both stages' results recorded in dvc.lock
+        lock = (dag.root / "dvc.lock").read_text()
+        for stage in rerun[:2]:  # one after another, as `dvc repro` runs them: the same outputs
+            dag.run("dvc", "repro", "--force", "--single-item", stage)
+        assert (dag.root / "dvc.lock").read_text() == lock
+    finally:
+        dag.restore()
+
+
 def test_a_failing_stage_is_retried_then_fails_the_flow(dag, server):
     dag.set_params({"grpo": {"clip_eps": 5.0}})  # invalid: the grpo stage exits 2 every time
     try:

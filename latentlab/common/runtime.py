@@ -8,16 +8,19 @@ import numpy as np
 import torch
 
 
-def seed_everything(seed: int) -> torch.Generator:
+def seed_everything(seed: int, threads: int | None = None) -> torch.Generator:
     """Seed python, numpy and torch; return a torch generator for explicit sampling streams.
 
-    Same seed + same machine (same thread count) gives the same outputs: CPU kernels are
-    deterministic for a fixed number of threads, so we pin that too.
+    Same seed + same thread count gives the same outputs: CPU kernels are deterministic for a fixed
+    number of threads, so we pin that too: `threads` (the stages' `threads` param), else the
+    LATENTLAB_THREADS environment variable (the CLI, benchmarks), else every core torch sees (0 too).
     """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    threads = int(os.environ.get("LATENTLAB_THREADS", "0")) or torch.get_num_threads()
+    if threads is None:
+        threads = int(os.environ.get("LATENTLAB_THREADS", "0"))
+    threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     return torch.Generator().manual_seed(seed)
 
