@@ -71,12 +71,8 @@ def test_write_store_replaces_whatever_was_there(tmp_path):
     assert second["pooled"].shape == (6, 2, 8) and not (tmp_path / "s.zarr" / "tokens").exists()
 
 
-def _label(tiny_lm, tmp_path, name, shard_rows, **options):
-    model, tokenizer = tiny_lm
-    cfg = LabelConfig(layers=[1, -1], tokens=4, store_tokens=True, batch_size=2, shard_rows=shard_rows, **options)
-    extractor = Extractor(model, tokenizer, cfg)
-    rows = pl.DataFrame({"id": list(range(100, 100 + len(PROMPTS))), "prompt": PROMPTS})
-    job = prepare(extractor, "rows", rows, cfg, 0, {"source": "test"})
+def _label(tiny_lm, tmp_path, name, shard_rows):
+    extractor, job = _job(tiny_lm, shard_rows)
     out = tmp_path / name
     label(extractor, job, out / "rows.zarr", out / "rows.parquet", out / "work")
     return out
@@ -109,9 +105,48 @@ def test_a_run_killed_after_its_single_shard_table_finishes_on_rerun(tiny_lm, tm
     assert (out / "rows.parquet").exists() and not (out / "rows.zarr").exists()
 
     _label(tiny_lm, tmp_path, "killed", 16)  # the rerun: every shard is done, it only finishes
+    _assert_same_outputs(out, expected)
+
+
+def _job(tiny_lm, shard_rows):
+    model, tokenizer = tiny_lm
+    cfg = LabelConfig(layers=[1, -1], tokens=4, store_tokens=True, batch_size=2, shard_rows=shard_rows)
+    extractor = Extractor(model, tokenizer, cfg)
+    rows = pl.DataFrame({"id": list(range(100, 100 + len(PROMPTS))), "prompt": PROMPTS})
+    return extractor, prepare(extractor, "rows", rows, cfg, 0, {"source": "test"})
+
+
+def _assert_same_outputs(out, expected):
     assert (out / "rows.parquet").read_bytes() == (expected / "rows.parquet").read_bytes()
     a, b = open_store(out / "rows.zarr"), open_store(expected / "rows.zarr")
     assert a.attrs.asdict() == b.attrs.asdict()
     for name in ("pooled", "tokens", "ids", "n_positions"):
         np.testing.assert_array_equal(a[name][:], b[name][:])
     assert not (out / "work").exists()
+
+
+def test_what_a_kill_while_the_store_is_written_leaves_is_started_over(tiny_lm, tmp_path, capsys):
+    """A kill while the empty store's documents are written leaves a hidden partial store (never
+    resumed) beside the empty done directory; the rerun starts over."""
+    expected = _label(tiny_lm, tmp_path, "uninterrupted", 4)
+    extractor, job = _job(tiny_lm, 4)
+    out = tmp_path / "killed"
+    partial = out / "work" / f".store.zarr.partial-{12345}"
+    (out / "work" / "done").mkdir(parents=True)
+    nodes = labelling._store_nodes(extractor, job)
+    write_store(partial, {name: node for name, node in nodes.items() if name != "pooled"})  # half the documents
+    label(extractor, job, out / "rows.zarr", out / "rows.parquet", out / "work")
+    assert "resuming" not in capsys.readouterr().out
+    _assert_same_outputs(out, expected)
+
+
+def test_what_a_kill_during_the_first_shard_leaves_resumes(tiny_lm, tmp_path, capsys):
+    """The store written, no shard done yet (killed while shard 0 was computed): the rerun resumes it."""
+    expected = _label(tiny_lm, tmp_path, "uninterrupted", 4)
+    extractor, job = _job(tiny_lm, 4)
+    out = tmp_path / "killed"
+    labelling._start_or_resume(extractor, job, out / "work")  # the empty store, as the killed run left it
+    assert (out / "work" / "store.zarr" / "zarr.json").exists() and not any((out / "work" / "done").iterdir())
+    label(extractor, job, out / "rows.zarr", out / "rows.parquet", out / "work")
+    assert "resuming, 0 of 3 shard(s) already done" in capsys.readouterr().out
+    _assert_same_outputs(out, expected)
