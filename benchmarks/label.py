@@ -266,7 +266,7 @@ def measure_codecs(cell: dict, rows: int, args) -> dict:
     import numpy as np
     import zarr
 
-    from latentlab.hidden.store import COMPRESSORS, create_store
+    from latentlab.hidden.store import COMPRESSORS, store_metadata, write_store
 
     with tempfile.TemporaryDirectory() as tmp:
         in_fresh_process(child_label_once, cell, rows, Path(tmp) / "source", args)
@@ -279,7 +279,8 @@ def measure_codecs(cell: dict, rows: int, args) -> dict:
             seconds = []
             for repeat in range(args.repeats):
                 path = Path(tmp) / f"{name}-{repeat}.zarr"
-                group = create_store(path, len(pooled), 1, pooled.shape[-1], tokens.shape[1], {}, batch, shard, name)
+                nodes = store_metadata(len(pooled), 1, pooled.shape[-1], tokens.shape[1], {}, batch, shard, name)
+                group = write_store(path, nodes)[""]
                 started = time.perf_counter()
                 for lo in range(0, len(pooled), shard):
                     group["pooled"][lo : lo + shard] = pooled[lo : lo + shard]

@@ -47,7 +47,7 @@ from latentlab.common.distributed import Ranks
 from latentlab.common.tracking import progress
 from latentlab.hidden.extract import POSITIONS, ExtractConfig, Extracted, Extractor, TokenRows
 from latentlab.hidden.info import hook_name
-from latentlab.hidden.store import FORMAT, Compression, create_store, filesystem, is_url
+from latentlab.hidden.store import FORMAT, Compression, filesystem, is_url, store_arrays, store_metadata, write_store
 from latentlab.lm.capture import decoder_blocks
 from latentlab.lm.modeling import describe_model, load_lm
 
@@ -213,8 +213,7 @@ def label(
         _label_remote(extractor, job, str(store), None if table is None else str(table), str(work), ranks)
         return
     parts, done = work / "store.zarr", work / "done"
-    if ranks.rank == 0:
-        _start_or_resume(extractor, job, work)
+    arrays = _start_or_resume(extractor, job, work) if ranks.rank == 0 else None
     ranks.barrier()  # the store exists before any rank writes into it
 
     shards = [s for s in range(job.shards) if s % ranks.world == ranks.rank and not (done / f"{s}").exists()]
@@ -222,7 +221,7 @@ def label(
         extractor,
         job,
         shards,
-        parts,
+        _open_arrays(parts) if arrays is None else arrays,
         lambda shard, results, arrays: _write_shard(job, shard, results, arrays, work, extractor.decode),
         ranks,
     )
@@ -235,14 +234,12 @@ def _label_shards(
     extractor: Extractor,
     job: Job,
     shards: list[int],
-    parts: Path | str,
+    arrays: dict[str, zarr.Array],
     write: Callable[[int, list[Extracted], dict[str, zarr.Array]], None],
     ranks: Ranks,
 ) -> None:
-    """Compute `shards` and `write` each into the store at `parts`, one shard behind in a writer thread."""
+    """Compute `shards` and `write` each into the store's `arrays`, one shard behind in a writer thread."""
     todo = sum(hi - lo for lo, hi in map(job.shard_span, shards))
-    group = zarr.open_group(parts, mode="r+")
-    arrays = {name: group[name] for name in group.array_keys()}  # opened once: each open reads metadata
     # one writer thread: shard s is compressed and written while shard s + 1 is computed
     with (
         progress(None, f"label {job.name}", total=todo, unit="row", disable=ranks.rank != 0) as bar,
@@ -278,26 +275,28 @@ def _frozen_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
-def _start_or_resume(extractor: Extractor, job: Job, work: Path) -> None:
-    """Keep an unfinished run of the very same job; anything else in `work` is stale and goes."""
+def _start_or_resume(extractor: Extractor, job: Job, work: Path) -> dict[str, zarr.Array] | None:
+    """Keep an unfinished run of the very same job (None); anything else in `work` is stale and goes,
+    and the job's empty store takes its place: its arrays, open (nothing to read back)."""
     parts, done = work / "store.zarr", work / "done"
     try:
-        same = zarr.open_group(parts, mode="r").attrs.get("fingerprint") == job.fingerprint
+        same = zarr.open_group(parts, mode="r", zarr_format=3).attrs.get("fingerprint") == job.fingerprint
     except Exception:  # missing or damaged: start over
         same = False
     if same:
         print(f"label {job.name}: resuming, {len(list(done.iterdir()))} of {job.shards} shard(s) already done")
-        return
+        return None
     shutil.rmtree(work, ignore_errors=True)
     done.mkdir(parents=True)
+    nodes = _store_nodes(extractor, job)
     with atomic_output(parts) as partial:  # a kill while creating leaves no half-made store to resume
-        _create_job_store(extractor, job, partial)
+        write_store(partial, nodes)
+    return store_arrays(parts, nodes)
 
 
-def _create_job_store(extractor: Extractor, job: Job, path: Path | str) -> None:
-    """The job's empty store, flagged incomplete."""
-    create_store(
-        path,
+def _store_nodes(extractor: Extractor, job: Job) -> dict:
+    """The metadata of the job's empty store, flagged incomplete (nothing written yet)."""
+    return store_metadata(
         job.rows.height,
         len(job.cfg.layers),
         extractor.hidden_size,
@@ -307,6 +306,12 @@ def _create_job_store(extractor: Extractor, job: Job, path: Path | str) -> None:
         job.cfg.shard_rows,
         job.cfg.compression,
     )
+
+
+def _open_arrays(location: Path | str) -> dict[str, zarr.Array]:
+    """The arrays of an existing store, open for writing (each open reads its metadata)."""
+    group = zarr.open_group(location, mode="r+", zarr_format=3)
+    return {name: group[name] for name in group.array_keys()}
 
 
 def _extract_shard(extractor: Extractor, job: Job, shard: int, tick: Callable[[int, int], None]) -> list[Extracted]:
@@ -373,9 +378,13 @@ def _finish(job: Job, work: Path, store: Path, table: Path | None) -> None:
     if missing:
         raise RuntimeError(f"label {job.name}: shards {missing} were not written; rerun to resume")
     if table is not None:  # the table first: killed before the store moves, a rerun only finishes
-        with atomic_output(table) as partial:  # streamed, shard after shard, in order
-            pl.scan_parquet([work / "rows" / f"{s}.parquet" for s in range(job.shards)]).sink_parquet(partial)
-    zarr.open_group(work / "store.zarr", mode="r+").attrs["complete"] = True
+        files = [work / "rows" / f"{s}.parquet" for s in range(job.shards)]
+        with atomic_output(table) as partial:
+            if len(files) == 1:  # one shard: its rows are the table (copied: a rerun after a kill still finds them)
+                shutil.copyfile(files[0], partial)
+            else:  # streamed, shard after shard, in order
+                pl.scan_parquet(files).sink_parquet(partial)
+    zarr.open_group(work / "store.zarr", mode="r+", zarr_format=3).attrs["complete"] = True
     with atomic_output(store) as partial:
         shutil.move(work / "store.zarr", partial)  # a rename when work and store share a file system
     shutil.rmtree(work)
@@ -384,11 +393,12 @@ def _finish(job: Job, work: Path, store: Path, table: Path | None) -> None:
 def _label_remote(extractor: Extractor, job: Job, store: str, table: str | None, work: str, ranks: Ranks) -> None:
     """`label` for a store at a URL: written in place, the work beside it on the same storage (module doc)."""
     fs, root = filesystem(work)
+    nodes, created = _store_nodes(extractor, job), False
     if ranks.rank == 0:
         fs.invalidate_cache()
         try:
             same = fs.exists(f"{root}/started") and (
-                zarr.open_group(store, mode="r").attrs.get("fingerprint") == job.fingerprint
+                zarr.open_group(store, mode="r", zarr_format=3).attrs.get("fingerprint") == job.fingerprint
             )
         except Exception:  # missing or damaged: start over
             same = False
@@ -398,7 +408,8 @@ def _label_remote(extractor: Extractor, job: Job, store: str, table: str | None,
         else:
             if fs.exists(root):
                 fs.rm(root, recursive=True)
-            _create_job_store(extractor, job, store)
+            write_store(store, nodes)  # replaces the old store, if any
+            created = True
             fs.touch(f"{root}/started")  # the empty store is whole: from here on a rerun resumes
     ranks.barrier()
     fs.invalidate_cache()
@@ -411,7 +422,8 @@ def _label_remote(extractor: Extractor, job: Job, store: str, table: str | None,
             rows.write_parquet(file)
         fs.touch(f"{root}/done/{shard}")  # last: a marker always means a whole shard
 
-    _label_shards(extractor, job, shards, store, write, ranks)
+    arrays = store_arrays(store, nodes) if created else _open_arrays(store)
+    _label_shards(extractor, job, shards, arrays, write, ranks)
     ranks.barrier()
     if ranks.rank != 0:
         return
@@ -423,5 +435,5 @@ def _label_remote(extractor: Extractor, job: Job, store: str, table: str | None,
         rows = pl.concat([pl.read_parquet(fs.cat_file(f"{root}/rows/{s}.parquet")) for s in range(job.shards)])
         with fsspec.open(table, "wb") as file:
             rows.write_parquet(file)
-    zarr.open_group(store, mode="r+").attrs["complete"] = True  # last: zarr.json replaced whole
+    zarr.open_group(store, mode="r+", zarr_format=3).attrs["complete"] = True  # last: zarr.json replaced whole
     fs.rm(root, recursive=True)

@@ -17,7 +17,15 @@ import zarr
 
 from latentlab.common.atomic import atomic_output
 from latentlab.common.errors import InputError
-from latentlab.hidden.store import FORMAT, add_rows_array, create_store, layer_position, open_store, read_parquet
+from latentlab.hidden.store import (
+    FORMAT,
+    add_rows_array,
+    layer_position,
+    open_store,
+    read_parquet,
+    store_metadata,
+    write_store,
+)
 
 TRANSITION_KEYS = ("obs", "next_obs", "action", "reward", "done", "log_prob")
 REFERENCE_KEYS = (*TRANSITION_KEYS, "text_generated", "hidden_state")
@@ -155,7 +163,7 @@ def import_npz(
     }
     shard_rows = max(batch_rows, shard_rows // batch_rows * batch_rows)
     with atomic_output(store) as partial:
-        group = create_store(partial, rows, 1, size, width, attrs, batch_rows, shard_rows)
+        group = write_store(partial, store_metadata(rows, 1, size, width, attrs, batch_rows, shard_rows))[""]
         group["pooled"][:] = pooled[:, None].astype(np.float32)
         group["tokens"][:] = hidden[:, :, None].astype(np.float16)
         group["ids"][:] = np.arange(rows)

@@ -20,7 +20,10 @@ from typing import Literal
 import fsspec
 import polars as pl
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, BytesCodec, ShardingCodec, ZstdCodec
+from zarr.core.group import GroupMetadata
+from zarr.core.metadata.v3 import ArrayV3Metadata
+from zarr.dtype import parse_dtype
 
 FORMAT = "latentlab.hidden/1"
 # Hidden states are nearly incompressible noise (float mantissas), but per-token arrays hold zeros
@@ -37,6 +40,35 @@ COMPRESSORS = {
 Compression = Literal["none", "lz4", "zstd"]
 
 
+def rows_array_metadata(
+    shape: tuple,
+    dtype,
+    batch_rows: int,
+    shard_rows: int,
+    chunk_tail: tuple | None = None,
+    compression: Compression = "zstd",
+) -> ArrayV3Metadata:
+    """The metadata of an array chunked along N: `batch_rows`-row chunks (of `chunk_tail` beyond N,
+    default: whole rows) inside `shard_rows`-row shard files, each chunk compressed with `compression`
+    (COMPRESSORS). Built here, without touching storage: the same document `create_array` writes
+    (tests/test_label_store.py compares them byte for byte)."""
+    shape, rest = tuple(shape), tuple(shape[1:])
+    codecs = (BytesCodec(), *COMPRESSORS[compression])
+    if rest:  # batch-row chunks inside one shard file per `shard_rows` rows
+        codecs = (ShardingCodec(chunk_shape=(batch_rows, *(chunk_tail or rest)), codecs=codecs),)
+    # 1-D: one plain chunk per shard is already one file per shard
+    return ArrayV3Metadata(
+        shape=shape,
+        data_type=parse_dtype(dtype, zarr_format=3),
+        chunk_grid={"name": "regular", "configuration": {"chunk_shape": (shard_rows, *rest)}},
+        chunk_key_encoding={"name": "default", "configuration": {"separator": "/"}},
+        fill_value=0,
+        codecs=codecs,
+        attributes={},
+        dimension_names=None,
+    )
+
+
 def add_rows_array(
     group: zarr.Group,
     name: str,
@@ -47,27 +79,13 @@ def add_rows_array(
     chunk_tail: tuple | None = None,
     compression: Compression = "zstd",
 ) -> zarr.Array:
-    """An array chunked along N: `batch_rows`-row chunks (of `chunk_tail` beyond N, default: whole
-    rows) inside `shard_rows`-row shard files, each chunk compressed with `compression` (COMPRESSORS)."""
-    rest = tuple(shape[1:])
-    compressors = COMPRESSORS[compression]
-    if not rest:  # 1-D: one plain chunk per shard is already one file per shard
-        return group.create_array(
-            name, shape=shape, dtype=dtype, chunks=(shard_rows,), fill_value=0, compressors=compressors
-        )
-    return group.create_array(
-        name,
-        shape=shape,
-        dtype=dtype,
-        chunks=(batch_rows, *(chunk_tail or rest)),
-        shards=(shard_rows, *rest),
-        fill_value=0,
-        compressors=compressors,
-    )
+    """A new array `name` in `group`, laid out as `rows_array_metadata` describes."""
+    metadata = rows_array_metadata(shape, dtype, batch_rows, shard_rows, chunk_tail, compression)
+    path = f"{group.path}/{name}".lstrip("/")
+    return dict(zarr.create_hierarchy(store=group.store, nodes={path: metadata}))[path]
 
 
-def create_store(
-    path: str | Path,
+def store_metadata(
     rows: int,
     layers: int,
     hidden: int,
@@ -76,26 +94,47 @@ def create_store(
     batch_rows: int,
     shard_rows: int,
     compression: Compression = "zstd",
-) -> zarr.Group:
-    """An empty store: pooled, ids, n_positions, and tokens when `width` (T) is given; the float
-    arrays compressed with `compression` (the small integer arrays always with zstd)."""
-    group = zarr.open_group(path, mode="w", zarr_format=3, attributes=attrs)
-    add_rows_array(group, "pooled", (rows, layers, hidden), "float32", batch_rows, shard_rows, None, compression)
-    add_rows_array(group, "ids", (rows,), "int64", batch_rows, shard_rows)
-    add_rows_array(group, "n_positions", (rows,), "int32", batch_rows, shard_rows)
+) -> dict[str, GroupMetadata | ArrayV3Metadata]:
+    """Every node of a store, by path ("" the group): pooled, ids, n_positions, and tokens when
+    `width` (T) is given; the float arrays compressed with `compression` (the small integer arrays
+    always with zstd). Nothing is read or written."""
+    nodes = {
+        "": GroupMetadata(attributes=attrs, zarr_format=3),
+        "pooled": rows_array_metadata((rows, layers, hidden), "float32", batch_rows, shard_rows, None, compression),
+        "ids": rows_array_metadata((rows,), "int64", batch_rows, shard_rows),
+        "n_positions": rows_array_metadata((rows,), "int32", batch_rows, shard_rows),
+    }
     if width is not None:
         # a chunk per layer: reading one layer's tokens reads only that layer
-        add_rows_array(
-            group,
-            "tokens",
-            (rows, width, layers, hidden),
-            "float16",
-            batch_rows,
-            shard_rows,
-            chunk_tail=(width, 1, hidden),
-            compression=compression,
+        nodes["tokens"] = rows_array_metadata(
+            (rows, width, layers, hidden), "float16", batch_rows, shard_rows, (width, 1, hidden), compression
         )
-    return group
+    return nodes
+
+
+def write_store(path: str | Path, nodes: dict[str, GroupMetadata | ArrayV3Metadata]) -> dict:
+    """A new, empty store at `path` (whatever was there is replaced) holding `nodes`
+    (`store_metadata`): every metadata document written at once, concurrently. Returns the nodes
+    open (the group at "")."""
+    return dict(zarr.create_hierarchy(store=_zarr_store(path), nodes=nodes, overwrite=True))
+
+
+def store_arrays(path: str | Path, nodes: dict[str, GroupMetadata | ArrayV3Metadata]) -> dict[str, zarr.Array]:
+    """The arrays of the store `write_store(path, nodes)` wrote, open for writing, from `nodes`:
+    nothing is read (opening reads each array's metadata document)."""
+    store = _zarr_store(path)
+    return {
+        name: zarr.Array(zarr.AsyncArray(metadata=node, store_path=zarr.storage.StorePath(store, name)))
+        for name, node in nodes.items()
+        if isinstance(node, ArrayV3Metadata)
+    }
+
+
+def _zarr_store(path: str | Path) -> zarr.abc.store.Store:
+    """What zarr opens at `path` (a local path or an fsspec URL), writable."""
+    if is_url(path):
+        return zarr.storage.FsspecStore.from_url(str(path), read_only=False)
+    return zarr.storage.LocalStore(path, read_only=False)
 
 
 def is_url(location: str | Path) -> bool:
