@@ -57,3 +57,17 @@ def test_grpo_stages_track_the_shared_section_and_their_own_learning_rate(name, 
     params = YAML(typ="safe").load((ROOT / "params.yaml").read_text())
     assert "lr" not in params["grpo"] and "lr" in params[own]
     assert {"grpo", own} <= set(STAGES[name]["params"])
+
+
+# stages/common.py's `setup` reads these: the seed, the device, the thread count (a result's last bits), the
+# launcher's shards (the sampling streams) and gpu.precision (autocast); a stage that calls it depends on all five
+SETUP_PARAMS = {"seed", "device", "threads", "launcher", "gpu"}
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stages_that_call_setup_track_what_it_reads(name):
+    source = (ROOT / "stages" / f"{name}.py").read_text()
+    params = STAGES[name].get("params", [])
+    if "setup(params)" in source:
+        assert SETUP_PARAMS <= set(params), f"{name}: dvc.yaml params lack {sorted(SETUP_PARAMS - set(params))}"
+    assert len(params) == len(set(map(str, params))), f"{name}: a param is listed twice"
