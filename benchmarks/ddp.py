@@ -5,7 +5,7 @@
 Each run is the real stage (`python -m stages.<name>`) in a scratch copy of the project's params.yaml (default
 model size and batch sizes; fewer steps, no held-out monitor), on a freshly initialised default-size model as
 models/base and models/sft (timing does not need a trained one). Configurations: one process with
-LATENTLAB_THREADS=1, one process with 2 threads, and `launcher.nproc: 2` with LATENTLAB_THREADS=1 per rank.
+`threads: 1`, one process with 2 threads, and `launcher.nproc: 2` with `threads: 1` per rank.
 seconds_per_step is the mean over every step after the first (which pays for warm-up), from the stage's
 plots/<name>_speed.csv (rank 0's clock; under DDP a step ends in the same all-reduce on every rank).
 """
@@ -62,6 +62,7 @@ def measure(directory: Path, stage: str, nproc: int, threads: int) -> dict:
     yaml = YAML()
     data = yaml.load((directory / "params.yaml").read_text())
     data["launcher"]["nproc"] = nproc
+    data["threads"] = threads  # per process (the stages read the param, not LATENTLAB_THREADS)
     with (directory / "params.yaml").open("w") as handle:
         yaml.dump(data, handle)
     started = time.perf_counter()

@@ -6,13 +6,14 @@
 For each worker count: a fresh copy of the project (its own git repo and empty DVC cache, so neither
 measurement restores what the other computed), a work pool on one real local `prefect server`, N workers
 (`prefect worker start --pool ... --type process --limit 1`) with the machine's cores split between them
-(LATENTLAB_THREADS = cores // N), then `python -m flows.sweep` timed from start to summary. The two sweeps
+(params.yaml `threads` = cores // N), then `python -m flows.sweep` timed from start to summary. The two sweeps
 run the same experiments from the same start; only the worker count differs.
 """
 
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -57,8 +58,13 @@ def timed_sweep(workers: int, args, root: Path, server_env: dict) -> dict:
         (project.root / "params.yaml").write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
         project.run("git", "commit", "-qam", "default params")
     pool = f"bench{workers}"
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    env = {**project.env, **server_env, "LATENTLAB_THREADS": str(threads)}
+    threads = max(1, (os.cpu_count() or 1) // workers)  # the stages' thread count is the `threads` param
+    params = project.root / "params.yaml"
+    text = params.read_text()
+    if (changed := re.sub(r"(?m)^threads: \d+", f"threads: {threads}", text, count=1)) != text:
+        params.write_text(changed)
+        project.run("git", "commit", "-qam", f"threads {threads}")
+    env = {**project.env, **server_env}
     subprocess.run(
         ["prefect", "work-pool", "create", pool, "--type", "process"], env=env, check=True, capture_output=True
     )
