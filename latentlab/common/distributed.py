@@ -126,6 +126,20 @@ class Shards:
         dist.all_reduce(total)
         return total
 
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` averaged over the ranks: of per-rank means over equally many rows, the global mean."""
+        return self.sum(value) / self.ranks.world
+
+    def combine(self, values: list[dict[str, float]], weights: list[float], device=None) -> dict[str, float]:
+        """The global batch's value of per-shard means: this rank's shards' `values` weighted as their losses
+        (`weight`), averaged over the ranks as DDP averages the gradients (one all-reduce for every name).
+        With a single shard, the first shard's values as they are."""
+        if self.single:
+            return dict(values[0])
+        names = list(values[0])
+        local = [sum(w * v[name] for v, w in zip(values, weights)) for name in names]
+        return dict(zip(names, self.mean(torch.tensor(local, dtype=torch.float64, device=device)).tolist()))
+
     def gather(self, value: torch.Tensor) -> torch.Tensor:
         """Every rank's `value` (equal shapes) concatenated along dim 0 in rank order."""
         if self.ranks.world == 1:

@@ -19,10 +19,11 @@ from latentlab.common.atomic import atomic_output
 from latentlab.common.errors import InputError
 from latentlab.hidden.store import (
     FORMAT,
-    add_rows_array,
+    add_array,
     layer_position,
     open_store,
     read_parquet,
+    rows_array_metadata,
     store_metadata,
     write_store,
 )
@@ -170,7 +171,7 @@ def import_npz(
         group["n_positions"][:] = counts
         for key, array in arrays.items():
             if not _is_text(array):
-                add_rows_array(group, key, array.shape, array.dtype, batch_rows, shard_rows)[:] = array
+                add_array(group, key, rows_array_metadata(array.shape, array.dtype, batch_rows, shard_rows))[:] = array
     if table is not None:
         text = {k: a.tolist() for k, a in arrays.items() if _is_text(a)}
         with atomic_output(table) as partial:

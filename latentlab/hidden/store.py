@@ -69,18 +69,8 @@ def rows_array_metadata(
     )
 
 
-def add_rows_array(
-    group: zarr.Group,
-    name: str,
-    shape: tuple,
-    dtype,
-    batch_rows: int,
-    shard_rows: int,
-    chunk_tail: tuple | None = None,
-    compression: Compression = "zstd",
-) -> zarr.Array:
-    """A new array `name` in `group`, laid out as `rows_array_metadata` describes."""
-    metadata = rows_array_metadata(shape, dtype, batch_rows, shard_rows, chunk_tail, compression)
+def add_array(group: zarr.Group, name: str, metadata: ArrayV3Metadata) -> zarr.Array:
+    """A new array `name` in `group`, laid out as `metadata` (`rows_array_metadata`) says."""
     path = f"{group.path}/{name}".lstrip("/")
     return dict(zarr.create_hierarchy(store=group.store, nodes={path: metadata}))[path]
 

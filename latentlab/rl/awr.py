@@ -108,7 +108,7 @@ def train_awr(
     net = data_parallel(model, shards.ranks)  # the model itself with one process
 
     def global_mean(value: torch.Tensor) -> float:  # a mean over this rank's rows -> the global minibatch's
-        return value.item() if shards.single else (shards.sum(value.detach()) / shards.ranks.world).item()
+        return shards.mean(value.detach()).item()
 
     steps = cfg.iterations * cfg.steps_per_iteration
     optimizer, schedule = build_optimizer(model.parameters(), cfg.lr, steps, warmup_steps=cfg.steps_per_iteration // 4)

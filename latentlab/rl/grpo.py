@@ -246,26 +246,20 @@ class GRPOTrainer:
         self.schedule.step()
         self.policy.train(False)
 
-        def combine(values: list[float], weights: list[float]) -> float:
-            """The global batch's value of a per-shard mean (`weights` as in the loss)."""
-            if shards.single:
-                return values[0]
-            local = sum(v * w for v, w in zip(values, weights)) / shards.ranks.world
-            return float(shards.sum(torch.tensor(local, dtype=torch.float64, device=self.policy.device)))
-
+        # the global batch's value of each per-shard mean, weighted as in the loss (latentlab/common/distributed.py)
         loss_w, token_w = [r[0] for r in rows], [r[1] for r in rows]
         reg_w = [shards.weight(1, shards.count)] * len(rows)
+        device = self.policy.device
         stats = {
-            "policy_loss": combine([r[3]["policy_loss"] for r in rows], loss_w),
-            "kl": combine([r[3]["kl"] for r in rows], loss_w),
-            "clip_fraction": combine([r[3]["clip_fraction"] for r in rows], token_w),
+            **shards.combine([{k: r[3][k] for k in ("policy_loss", "kl")} for r in rows], loss_w, device),
+            **shards.combine([{"clip_fraction": r[3]["clip_fraction"]} for r in rows], token_w, device),
         }
-        regularizers = {name: combine([r[4][name].item() for r in rows], reg_w) for name in rows[0][4]}
+        regularizers = shards.combine([{n: v.item() for n, v in r[4].items()} for r in rows], reg_w, device)
         if shards.single:
             total = rows[0][2].item()
         else:  # the policy loss as weighted in the gradient, plus the regularizers' global means
-            total = combine([r[2].item() - sum(v.item() for v in r[4].values()) for r in rows], loss_w)
-            total += sum(regularizers.values())
+            policy = [{"loss": r[2].item() - sum(v.item() for v in r[4].values())} for r in rows]
+            total = shards.combine(policy, loss_w, device)["loss"] + sum(regularizers.values())
         rewards = shards.gather(torch.cat([part.rewards for part in parts]))
         advantages = shards.gather(torch.cat([part.advantages for part in parts]))
         grouped = rewards.view(-1, G)

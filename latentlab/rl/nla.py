@@ -142,7 +142,7 @@ def train_sft(
                 losses["actor"] = (total / count * shards.ranks.world, shards.sum(total.detach()) / count)
         if critic is not None:
             loss = critic.loss(x, np.stack(v), nets["critic"])
-            losses["critic"] = (loss, shards.sum(loss.detach()) / shards.ranks.world)
+            losses["critic"] = (loss, shards.mean(loss.detach()))
         row = {}
         for name, (loss, global_loss) in losses.items():
             params, optimizer, schedule = parts[name]
@@ -195,7 +195,7 @@ class CriticTrainer:
             self.optimizer.step()
         self.schedule.step()
         critic.train(False)
-        return {"critic_loss": self.shards.sum(loss.detach()).item() / self.shards.ranks.world}
+        return {"critic_loss": self.shards.mean(loss.detach()).item()}
 
 
 def train_rl(

@@ -218,7 +218,7 @@ class PPOTrainer:
                 # the global minibatch's tokens: each shard's token mean is weighted by its share of them
                 tokens = int(shards.sum(sum(part.mask[rows].sum() for part in parts)))
                 self.optimizer.zero_grad(set_to_none=True)
-                shard_stats = []  # per shard: (weight, stats)
+                shard_stats, weights = [], []  # per shard: its stats and its loss's weight
                 for k, part in enumerate(parts):
                     with self.synced.forward(sync=k == len(parts) - 1):
                         logprobs, values = logprobs_and_values(
@@ -234,12 +234,14 @@ class PPOTrainer:
                     weight = shards.weight(int(m.sum()), tokens)
                     (loss if shards.single else loss * weight).backward()
                     stats = {**stats, "policy_loss": policy_loss.item(), "value_loss": value_loss.item()}
-                    shard_stats.append((weight, {**stats, "loss": loss.item()}))
+                    shard_stats.append({**stats, "loss": loss.item()})
+                    weights.append(weight)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, cfg.max_grad_norm)
                 self.optimizer.step()
                 self.schedule.step()
                 updates += 1
-                for name, value in {**self.combine(shard_stats), "grad_norm": float(grad_norm)}.items():
+                combined = shards.combine(shard_stats, weights, self.policy.device)
+                for name, value in {**combined, "grad_norm": float(grad_norm)}.items():
                     stats_sum[name] = stats_sum.get(name, 0.0) + value
         self.policy.train(False)
         rewards = shards.gather(torch.cat([part.rewards for part in parts]))
@@ -256,12 +258,3 @@ class PPOTrainer:
             "seconds_per_step": seconds,
             "lr": self.schedule.get_last_lr()[0],
         }
-
-    def combine(self, shard_stats: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
-        """The global minibatch's value of each per-shard token mean (weighted as in the loss)."""
-        if self.shards.single:
-            return shard_stats[0][1]
-        names = list(shard_stats[0][1])
-        local = torch.tensor([sum(w * stats[name] for w, stats in shard_stats) for name in names], dtype=torch.float64)
-        total = self.shards.sum(local.to(self.policy.device)) / self.shards.ranks.world
-        return dict(zip(names, total.tolist()))

@@ -30,7 +30,7 @@ from pydantic import Field
 from latentlab.common.atomic import atomic_output
 from latentlab.common.config import Config
 from latentlab.common.tracking import progress
-from latentlab.hidden.store import add_rows_array
+from latentlab.hidden.store import add_array, rows_array_metadata
 from latentlab.lm.tokenizer import CHARACTERS
 
 FORMAT = "latentlab.grid/1"
@@ -236,8 +236,8 @@ def write_transitions(path: str | Path, data: Transitions, attrs: dict, batch_ro
         group = zarr.open_group(partial, mode="w", zarr_format=3, attributes={"format": FORMAT, **attrs})
         for name in ARRAYS:
             array = getattr(data, name)
-            add_rows_array(group, name, array.shape, array.dtype, batch_rows, shard_rows)[:] = array
-        add_rows_array(group, "ids", (rows,), "int64", batch_rows, shard_rows)[:] = np.arange(rows)
+            add_array(group, name, rows_array_metadata(array.shape, array.dtype, batch_rows, shard_rows))[:] = array
+        add_array(group, "ids", rows_array_metadata((rows,), "int64", batch_rows, shard_rows))[:] = np.arange(rows)
         group.attrs["complete"] = True
 
 
