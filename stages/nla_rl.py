@@ -13,7 +13,6 @@ import copy
 
 from latentlab.common.atomic import atomic_output
 from latentlab.common.batches import epoch_batches
-from latentlab.common.distributed import Synced, SyncedAll
 from latentlab.common.inputs import require_model_dir
 from latentlab.hidden.nla_table import read_nla_table
 from latentlab.lm.modeling import read_manifest, save_weights
@@ -45,8 +44,7 @@ def main(params):
     baseline, heldout_baseline = baseline_mse(critic, vectors), baseline_mse(critic, heldout)
 
     reward = CriticReward(critic, cfg.reward)
-    # the actor's model and its injection map under DDP for the gradient passes (a parameter-free map: none)
-    synced = SyncedAll(Synced(actor, "model", run.ranks), Synced(actor, "injector", run.ranks))
+    synced = actor.synced(run.ranks)  # the actor's trainable modules under DDP for the gradient passes
     if cfg.algo == "grpo":
         algo = cfg.grpo
         reference = copy.deepcopy(actor) if algo.beta > 0 else None  # the SFT actor, frozen

@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from latentlab.common.config import Config
+from latentlab.common.distributed import Ranks, Synced, SyncedAll
 from latentlab.lm.capture import decoder_blocks, edit_block_input
 from latentlab.lm.modeling import load_lm, save_lm, save_weights, write_manifest
 from latentlab.lm.padding import pad_sequences
@@ -180,6 +181,10 @@ class NLAActor(LMPolicy):
         )
         rollout.texts = list(texts)
         return rollout
+
+    def synced(self, ranks: Ranks) -> SyncedAll:
+        """The model and its injection map under DDP for the gradient passes (a parameter-free map: none)."""
+        return SyncedAll(Synced(self, "model", ranks), Synced(self, "injector", ranks))
 
     def sft_nll(self, vectors: list, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed negative log-likelihood, token count) of the explanations (+ end-of-sequence) given the vectors."""

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from latentlab.common.batches import epoch_batches
 from latentlab.common.config import Config
-from latentlab.common.distributed import ONE_PROCESS, Shards, Synced, SyncedAll, data_parallel
+from latentlab.common.distributed import ONE_PROCESS, Shards, data_parallel
 from latentlab.common.optim import build_optimizer, check_finite
 from latentlab.common.tracking import StepLog, progress
 from latentlab.policies.nla_actor import NLAActor
@@ -116,8 +116,7 @@ def train_sft(
             actor.trainable_parameters(),
             *build_optimizer(actor.trainable_parameters(), cfg.actor_lr, cfg.steps, cfg.warmup_steps),
         )
-        # the model and its injection map under DDP for the gradient pass (a parameter-free map: none)
-        nets["actor"] = SyncedAll(Synced(actor, "model", shards.ranks), Synced(actor, "injector", shards.ranks))
+        nets["actor"] = actor.synced(shards.ranks)
         actor.train(True)
     if critic is not None:
         params = list(critic.parameters())
