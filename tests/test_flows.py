@@ -168,7 +168,9 @@ def test_flow_experiment_with_overrides_then_push(dag, server, tmp_path):
 
 
 def test_independent_stages_run_side_by_side_with_the_same_results(dag, server):
-    dag.set_params({"grpo": {"even_bonus": 0.3}})  # grpo, inject and surgery (all after sft) rerun, and what follows
+    # grpo, inject and surgery (all after sft) rerun, and what follows; a value no other test sets, so DVC's run
+    # cache (filled by the experiment test's 0.3) cannot restore them instead of running them
+    dag.set_params({"grpo": {"even_bonus": 0.35}})
     try:
         _flow(dag, server, "--jobs", "2")
         run = _latest_flow_run(server)
