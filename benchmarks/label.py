@@ -1,6 +1,6 @@
 """Labelling speed, memory and bytes: the reference approach, the `label` stage, and bare generation.
 
-    python benchmarks/label.py            # JSON on stdout, about 4-5 minutes on a 2-core CPU
+    python benchmarks/label.py            # JSON on stdout, about 8 minutes on a 2-core CPU
     python benchmarks/label.py --quick    # a smoke run
 
 Three approaches on the same model, prompts and machine, each in a fresh process forked from a
@@ -20,7 +20,8 @@ the default-sized model (H 64, 4 layers), a deep one (24 layers) and a wide one 
 64 tokens, fixed length only: the reference keeps every layer of every step, which at this width
 costs what it costs on real models), and at twice the rows for memory. Ratios are speed ratios
 (rows/s): b/a = label vs reference, b/c = label vs bare. Each approach runs `--repeats` times,
-interleaved with the others; the best time and the largest peak are reported. Also measured: each
+interleaved with the others; the best time and the largest peak are reported, each ratio both of
+the best times and as the median of the ratios within a round. Also measured: each
 codec's write time and bytes on label's own arrays, and what reading layers costs in one forward
 pass (hooks on the kept layer vs `output_hidden_states=True`).
 Threads default to 1: on a shared machine two OpenMP threads that wait on each other are slower.
@@ -32,6 +33,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -230,11 +232,13 @@ def build_model(directory: Path, hidden: int, layers: int) -> str:
 
 
 def compare(cell: dict, rows: int, args) -> dict:
-    """Every approach `repeats` times, interleaved (a, b, b', c, a, b, ...) so that a noisy
-    neighbour slows them alike; the best time and the largest peak of each."""
+    """Every approach `repeats` times, interleaved, the order rotated each round (a, b, b', c; b, b',
+    c, a; ...) so that a noisy neighbour slows them alike and none always runs first. Reported: the
+    best time and the largest peak of each, and each ratio twice: of the best times, and the median
+    over rounds of the ratio within a round (the two runs minutes apart never pair)."""
     runs = {approach: [] for approach in APPROACHES}
-    for _ in range(args.repeats):
-        for approach in APPROACHES:
+    for round_ in range(args.repeats):
+        for approach in APPROACHES[round_ % 4 :] + APPROACHES[: round_ % 4]:
             runs[approach].append(in_fresh_process(child, approach, cell, rows, args))
     summary = {}
     for approach, results in runs.items():
@@ -245,17 +249,21 @@ def compare(cell: dict, rows: int, args) -> dict:
             "peak_over_loaded_mb": round(max(r["peak_over_loaded_mb"] for r in results), 1),
             **{k: v for k, v in results[0].items() if k.endswith("bytes")},
         }
-    a, b, bp, c = (summary[k] for k in APPROACHES)
+
+    def ratios(x: str, y: str) -> dict:  # speed of x over speed of y: y's time over x's
+        paired = statistics.median(ry["seconds"] / rx["seconds"] for rx, ry in zip(runs[x], runs[y]))
+        return {"best": round(summary[y]["seconds"] / summary[x]["seconds"], 2), "paired_median": round(paired, 2)}
+
     return {
         "rows": rows,
         **summary,
-        "b_over_a": round(b["rows_per_s"] / a["rows_per_s"], 2),
-        "b_over_c": round(b["rows_per_s"] / c["rows_per_s"], 2),
-        "b_pooled_over_a": round(bp["rows_per_s"] / a["rows_per_s"], 2),
-        "b_pooled_over_c": round(bp["rows_per_s"] / c["rows_per_s"], 2),
+        "b_over_a": ratios("label", "reference"),
+        "b_over_c": ratios("label", "bare"),
+        "b_pooled_over_a": ratios("label_pooled", "reference"),
+        "b_pooled_over_c": ratios("label_pooled", "bare"),
         "bytes_over_npz": {  # the whole store (pooled float32 included) and the pooled-only store
-            "store_with_tokens": round(b["bytes"] / a["bytes"], 3),
-            "store_pooled_only": round(bp["bytes"] / a["bytes"], 4),
+            "store_with_tokens": round(summary["label"]["bytes"] / summary["reference"]["bytes"], 3),
+            "store_pooled_only": round(summary["label_pooled"]["bytes"] / summary["reference"]["bytes"], 4),
         },
     }
 
@@ -361,7 +369,7 @@ def main() -> None:
     parser.add_argument("--wide-rows", type=int, default=16)
     parser.add_argument("--compression", default="zstd", choices=["none", "lz4", "zstd"], help="label's codec")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="a smoke run: small, one repeat")
     args = parser.parse_args()
     if args.quick:

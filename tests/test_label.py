@@ -9,7 +9,7 @@ import pytest
 import torch
 import zarr
 
-from latentlab.hidden.extract import ExtractConfig, Extractor
+from latentlab.hidden.extract import ExtractConfig, Extractor, TokenRows
 from latentlab.hidden.labelling import LabelConfig, _start_or_resume, label, prepare
 from latentlab.hidden.store import open_store
 from latentlab.lm.modeling import describe_model, load_lm
@@ -122,6 +122,53 @@ def test_positions_after_eos_never_enter_the_mean_and_reextraction_reproduces_it
         completions=extractor.completion_ids([texts[i] for i in plain], [bool(ended[i]) for i in plain]),
     )
     torch.testing.assert_close(from_text.pooled, generated.pooled[plain], rtol=0, atol=1e-5)
+
+
+class RecordingExtractor(Extractor):
+    """The real extractor, noting the prompt lengths of each batch it is handed."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.batches = []
+
+    def __call__(self, prompts, *args, **kwargs):
+        self.batches.append(prompts.lengths.tolist())
+        return super().__call__(prompts, *args, **kwargs)
+
+
+# lengths 4, 6, 5, 4, 5, 5 | 4, 6: two shards of 6 rows, batches of 3
+MIXED = ["1+2=", "19+19=", "13-4=", "0-0=", "7+19=", "5-17=", "3+3=", "11+11="]
+
+
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_rows_run_grouped_by_length_and_every_output_comes_back_in_row_order(lm, model_dir, tmp_path, tokens):
+    """Within a shard the rows run shortest first (a batch of one length has no padding), and the arrays and the
+    table are back in row order: each row's vector is its prompt's (prompt mode), or its own sampled tokens'
+    (generate mode: teacher-forcing the table's token ids gives the store's vector and count)."""
+    model, tokenizer = lm
+    cfg = LabelConfig(layers=[1, -1], tokens=tokens, store_tokens=True, batch_size=3, shard_rows=6, temperature=1.5)
+    extractor = RecordingExtractor(model, tokenizer, cfg)
+    rows = pl.DataFrame({"id": list(range(10, 18)), "prompt": MIXED})
+    label(
+        extractor,
+        prepare(extractor, "m", rows, cfg, 0, describe_model(model_dir)),
+        tmp_path / "m.zarr",
+        tmp_path / "m.parquet",
+        tmp_path / "work",
+    )
+    assert extractor.batches == [[4, 4, 5], [5, 5, 6], [4, 6]]
+    store, table = open_store(tmp_path / "m.zarr"), pl.read_parquet(tmp_path / "m.parquet")
+    assert store["ids"][:].tolist() == list(range(10, 18)) and table["prompt"].to_list() == MIXED
+    one_by_one = Extractor(model, tokenizer, ExtractConfig(layers=[1, -1]))
+    for row, prompt in enumerate(MIXED):
+        if tokens == 1:
+            expected = one_by_one([prompt], store_tokens=True, width=6)
+        else:
+            ids = TokenRows.from_lists([table["token_ids"][row].to_list()])
+            expected = one_by_one([prompt], store_tokens=True, width=6, completions=ids)
+        np.testing.assert_allclose(store["pooled"][row], expected.pooled[0].numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(store["tokens"][row], expected.tokens[0].numpy(), rtol=0, atol=2e-3)
+        assert store["n_positions"][row] == expected.counts[0] == (len(prompt) if tokens == 1 else len(ids.flat))
 
 
 def test_bad_inputs_are_refused_before_any_work(lm, model_dir, tmp_path):

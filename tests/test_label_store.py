@@ -71,22 +71,24 @@ def test_write_store_replaces_whatever_was_there(tmp_path):
     assert second["pooled"].shape == (6, 2, 8) and not (tmp_path / "s.zarr" / "tokens").exists()
 
 
-def _label(tiny_lm, tmp_path, name, shard_rows):
-    extractor, job = _job(tiny_lm, shard_rows)
+def _label(tiny_lm, tmp_path, name, shard_rows, temperature=1.0):
+    extractor, job = _job(tiny_lm, shard_rows, temperature)
     out = tmp_path / name
     label(extractor, job, out / "rows.zarr", out / "rows.parquet", out / "work")
     return out
 
 
 def test_a_single_shard_table_equals_a_multi_shard_table_row_for_row(tiny_lm, tmp_path):
-    """One shard: its rows file is the table; several: streamed together. The same rows either way."""
-    one, three = _label(tiny_lm, tmp_path, "one", 16), _label(tiny_lm, tmp_path, "three", 4)
+    """One shard: its rows file is the table; several: streamed together. The same rows either way.
+    Greedy, as the shards group other rows into batches (by length, within a shard): the padding, and so
+    the last bits, differ, the tokens do not."""
+    one, three = _label(tiny_lm, tmp_path, "one", 16, 0.0), _label(tiny_lm, tmp_path, "three", 4, 0.0)
     single, streamed = pl.read_parquet(one / "rows.parquet"), pl.read_parquet(three / "rows.parquet")
     assert single.height == len(PROMPTS) and single["token_ids"].dtype == pl.List(pl.Int32)
-    assert_frame_equal(single, streamed)
+    assert_frame_equal(single, streamed, check_exact=False, rtol=0, atol=1e-5)
     a, b = open_store(one / "rows.zarr"), open_store(three / "rows.zarr")
-    for name in ("pooled", "tokens", "ids", "n_positions"):
-        np.testing.assert_array_equal(a[name][:], b[name][:])
+    for name, atol in (("pooled", 1e-5), ("tokens", 2e-3), ("ids", 0), ("n_positions", 0)):
+        np.testing.assert_allclose(a[name][:], b[name][:], rtol=0, atol=atol)
     assert not (one / "work").exists() and not (three / "work").exists()
 
 
@@ -108,9 +110,11 @@ def test_a_run_killed_after_its_single_shard_table_finishes_on_rerun(tiny_lm, tm
     _assert_same_outputs(out, expected)
 
 
-def _job(tiny_lm, shard_rows):
+def _job(tiny_lm, shard_rows, temperature=1.0):
     model, tokenizer = tiny_lm
-    cfg = LabelConfig(layers=[1, -1], tokens=4, store_tokens=True, batch_size=2, shard_rows=shard_rows)
+    cfg = LabelConfig(
+        layers=[1, -1], tokens=4, store_tokens=True, batch_size=2, shard_rows=shard_rows, temperature=temperature
+    )
     extractor = Extractor(model, tokenizer, cfg)
     rows = pl.DataFrame({"id": list(range(100, 100 + len(PROMPTS))), "prompt": PROMPTS})
     return extractor, prepare(extractor, "rows", rows, cfg, 0, {"source": "test"})

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 from pydantic import Field
 
@@ -100,6 +101,18 @@ class TokenRows:
         first, last = self.offsets[start], self.offsets[stop]
         return TokenRows(self.flat[first:last], self.offsets[start : stop + 1] - first)
 
+    def take(self, rows: np.ndarray) -> "TokenRows":
+        """Rows `rows` (indices), in that order."""
+        lengths = self.lengths[rows]
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        # element k of new row i sits at self.offsets[rows[i]] + k, i.e. at its new place + a shift per row
+        index = np.repeat(self.offsets[rows] - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return TokenRows(self.flat[index], offsets)
+
+    def to_arrow(self) -> pa.LargeListArray:
+        """The rows as one Arrow list array over the same buffers (a Parquet list column, no copy per row)."""
+        return pa.LargeListArray.from_arrays(pa.array(self.offsets, pa.int64()), pa.array(self.flat, pa.int32()))
+
     def arrays(self) -> list[np.ndarray]:
         """One array per row (for a Parquet list column)."""
         return np.split(self.flat, self.offsets[1:-1])
@@ -121,6 +134,30 @@ class Extracted:
     token_ids: TokenRows | None = None  # generate: sampled ids, end-of-sequence included
     ended: torch.Tensor | None = None  # generate: the last token is end-of-sequence
     log_prob: torch.Tensor | None = None  # generate: sum of the sampled tokens' log-probs
+
+    @classmethod
+    def in_row_order(cls, parts: Sequence["Extracted"], order: np.ndarray) -> "Extracted":
+        """Batches that ran rows `order` (the parts' rows one after another are rows order[0], order[1],
+        ...) as one result whose row i is row i: each array written once into place, no copy in between."""
+        where = torch.from_numpy(order)
+
+        def place(tensors: list[torch.Tensor]) -> torch.Tensor:
+            out = tensors[0].new_empty((len(order), *tensors[0].shape[1:]))
+            start = 0
+            for tensor in tensors:
+                out[where[start : start + len(tensor)]] = tensor
+                start += len(tensor)
+            return out
+
+        optional = {
+            name: place([getattr(p, name) for p in parts])
+            for name in ("tokens", "ended", "log_prob")
+            if getattr(parts[0], name) is not None
+        }
+        token_ids = None
+        if parts[0].token_ids is not None:
+            token_ids = TokenRows.concat([p.token_ids for p in parts]).take(np.argsort(order))
+        return cls(place([p.pooled for p in parts]), place([p.counts for p in parts]), token_ids=token_ids, **optional)
 
 
 def _masked_mean(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

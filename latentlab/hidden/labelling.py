@@ -58,7 +58,8 @@ class LabelConfig(ExtractConfig):
     batch_size: int = Field(256, gt=0)
     """Rows per forward pass; also the Zarr chunk along N and the unit that seeds sampling."""
     shard_rows: int = Field(1024, gt=0)
-    """Rows per shard file: the unit written, resumed and handed to a rank (a multiple of batch_size)."""
+    """Rows per shard file: the unit written, resumed and handed to a rank (a multiple of batch_size); also
+    the span within which rows are grouped into batches by length."""
     compression: Compression = "zstd"
     """Codec of the float arrays (pooled, tokens): none, lz4 (byte-shuffled, Blosc) or zstd (level 1). Hidden
     states are nearly incompressible; zstd shrinks the zeros after end-of-sequence in `tokens` (see
@@ -222,7 +223,7 @@ def label(
         job,
         shards,
         _open_arrays(parts) if arrays is None else arrays,
-        lambda shard, results, arrays: _write_shard(job, shard, results, arrays, work, extractor.decode),
+        lambda shard, result, arrays: _write_shard(job, shard, result, arrays, work, extractor.decode),
         ranks,
     )
     ranks.barrier()  # every shard is written before rank 0 looks
@@ -235,7 +236,7 @@ def _label_shards(
     job: Job,
     shards: list[int],
     arrays: dict[str, zarr.Array],
-    write: Callable[[int, list[Extracted], dict[str, zarr.Array]], None],
+    write: Callable[[int, Extracted, dict[str, zarr.Array]], None],
     ranks: Ranks,
 ) -> None:
     """Compute `shards` and `write` each into the store's `arrays`, one shard behind in a writer thread."""
@@ -255,10 +256,10 @@ def _label_shards(
             bar.update(rows)
 
         for shard in shards:
-            results = _extract_shard(extractor, job, shard, tick)
+            result = _extract_shard(extractor, job, shard, tick)
             if pending is not None:
                 pending.result()  # at most two shards in memory; a write error stops the run here
-            pending = writer.submit(write, shard, results, arrays)
+            pending = writer.submit(write, shard, result, arrays)
         if pending is not None:
             pending.result()
 
@@ -314,31 +315,42 @@ def _open_arrays(location: Path | str) -> dict[str, zarr.Array]:
     return {name: group[name] for name in group.array_keys()}
 
 
-def _extract_shard(extractor: Extractor, job: Job, shard: int, tick: Callable[[int, int], None]) -> list[Extracted]:
-    """One shard, batch by batch; each batch samples from its own seeded stream."""
+def _extract_shard(extractor: Extractor, job: Job, shard: int, tick: Callable[[int, int], None]) -> Extracted:
+    """One shard, batch by batch, in row order.
+
+    The rows run shortest first (a stable sort by length), so a batch holds rows of one length or
+    nearly: little padding, and a batch with none runs attention with no mask (SDPA's fused kernel;
+    benchmarks/label.py: about 10% of the default model's time). Which rows share a batch depends on
+    the shard alone, and each batch samples from its own seeded stream, so a shard's result does not
+    depend on which shards ran before it."""
     lo, hi = job.shard_span(shard)
     batch_size = job.cfg.batch_size
+    prompts = job.prompts[lo:hi]
+    completions = job.completions[lo:hi] if job.completions is not None else None
+    lengths = prompts.lengths + (completions.lengths if completions is not None else 0)
+    order = np.argsort(lengths, kind="stable")
+    prompts, completions = prompts.take(order), completions.take(order) if completions is not None else None
     results = []
-    for start in range(lo, hi, batch_size):
-        stop = min(start + batch_size, hi)
-        completions = job.completions[start:stop] if job.completions is not None else None
-        generator = _batch_generator(job, start // batch_size, extractor.device)
-        result = extractor(job.prompts[start:stop], generator, job.cfg.store_tokens, job.width, completions)
+    for start in range(0, hi - lo, batch_size):
+        stop = min(start + batch_size, hi - lo)
+        generator = _batch_generator(job, (lo + start) // batch_size, extractor.device)
+        batch_completions = completions[start:stop] if completions is not None else None
+        result = extractor(prompts[start:stop], generator, job.cfg.store_tokens, job.width, batch_completions)
         results.append(result)
         tick(stop - start, int(result.counts.sum()))
-    return results
+    return Extracted.in_row_order(results, order)
 
 
 def _write_shard(
     job: Job,
     shard: int,
-    results: list[Extracted],
+    result: Extracted,
     arrays: dict[str, zarr.Array],
     work: Path,
     decode: Callable[[TokenRows], list[str]],
 ) -> None:
     """Write a shard whole (every shard file is written exactly once), its rows, then its done-marker."""
-    rows = _shard_rows(job, shard, results, arrays, decode)
+    rows = _shard_rows(job, shard, result, arrays, decode)
     with atomic_output(work / "rows" / f"{shard}.parquet") as partial:
         rows.write_parquet(partial)
     (work / "done" / f"{shard}").touch()  # last: a marker always means a whole shard
@@ -347,27 +359,26 @@ def _write_shard(
 def _shard_rows(
     job: Job,
     shard: int,
-    results: list[Extracted],
+    result: Extracted,
     arrays: dict[str, zarr.Array],
     decode: Callable[[TokenRows], list[str]],
 ) -> pl.DataFrame:
     """Write a shard's arrays into the store; returns its rows plus what was generated."""
     lo, hi = job.shard_span(shard)
-    counts = torch.cat([r.counts for r in results]).numpy().astype(np.int32)
-    arrays["pooled"][lo:hi] = torch.cat([r.pooled for r in results]).numpy()
+    counts = result.counts.numpy().astype(np.int32)
+    arrays["pooled"][lo:hi] = result.pooled.numpy()
     arrays["ids"][lo:hi] = job.rows["id"][lo:hi].to_numpy()
     arrays["n_positions"][lo:hi] = counts
     if job.cfg.store_tokens:
-        arrays["tokens"][lo:hi] = torch.cat([r.tokens for r in results]).numpy()
+        arrays["tokens"][lo:hi] = result.tokens.numpy()
     extra = {"n_positions": pl.Series(counts, dtype=pl.Int32)}
-    if results[0].token_ids is not None:  # generated: the text and what it took
+    if result.token_ids is not None:  # generated: the text and what it took
         extra |= {
-            "text_generated": pl.Series(decode(TokenRows.concat([r.token_ids for r in results])), dtype=pl.String),
-            # (polars reads equal-length arrays as a fixed-size Array: the cast keeps every shard a List)
-            "token_ids": pl.Series([t for r in results for t in r.token_ids.arrays()]).cast(pl.List(pl.Int32)),
+            "text_generated": pl.Series(decode(result.token_ids), dtype=pl.String),
+            "token_ids": pl.from_arrow(result.token_ids.to_arrow()),  # List(Int32) in every shard
             "n_tokens": pl.Series(counts, dtype=pl.Int32),
-            "ended": pl.Series(torch.cat([r.ended for r in results]).numpy(), dtype=pl.Boolean),
-            "log_prob": pl.Series(torch.cat([r.log_prob for r in results]).numpy(), dtype=pl.Float32),
+            "ended": pl.Series(result.ended.numpy(), dtype=pl.Boolean),
+            "log_prob": pl.Series(result.log_prob.numpy(), dtype=pl.Float32),
         }
     return job.rows[lo:hi].with_columns(**extra)
 
@@ -416,8 +427,8 @@ def _label_remote(extractor: Extractor, job: Job, store: str, table: str | None,
     done = {int(path.rsplit("/", 1)[1]) for path in fs.find(f"{root}/done")}
     shards = [s for s in range(job.shards) if s % ranks.world == ranks.rank and s not in done]
 
-    def write(shard: int, results: list[Extracted], arrays: dict[str, zarr.Array]) -> None:
-        rows = _shard_rows(job, shard, results, arrays, extractor.decode)
+    def write(shard: int, result: Extracted, arrays: dict[str, zarr.Array]) -> None:
+        rows = _shard_rows(job, shard, result, arrays, extractor.decode)
         with fs.open(f"{root}/rows/{shard}.parquet", "wb") as file:  # one object, whole or absent
             rows.write_parquet(file)
         fs.touch(f"{root}/done/{shard}")  # last: a marker always means a whole shard
