@@ -12,7 +12,7 @@ from zarr.codecs import ZstdCodec
 
 from latentlab.hidden.dataset import StoreDataset
 from latentlab.hidden.extract import ExtractConfig, Extractor
-from latentlab.hidden.labelling import FORMAT, LabelConfig, label, prepare
+from latentlab.hidden.labelling import BATCHING, FORMAT, LabelConfig, label, prepare
 from latentlab.hidden.npz import export_npz
 from latentlab.hidden.store import open_store
 from latentlab.lm.sampling import SamplingConfig, sample
@@ -110,13 +110,13 @@ def test_a_store_written_before_the_codec_option_still_opens(tmp_path):
     np.testing.assert_array_equal(batch["x"].reshape(4, -1).numpy(), pooled[:, 0])
 
 
-def test_defaults_keep_the_fingerprint_and_attributes_of_earlier_stores(tiny_lm, tmp_path):
+def test_options_at_their_defaults_stay_out_of_the_fingerprint_and_attributes(tiny_lm, tmp_path):
     job, store, _ = label_rows(tiny_lm, tmp_path, "default")
     attrs = open_store(store).attrs
     assert "stop_at_eos" not in attrs and "compression" not in attrs
-    # the fingerprint as it was computed before the options existed
+    # the fingerprint as it was computed before the options existed, plus how rows are batched (BATCHING)
     cfg = job.cfg.model_dump(exclude={"stop_at_eos", "compression"})
-    digest = hashlib.sha256(json.dumps([FORMAT, cfg, 0, job.model, "set"], sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps([FORMAT, cfg, 0, job.model, "set", BATCHING], sort_keys=True).encode())
     digest.update(job.prompts.flat.tobytes() + job.prompts.offsets.tobytes())
     digest.update(job.rows["id"].to_numpy().tobytes())
     assert job.fingerprint == digest.hexdigest()

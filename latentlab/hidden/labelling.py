@@ -137,12 +137,17 @@ def prepare(
     except ValueError as error:
         raise ValueError(f"{source or name}: {error}") from None
     # what the result depends on; not the world size: any number of ranks resumes any other's work
-    digest = hashlib.sha256(json.dumps([FORMAT, _identity(cfg), seed, model, name], sort_keys=True).encode())
+    identity = [FORMAT, _identity(cfg), seed, model, name, BATCHING]
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     for tokens in (prompts, completions) if completions is not None else (prompts,):
         digest.update(tokens.flat.tobytes() + tokens.offsets.tobytes())
     digest.update(ids.tobytes())
     return Job(name, rows, cfg, seed, model, prompts, width, completions, digest.hexdigest())
 
+
+# which rows share a batch (`_extract_shard`) is part of a job: each batch samples from its own stream, so
+# work batched another way (in row order, before rows were grouped by length) is not resumed into this job
+BATCHING = "grouped by prompt length within a shard"
 
 # options added after the store format's first version: at their defaults they leave a job's
 # fingerprint (and a store's attributes) as before, so earlier stores and unfinished work keep theirs
