@@ -140,6 +140,17 @@ class _Sampled:
     ref_logprobs: torch.Tensor | None  # (B, T)
 
 
+@dataclass
+class _ShardLoss:
+    """One shard's loss in the last iteration, and its weights in the global batch's means."""
+
+    loss_weight: float  # its share of the policy loss (rows or tokens, as `loss_aggregation`)
+    token_weight: float  # its share of the completion tokens
+    total: torch.Tensor  # policy loss + regularizers, as backpropagated on one process
+    stats: dict[str, float]  # grpo_loss's
+    regularizers: dict[str, torch.Tensor]
+
+
 class GRPOTrainer:
     """Runs GRPO steps for any `LMPolicy`: sample groups, score, normalise, take clipped steps.
 
@@ -215,7 +226,7 @@ class GRPOTrainer:
         self.policy.train(True)
         for _ in range(cfg.iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            rows = []  # per shard: (loss weight, token weight, total, stats, regularizers)
+            shard_losses: list[_ShardLoss] = []
             for k, part in enumerate(parts):
                 mask = part.rollout.completions.mask
                 with self.synced.forward(sync=k == len(parts) - 1) if self.synced else nullcontext():
@@ -240,25 +251,29 @@ class GRPOTrainer:
                     else:  # regularizers are batch means: equal weights over the shards
                         reg_weight = shards.weight(1, shards.count)
                         (loss * weight(mask) + (total - loss) * reg_weight).backward()
-                rows.append((weight(mask), shards.weight(int(mask.sum()), n_tokens), total, stats, regularizers))
+                shard_losses.append(
+                    _ShardLoss(weight(mask), shards.weight(int(mask.sum()), n_tokens), total, stats, regularizers)
+                )
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), cfg.max_grad_norm)
             self.optimizer.step()
         self.schedule.step()
         self.policy.train(False)
 
         # the global batch's value of each per-shard mean, weighted as in the loss (latentlab/common/distributed.py)
-        loss_w, token_w = [r[0] for r in rows], [r[1] for r in rows]
-        reg_w = [shards.weight(1, shards.count)] * len(rows)
+        loss_w, token_w = [s.loss_weight for s in shard_losses], [s.token_weight for s in shard_losses]
+        reg_w = [shards.weight(1, shards.count)] * len(shard_losses)
         device = self.policy.device
         stats = {
-            **shards.combine([{k: r[3][k] for k in ("policy_loss", "kl")} for r in rows], loss_w, device),
-            **shards.combine([{"clip_fraction": r[3]["clip_fraction"]} for r in rows], token_w, device),
+            **shards.combine([{k: s.stats[k] for k in ("policy_loss", "kl")} for s in shard_losses], loss_w, device),
+            **shards.combine([{"clip_fraction": s.stats["clip_fraction"]} for s in shard_losses], token_w, device),
         }
-        regularizers = shards.combine([{n: v.item() for n, v in r[4].items()} for r in rows], reg_w, device)
+        regularizers = shards.combine(
+            [{n: v.item() for n, v in s.regularizers.items()} for s in shard_losses], reg_w, device
+        )
         if shards.single:
-            total = rows[0][2].item()
+            total = shard_losses[0].total.item()
         else:  # the policy loss as weighted in the gradient, plus the regularizers' global means
-            policy = [{"loss": r[2].item() - sum(v.item() for v in r[4].values())} for r in rows]
+            policy = [{"loss": s.total.item() - sum(v.item() for v in s.regularizers.values())} for s in shard_losses]
             total = shards.combine(policy, loss_w, device)["loss"] + sum(regularizers.values())
         rewards = shards.gather(torch.cat([part.rewards for part in parts]))
         advantages = shards.gather(torch.cat([part.advantages for part in parts]))
