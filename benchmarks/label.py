@@ -2,6 +2,7 @@
 
     python benchmarks/label.py            # JSON on stdout, about 8 minutes on a 2-core CPU
     python benchmarks/label.py --quick    # a smoke run
+    python benchmarks/label.py --grouping-only   # what grouping rows by length buys, about a minute
 
 Three approaches on the same model, prompts and machine, each in a fresh process forked from a
 parent that has imported everything but computed nothing (so no start-up cost is timed and no
@@ -22,8 +23,9 @@ costs what it costs on real models), and at twice the rows for memory. Ratios ar
 (rows/s): b/a = label vs reference, b/c = label vs bare. Each approach runs `--repeats` times,
 interleaved with the others; the best time and the largest peak are reported, each ratio both of
 the best times and as the median of the ratios within a round. Also measured: each
-codec's write time and bytes on label's own arrays, and what reading layers costs in one forward
-pass (hooks on the kept layer vs `output_hidden_states=True`).
+codec's write time and bytes on label's own arrays, what reading layers costs in one forward
+pass (hooks on the kept layer vs `output_hidden_states=True`), and what grouping rows by length (as
+`label` batches them) buys the bare path: `--grouping-only` prints just that.
 Threads default to 1: on a shared machine two OpenMP threads that wait on each other are slower.
 """
 
@@ -358,6 +360,43 @@ def hooks_vs_hidden_states(model: str, rows: int, args) -> dict:
     }
 
 
+def grouping_gain(model: str, rows: int, tokens: int, args) -> dict:
+    """What grouping rows by length (as `label` batches them) buys the bare path: the same rows as given
+    and sorted by prompt length, interleaved, in one process; best times and the median paired ratio."""
+    import torch
+
+    from latentlab.lm.modeling import load_lm
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_lm(model)
+    gc.freeze()
+    given = benchmark_prompts(rows)
+    grouped = sorted(given, key=lambda p: len(tokenizer(p, add_special_tokens=False)["input_ids"]))
+    result = {}
+    for mode, (n, stop) in {
+        "prompt": (1, True),
+        "generate, stop at EOS": (tokens, True),
+        "generate, fixed length": (tokens, False),
+    }.items():
+        times = {"given": [], "grouped": []}
+        with tempfile.TemporaryDirectory() as out:
+            run_bare(model, tokenizer, given[:8], n, stop, args.batch_size, Path(out))  # warm-up
+            for _ in range(args.repeats):
+                for order, prompts in (("given", given), ("grouped", grouped)):
+                    started = time.perf_counter()
+                    run_bare(model, tokenizer, prompts, n, stop, args.batch_size, Path(out))
+                    times[order].append(time.perf_counter() - started)
+        result[mode] = {
+            "given_s": round(min(times["given"]), 3),
+            "grouped_s": round(min(times["grouped"]), 3),
+            "speedup": round(min(times["given"]) / min(times["grouped"]), 3),
+            "speedup_paired_median": round(
+                statistics.median(a / b for a, b in zip(times["given"], times["grouped"])), 3
+            ),
+        }
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=2048)
@@ -371,6 +410,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="a smoke run: small, one repeat")
+    parser.add_argument("--grouping-only", action="store_true", help="only what grouping rows by length buys")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.tokens, args.batch_size, args.deep_layers, args.repeats = 64, 4, 32, 8, 1
@@ -391,6 +431,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         default, deep, wide = Path(tmp) / "default", Path(tmp) / "deep", Path(tmp) / "wide"
         in_fresh_process(build_model, default, 64, 4)
+        grouping = in_fresh_process(grouping_gain, default, args.rows, args.tokens, args)
+        if args.grouping_only:
+            print(json.dumps({"grouping_by_length_bare_path": grouping, "rows": args.rows, "threads": args.threads}))
+            return
         in_fresh_process(build_model, deep, 64, args.deep_layers)
         in_fresh_process(build_model, wide, wide_hidden, wide_layers)
         models = {
@@ -467,6 +511,7 @@ def main() -> None:
         "results": results | memory,
         "codecs": codecs,
         "forward_pass_reading": capture,
+        "grouping_by_length_bare_path": grouping,
     }
     print(json.dumps(report, indent=2))
 
