@@ -3,6 +3,7 @@
     python benchmarks/label.py            # JSON on stdout, about 8 minutes on a 2-core CPU
     python benchmarks/label.py --quick    # a smoke run
     python benchmarks/label.py --grouping-only   # what grouping rows by length buys, about a minute
+    python benchmarks/label.py --memory-only     # peak memory at 1x, 4x, 16x the rows, about 2 minutes
 
 Three approaches on the same model, prompts and machine, each in a fresh process forked from a
 parent that has imported everything but computed nothing (so no start-up cost is timed and no
@@ -399,6 +400,19 @@ def grouping_gain(model: str, rows: int, tokens: int, args) -> dict:
     return result
 
 
+def memory_growth(cell: dict, sizes: list[int], args) -> dict:
+    """Peak RSS over the loaded model (MB) and seconds of one run of each approach at each row count, in
+    fresh processes: `label` holds at most two shards, the reference everything."""
+    return {
+        approach: {
+            rows: {k: round(r[k], 2) for k in ("peak_over_loaded_mb", "seconds")}
+            for rows in sizes
+            for r in [in_fresh_process(child, approach, cell, rows, args)]
+        }
+        for approach in ("reference", "label", "bare")
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=2048)
@@ -413,6 +427,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="a smoke run: small, one repeat")
     parser.add_argument("--grouping-only", action="store_true", help="only what grouping rows by length buys")
+    parser.add_argument("--memory-only", action="store_true", help="only peak memory at 1x, 4x and 16x the rows")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.tokens, args.batch_size, args.deep_layers, args.repeats = 64, 4, 32, 8, 1
@@ -433,6 +448,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         default, deep, wide = Path(tmp) / "default", Path(tmp) / "deep", Path(tmp) / "wide"
         in_fresh_process(build_model, default, 64, 4)
+        fixed = {"model": default, "tokens": args.tokens, "stop_at_eos": False, "batch_size": args.batch_size}
+        memory_sizes = [args.rows, 4 * args.rows, 16 * args.rows]
+        if args.memory_only:
+            print(
+                json.dumps(
+                    {"memory_growth, default / generate, fixed length": memory_growth(fixed, memory_sizes, args)}
+                )
+            )
+            return
         grouping = in_fresh_process(grouping_gain, default, args.rows, args.tokens, args)
         if args.grouping_only:
             print(json.dumps({"grouping_by_length_bare_path": grouping, "rows": args.rows, "threads": args.threads}))
@@ -468,6 +492,7 @@ def main() -> None:
                 cells["wide / generate, fixed length"], args.wide_rows, args
             ),
         }
+        memory_at_scale = memory_growth(fixed, memory_sizes, args)
         capture = {
             name: in_fresh_process(hooks_vs_hidden_states, model, min(args.batch_size, rows), args)
             for name, (model, rows, _, _) in models.items()
@@ -514,6 +539,7 @@ def main() -> None:
         "codecs": codecs,
         "forward_pass_reading": capture,
         "grouping_by_length_bare_path": grouping,
+        "memory_growth, default / generate, fixed length": memory_at_scale,
     }
     print(json.dumps(report, indent=2))
 
