@@ -323,7 +323,7 @@ def _extract_shard(extractor: Extractor, job: Job, shard: int, tick: Callable[[i
 
     The rows run shortest first (a stable sort by length), so a batch holds rows of one length or
     nearly: little padding, and a batch with none runs attention with no mask (SDPA's fused kernel;
-    `benchmarks/label.py --grouping-only`: 1.03-1.17x on the default model). Which rows share a batch depends on
+    `benchmarks/label.py --grouping-only`: 1.03-1.19x on the default model). Which rows share a batch depends on
     the shard alone, and each batch samples from its own seeded stream, so a shard's result does not
     depend on which shards ran before it."""
     lo, hi = job.shard_span(shard)
