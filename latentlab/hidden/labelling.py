@@ -332,7 +332,9 @@ def _extract_shard(extractor: Extractor, job: Job, shard: int, tick: Callable[[i
     completions = job.completions[lo:hi] if job.completions is not None else None
     lengths = prompts.lengths + (completions.lengths if completions is not None else 0)
     order = np.argsort(lengths, kind="stable")
-    prompts, completions = prompts.take(order), completions.take(order) if completions is not None else None
+    prompts = prompts.take(order)
+    if completions is not None:
+        completions = completions.take(order)
     results = []
     for start in range(0, hi - lo, batch_size):
         stop = min(start + batch_size, hi - lo)
