@@ -24,6 +24,9 @@ import polars as pl
 from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from flows.dvc import apply_param_overrides  # noqa: E402  (params set as `dvc exp run -S` sets them)
+
 CONFIGS = {"1proc_1thread": (1, 1), "1proc_2threads": (1, 2), "2proc_1thread_each": (2, 1)}
 
 
@@ -59,12 +62,8 @@ def env(threads: int) -> dict[str, str]:
 
 
 def measure(directory: Path, stage: str, nproc: int, threads: int) -> dict:
-    yaml = YAML()
-    data = yaml.load((directory / "params.yaml").read_text())
-    data["launcher"]["nproc"] = nproc
-    data["threads"] = threads  # per process (the stages read the param, not LATENTLAB_THREADS)
-    with (directory / "params.yaml").open("w") as handle:
-        yaml.dump(data, handle)
+    # threads per process: the stages read the param, not LATENTLAB_THREADS
+    apply_param_overrides(directory / "params.yaml", {"launcher.nproc": nproc, "threads": threads})
     started = time.perf_counter()
     command = [sys.executable, "-m", f"stages.{stage}"]
     subprocess.run(command, cwd=directory, env=env(threads), check=True, capture_output=True)

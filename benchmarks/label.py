@@ -366,15 +366,18 @@ def hooks_vs_hidden_states(model: str, rows: int, args) -> dict:
 def grouping_gain(model: str, rows: int, tokens: int, args) -> dict:
     """What grouping rows by length (as `label` batches them) buys the bare path: the same rows as given
     and sorted by prompt length, interleaved, in one process; best times and the median paired ratio."""
+    import numpy as np
     import torch
 
+    from latentlab.hidden.extract import TokenRows
     from latentlab.lm.modeling import load_lm
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_lm(model)
     gc.freeze()
     given = benchmark_prompts(rows)
-    grouped = sorted(given, key=lambda p: len(tokenizer(p, add_special_tokens=False)["input_ids"]))
+    lengths = TokenRows.from_lists(tokenizer(given, add_special_tokens=False)["input_ids"]).lengths
+    grouped = [given[i] for i in np.argsort(lengths, kind="stable")]  # as `label` orders a shard's rows
     result = {}
     for mode, (n, stop) in {
         "prompt": (1, True),

@@ -13,7 +13,6 @@ run the same experiments from the same start; only the worker count differs.
 import argparse
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flows.dvc import apply_param_overrides  # noqa: E402  (params set as `dvc exp run -S` sets them)
 from tests.dag import make_project  # noqa: E402  (the same throwaway-project builder the tests use)
 
 
@@ -59,11 +59,8 @@ def timed_sweep(workers: int, args, root: Path, server_env: dict) -> dict:
         project.run("git", "commit", "-qam", "default params")
     pool = f"bench{workers}"
     threads = max(1, (os.cpu_count() or 1) // workers)  # the stages' thread count is the `threads` param
-    params = project.root / "params.yaml"
-    text = params.read_text()
-    if (changed := re.sub(r"(?m)^threads: \d+", f"threads: {threads}", text, count=1)) != text:
-        params.write_text(changed)
-        project.run("git", "commit", "-qam", f"threads {threads}")
+    apply_param_overrides(project.root / "params.yaml", {"threads": threads})
+    project.run("git", "commit", "-qam", f"threads {threads}", "--allow-empty")
     env = {**project.env, **server_env}
     subprocess.run(
         ["prefect", "work-pool", "create", pool, "--type", "process"], env=env, check=True, capture_output=True
