@@ -4,6 +4,7 @@
     python benchmarks/label.py --quick    # a smoke run
     python benchmarks/label.py --grouping-only   # what grouping rows by length buys, about a minute
     python benchmarks/label.py --memory-only     # peak memory at 1x, 4x, 16x the rows, about 2 minutes
+    python benchmarks/label.py --heap-only       # what keeping freed memory buys `label`, about a minute
 
 Three approaches on the same model, prompts and machine, each in a fresh process forked from a
 parent that has imported everything but computed nothing (so no start-up cost is timed and no
@@ -25,8 +26,11 @@ costs what it costs on real models), and at twice the rows for memory. Ratios ar
 interleaved with the others; the best time and the largest peak are reported, each ratio both of
 the best times and as the median of the ratios within a round. Also measured: each
 codec's write time and bytes on label's own arrays, what reading layers costs in one forward
-pass (hooks on the kept layer vs `output_hidden_states=True`), and what grouping rows by length (as
-`label` batches them) buys the bare path: `--grouping-only` prints just that.
+pass (hooks on the kept layer vs `output_hidden_states=True`), what grouping rows by length (as
+`label` batches them) buys the bare path (`--grouping-only` prints just that), and what keeping freed
+memory (latentlab.common.heap.keep_freed_memory) buys `label` (`--heap-only`). Every child freezes its
+heap and keeps freed memory as `label` does, so the approaches differ in their algorithms, not in how
+the process hands pages back; each child's minor page faults in its timed run are reported.
 Threads default to 1: on a shared machine two OpenMP threads that wait on each other are slower.
 """
 
@@ -166,12 +170,18 @@ def child(approach: str, cell: dict, rows: int, args) -> dict:
     """One timed run of one approach (after a one-batch warm-up), in a process of its own."""
     import torch
 
+    from latentlab.common.heap import freeze_heap, keep_freed_memory
+    from latentlab.hidden import labelling
     from latentlab.lm.modeling import load_lm
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tokenizer = load_lm(cell["model"])
-    gc.freeze()  # as `label` does, for every approach: no full collection walks the model's objects
+    freeze_heap()  # as `label` does, for every approach: no full collection walks the model's objects
+    if cell.get("heap", "kept") == "kept":  # as `label` does, for every approach: batches reuse freed pages
+        keep_freed_memory()
+    else:  # glibc's default heap, for `label` too (heap_gain)
+        labelling.keep_freed_memory = lambda: False
     prompts = benchmark_prompts(rows)
     run = {
         "reference": run_reference,
@@ -186,12 +196,13 @@ def child(approach: str, cell: dict, rows: int, args) -> dict:
         run(model, tokenizer, prompts[:batch_size], tokens, stop, batch_size, Path(warm_up))
     loaded = rss_bytes()
     with tempfile.TemporaryDirectory() as out:
-        started = time.perf_counter()
+        faults, started = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         sizes = run(model, tokenizer, prompts, tokens, stop, batch_size, Path(out))
-        seconds = time.perf_counter() - started
+        seconds, faults = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "seconds": seconds,
+        "minor_page_faults": faults,
         "peak_rss_mb": peak / 2**20,
         "peak_over_loaded_mb": (peak - loaded) / 2**20,
         **sizes,
@@ -252,6 +263,7 @@ def compare(cell: dict, rows: int, args) -> dict:
             "seconds": round(seconds, 3),
             "rows_per_s": round(rows / seconds, 1),
             "peak_over_loaded_mb": round(max(r["peak_over_loaded_mb"] for r in results), 1),
+            "minor_page_faults_median": statistics.median(r["minor_page_faults"] for r in results),
             **{k: v for k, v in results[0].items() if k.endswith("bytes")},
         }
 
@@ -403,6 +415,28 @@ def grouping_gain(model: str, rows: int, tokens: int, args) -> dict:
     return result
 
 
+def heap_gain(cell: dict, rows: int, args) -> dict:
+    """What `keep_freed_memory` buys `label`: the same cell with glibc's default heap and with freed memory
+    kept, each in fresh processes, interleaved; the speedup (best and paired median) and each one's minor
+    page faults in the timed run (median)."""
+    runs = {"default": [], "kept": []}
+    for round_ in range(args.repeats):
+        for heap in ("default", "kept") if round_ % 2 == 0 else ("kept", "default"):
+            runs[heap].append(in_fresh_process(child, "label", cell | {"heap": heap}, rows, args))
+    best = {heap: min(r["seconds"] for r in results) for heap, results in runs.items()}
+    return {
+        **{f"{heap}_s": round(seconds, 3) for heap, seconds in best.items()},
+        **{
+            f"{heap}_minor_page_faults_median": statistics.median(r["minor_page_faults"] for r in results)
+            for heap, results in runs.items()
+        },
+        "speedup": round(best["default"] / best["kept"], 3),
+        "speedup_paired_median": round(
+            statistics.median(d["seconds"] / k["seconds"] for d, k in zip(runs["default"], runs["kept"])), 3
+        ),
+    }
+
+
 def memory_growth(cell: dict, sizes: list[int], args) -> dict:
     """Peak RSS over the loaded model (MB) and seconds of one run of each approach at each row count, in
     fresh processes: `label` holds at most two shards, the reference everything."""
@@ -431,6 +465,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: small, one repeat")
     parser.add_argument("--grouping-only", action="store_true", help="only what grouping rows by length buys")
     parser.add_argument("--memory-only", action="store_true", help="only peak memory at 1x, 4x and 16x the rows")
+    parser.add_argument("--heap-only", action="store_true", help="only what keeping freed memory buys label")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.tokens, args.batch_size, args.deep_layers, args.repeats = 64, 4, 32, 8, 1
@@ -460,11 +495,22 @@ def main() -> None:
                 )
             )
             return
+        in_fresh_process(build_model, deep, 64, args.deep_layers)
+        heap_cells = {  # the cell whose timings scattered most with page faults, and the default DAG's
+            "deep / prompt": (
+                {"model": deep, "tokens": 1, "stop_at_eos": True, "batch_size": args.batch_size},
+                args.deep_rows,
+            ),
+            "default / generate, fixed length": (fixed, args.rows),
+        }
+        heap = {name: heap_gain(cell, rows, args) for name, (cell, rows) in heap_cells.items()}
+        if args.heap_only:
+            print(json.dumps({"keep_freed_memory_label": heap, "threads": args.threads}))
+            return
         grouping = in_fresh_process(grouping_gain, default, args.rows, args.tokens, args)
         if args.grouping_only:
             print(json.dumps({"grouping_by_length_bare_path": grouping, "rows": args.rows, "threads": args.threads}))
             return
-        in_fresh_process(build_model, deep, 64, args.deep_layers)
         in_fresh_process(build_model, wide, wide_hidden, wide_layers)
         models = {
             "default": (default, args.rows, args.tokens, args.batch_size),
@@ -542,6 +588,7 @@ def main() -> None:
         "codecs": codecs,
         "forward_pass_reading": capture,
         "grouping_by_length_bare_path": grouping,
+        "keep_freed_memory_label": heap,
         "memory_growth, default / generate, fixed length": memory_at_scale,
     }
     print(json.dumps(report, indent=2))

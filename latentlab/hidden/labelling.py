@@ -23,7 +23,6 @@ whole), and readers refuse it until then. The work (the done-markers, the shards
 A rerun of another job over a finished store replaces it: the old store is gone from the start.
 """
 
-import gc
 import hashlib
 import json
 import shutil
@@ -43,6 +42,7 @@ from pydantic import Field, model_validator
 
 from latentlab.common.atomic import atomic_output
 from latentlab.common.distributed import Ranks
+from latentlab.common.heap import freeze_heap, keep_freed_memory
 from latentlab.common.tracking import progress
 from latentlab.hidden.extract import POSITIONS, ExtractConfig, Extracted, Extractor, TokenRows
 from latentlab.hidden.info import hook_name
@@ -246,7 +246,8 @@ def _label_shards(
 ) -> None:
     """Compute `shards` and `write` each into the store's `arrays`, one shard behind in a writer thread."""
     todo = sum(hi - lo for lo, hi in map(job.shard_span, shards))
-    freeze_heap()
+    freeze_heap()  # again for direct callers of `label` (O(1); see latentlab.common.heap)
+    keep_freed_memory()  # each batch reuses the pages the last one freed, not fresh ones faulted in
     # one writer thread: shard s is compressed and written while shard s + 1 is computed
     with (
         progress(None, f"label {job.name}", total=todo, unit="row", disable=ranks.rank != 0) as bar,
@@ -267,16 +268,6 @@ def _label_shards(
             pending = writer.submit(write, shard, result, arrays)
         if pending is not None:
             pending.result()
-
-
-def freeze_heap() -> None:
-    """Move every object that exists now (model, tokenizer, libraries: hundreds of thousands) out of
-    the cyclic collector's sight, for good: the per-row texts and id lists trigger full collections,
-    and each would walk them all (about a tenth of the time with a small model). Never thawed:
-    `gc.unfreeze` thaws every frozen object, the caller's too, and the next full collection then
-    walks them all (a quarter of a second with a small model, in every run after the first). Frozen
-    objects are still freed when their last reference goes; only cycles among them stay."""
-    gc.freeze()  # O(1): the collector's lists are spliced, nothing is walked
 
 
 def _start_or_resume(extractor: Extractor, job: Job, work: Path) -> dict[str, zarr.Array] | None:
