@@ -1,6 +1,7 @@
+import pytest
 from transformers import AutoTokenizer
 
-from latentlab.lm.tokenizer import CHARACTERS, EOS, INJECT, PAD, build_char_tokenizer
+from latentlab.lm.tokenizer import CHARACTERS, EOS, INJECT, PAD, build_char_tokenizer, token_ids
 
 
 def test_round_trip_of_every_character():
@@ -21,3 +22,36 @@ def test_special_tokens_are_single_ids_and_survive_save(tmp_path):
     assert loaded.decode(ids) == text
     assert loaded.pad_token == PAD and loaded.eos_token == EOS
     assert loaded.decode(ids + [loaded.eos_token_id], skip_special_tokens=True) == "12+7=19"
+
+
+TEXTS = ["12+7=19", f"a{INJECT}b{EOS}", "é€ unknown to the char vocabulary", "", "the quick brown fox " * 20]
+
+
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer trained here (as hub models ship), with special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS, INJECT], show_progress=False)
+    backend.train_from_iterator(TEXTS * 10, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, additional_special_tokens=[INJECT])
+
+
+@pytest.mark.parametrize("make", [build_char_tokenizer, bpe_tokenizer])
+def test_token_ids_are_the_wrappers_ids(make):
+    """`token_ids` reads the Rust encoder directly: the same ids as `tokenizer(...)`, special tokens kept whole
+    (or split, as the tokenizer says), and a backend with truncation or padding of its own set (which the wrapper
+    turns off for a call) is read through the wrapper."""
+    tokenizer = make()
+    expected = tokenizer(TEXTS, add_special_tokens=False)["input_ids"]
+    assert token_ids(tokenizer, TEXTS) == expected
+    tokenizer.backend_tokenizer.enable_truncation(3)
+    tokenizer.backend_tokenizer.enable_padding(length=40)
+    assert token_ids(tokenizer, TEXTS) == expected
+    split = make()
+    split.split_special_tokens = True
+    first, again = token_ids(split, TEXTS), token_ids(split, TEXTS)  # through the wrapper, then straight
+    assert first == again == split(TEXTS, add_special_tokens=False)["input_ids"] != expected

@@ -31,6 +31,7 @@ from latentlab.common.runtime import to_device
 from latentlab.lm.capture import LayerCapture, decoder_blocks, resolve_layers
 from latentlab.lm.padding import pad_flat
 from latentlab.lm.sampling import SamplingConfig, positions_from_mask, sample
+from latentlab.lm.tokenizer import token_ids
 
 POSITIONS = {
     "prompt": "the prompt's tokens",
@@ -193,7 +194,7 @@ class Extractor:
         return TokenRows.concat(
             [TokenRows.from_lists([])]
             + [
-                TokenRows.from_lists(self.tokenizer(list(texts[i : i + chunk]), add_special_tokens=False)["input_ids"])
+                TokenRows.from_lists(token_ids(self.tokenizer, texts[i : i + chunk]))
                 for i in range(0, len(texts), chunk)
             ]
         )

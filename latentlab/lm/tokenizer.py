@@ -1,10 +1,12 @@
-"""The character-level tokenizer of the scratch model, saved as a Hugging Face fast tokenizer.
+"""The character-level tokenizer of the scratch model, saved as a Hugging Face fast tokenizer; and
+`token_ids`, the batch encoder the labelling path reads ids with (any tokenizer).
 
 One token per character, so arithmetic is spelled digit by digit; special tokens `<pad>`,
 `<eos>`, `<unk>` and `<INJECT>` (the slot where NLA places an activation vector).
 """
 
 import string
+from collections.abc import Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -28,3 +30,20 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
         padding_side="left",  # prompts are left-padded so every prompt ends at the same position
         model_max_length=10_000,
     )
+
+
+def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """`tokenizer(texts, add_special_tokens=False)["input_ids"]`, read straight from a fast tokenizer's Rust
+    batch encoder when the wrapper would only pass it through: no padding or truncation set on it, special
+    tokens split as the wrapper would. The same ids, without the wrapper's per-row masks and offsets: 10 vs
+    17-21 ms per 2,048 prompts of the default DAG. Any other tokenizer goes through the wrapper."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (
+        backend is None
+        or backend.padding is not None
+        or backend.truncation is not None
+        or backend.encode_special_tokens != getattr(tokenizer, "split_special_tokens", False)
+    ):
+        return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets (tokenizers >= 0.20)
+    return [encoding.ids for encoding in encode(list(texts), add_special_tokens=False)]
