@@ -4,6 +4,7 @@
     python benchmarks/label.py --quick    # a smoke run
     python benchmarks/label.py --grouping-only   # what grouping rows by length buys, about a minute
     python benchmarks/label.py --memory-only     # peak memory at 1x, 4x, 16x the rows, about 2 minutes
+                                                 # (--memory-multiples 1 4 16 64: also 64x, about 6 minutes)
     python benchmarks/label.py --heap-only       # what keeping freed memory buys `label`, about a minute
 
 Three approaches on the same model, prompts and machine, each in a fresh process forked from a
@@ -464,8 +465,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="a smoke run: small, one repeat")
     parser.add_argument("--grouping-only", action="store_true", help="only what grouping rows by length buys")
-    parser.add_argument("--memory-only", action="store_true", help="only peak memory at 1x, 4x and 16x the rows")
+    parser.add_argument("--memory-only", action="store_true", help="only peak memory at each of --memory-multiples")
     parser.add_argument("--heap-only", action="store_true", help="only what keeping freed memory buys label")
+    parser.add_argument(
+        "--memory-multiples", type=int, nargs="+", default=[1, 4, 16], help="memory_growth's row counts, x --rows"
+    )
     args = parser.parse_args()
     if args.quick:
         args.rows, args.tokens, args.batch_size, args.deep_layers, args.repeats = 64, 4, 32, 8, 1
@@ -487,7 +491,7 @@ def main() -> None:
         default, deep, wide = Path(tmp) / "default", Path(tmp) / "deep", Path(tmp) / "wide"
         in_fresh_process(build_model, default, 64, 4)
         fixed = {"model": default, "tokens": args.tokens, "stop_at_eos": False, "batch_size": args.batch_size}
-        memory_sizes = [args.rows, 4 * args.rows, 16 * args.rows]
+        memory_sizes = [m * args.rows for m in args.memory_multiples]
         if args.memory_only:
             print(
                 json.dumps(
