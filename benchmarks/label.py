@@ -499,6 +499,10 @@ def main() -> None:
                 )
             )
             return
+        grouping = None if args.heap_only else in_fresh_process(grouping_gain, default, args.rows, args.tokens, args)
+        if args.grouping_only:
+            print(json.dumps({"grouping_by_length_bare_path": grouping, "rows": args.rows, "threads": args.threads}))
+            return
         in_fresh_process(build_model, deep, 64, args.deep_layers)
         heap_cells = {  # the cell whose timings scattered most with page faults, and the default DAG's
             "deep / prompt": (
@@ -510,10 +514,6 @@ def main() -> None:
         heap = {name: heap_gain(cell, rows, args) for name, (cell, rows) in heap_cells.items()}
         if args.heap_only:
             print(json.dumps({"keep_freed_memory_label": heap, "threads": args.threads}))
-            return
-        grouping = in_fresh_process(grouping_gain, default, args.rows, args.tokens, args)
-        if args.grouping_only:
-            print(json.dumps({"grouping_by_length_bare_path": grouping, "rows": args.rows, "threads": args.threads}))
             return
         in_fresh_process(build_model, wide, wide_hidden, wide_layers)
         models = {

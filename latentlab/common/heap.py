@@ -39,7 +39,7 @@ def keep_freed_memory() -> bool:
     (`label`, 512 rows, prompt mode, 24-layer width-64 model, 1 thread, 6 fresh processes each):
     53,000 faults and 0.457 s (median) by default; 600 faults and 0.292 s with these settings.
     Here, requests up to 32 MiB come from the heap, and up to 256 MiB of free heap is kept. The peak
-    memory is the same; what a process holds after its peak is not handed back until it exits."""
+    memory is the same; up to 256 MiB of freed heap stays with the process until it exits."""
     if platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
