@@ -18,7 +18,7 @@ Padding and positions after end-of-sequence never enter a mean. Layers are numbe
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import numpy as np
@@ -139,26 +139,17 @@ class Extracted:
     @classmethod
     def in_row_order(cls, parts: Sequence["Extracted"], order: np.ndarray) -> "Extracted":
         """Batches that ran rows `order` (the parts' rows one after another are rows order[0], order[1],
-        ...) as one result whose row i is row i: each array written once into place, no copy in between."""
-        where = torch.from_numpy(order)
+        ...) as one result whose row i is row i."""
+        inverse = np.argsort(order)  # row i is row inverse[i] of the batches laid end to end
 
-        def place(tensors: list[torch.Tensor]) -> torch.Tensor:
-            out = tensors[0].new_empty((len(order), *tensors[0].shape[1:]))
-            start = 0
-            for tensor in tensors:
-                out[where[start : start + len(tensor)]] = tensor
-                start += len(tensor)
-            return out
+        def in_order(name: str):
+            if getattr(parts[0], name) is None:
+                return None
+            if name == "token_ids":
+                return TokenRows.concat([p.token_ids for p in parts]).take(inverse)
+            return torch.cat([getattr(p, name) for p in parts])[torch.from_numpy(inverse)]
 
-        optional = {
-            name: place([getattr(p, name) for p in parts])
-            for name in ("tokens", "ended", "log_prob")
-            if getattr(parts[0], name) is not None
-        }
-        token_ids = None
-        if parts[0].token_ids is not None:
-            token_ids = TokenRows.concat([p.token_ids for p in parts]).take(np.argsort(order))
-        return cls(place([p.pooled for p in parts]), place([p.counts for p in parts]), token_ids=token_ids, **optional)
+        return cls(**{field.name: in_order(field.name) for field in fields(cls)})
 
 
 def _masked_mean(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
