@@ -36,7 +36,6 @@ Threads default to 1: on a shared machine two OpenMP threads that wait on each o
 """
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -140,9 +139,10 @@ def run_bare(model, tokenizer, prompts, tokens, stop, batch_size, out: Path) -> 
 
     from latentlab.hidden.extract import TokenRows
     from latentlab.lm.sampling import SamplingConfig, positions_from_mask, sample
+    from latentlab.lm.tokenizer import token_ids
 
     sampling = SamplingConfig(max_new_tokens=tokens, stop_at_eos=stop)
-    encoded = TokenRows.from_lists(tokenizer(prompts, add_special_tokens=False)["input_ids"])  # once, as label does
+    encoded = TokenRows.from_lists(token_ids(tokenizer, prompts))  # once, as label does
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             ids, mask = encoded[start : start + batch_size].padded(tokenizer.pad_token_id, "cpu", left=True)
@@ -237,6 +237,13 @@ def in_fresh_process(function, *args):
 # ---- the comparison (the parent process) --------------------------------------------------------
 
 
+def speedup(slow: list[float], fast: list[float], digits: int) -> tuple[float, float]:
+    """How many times faster `fast` ran than `slow` (seconds, round by round): of the best times, and the median
+    of the ratios within a round (two runs minutes apart never pair)."""
+    paired = statistics.median(s / f for s, f in zip(slow, fast, strict=True))
+    return round(min(slow) / min(fast), digits), round(paired, digits)
+
+
 def build_model(directory: Path, hidden: int, layers: int) -> str:
     """A random model: the default DAG's size is H=64 (4 heads, MLP 4H); wider ones get heads of 64."""
     from latentlab.lm.modeling import TinyLMConfig, build_tiny_lm, save_lm
@@ -268,9 +275,9 @@ def compare(cell: dict, rows: int, args) -> dict:
             **{k: v for k, v in results[0].items() if k.endswith("bytes")},
         }
 
-    def ratios(x: str, y: str) -> dict:  # speed of x over speed of y: y's time over x's
-        paired = statistics.median(ry["seconds"] / rx["seconds"] for rx, ry in zip(runs[x], runs[y]))
-        return {"best": round(summary[y]["seconds"] / summary[x]["seconds"], 2), "paired_median": round(paired, 2)}
+    def ratios(x: str, y: str) -> dict:  # speed of x over speed of y
+        best, paired = speedup([r["seconds"] for r in runs[y]], [r["seconds"] for r in runs[x]], 2)
+        return {"best": best, "paired_median": paired}
 
     return {
         "rows": rows,
@@ -382,14 +389,16 @@ def grouping_gain(model: str, rows: int, tokens: int, args) -> dict:
     import numpy as np
     import torch
 
+    from latentlab.common.heap import freeze_heap
     from latentlab.hidden.extract import TokenRows
     from latentlab.lm.modeling import load_lm
+    from latentlab.lm.tokenizer import token_ids
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_lm(model)
-    gc.freeze()
+    freeze_heap()
     given = benchmark_prompts(rows)
-    lengths = TokenRows.from_lists(tokenizer(given, add_special_tokens=False)["input_ids"]).lengths
+    lengths = TokenRows.from_lists(token_ids(tokenizer, given)).lengths
     grouped = [given[i] for i in np.argsort(lengths, kind="stable")]  # as `label` orders a shard's rows
     result = {}
     for mode, (n, stop) in {
@@ -405,13 +414,12 @@ def grouping_gain(model: str, rows: int, tokens: int, args) -> dict:
                     started = time.perf_counter()
                     run_bare(model, tokenizer, prompts, n, stop, args.batch_size, Path(out))
                     times[order].append(time.perf_counter() - started)
+        best, paired = speedup(times["given"], times["grouped"], 3)
         result[mode] = {
             "given_s": round(min(times["given"]), 3),
             "grouped_s": round(min(times["grouped"]), 3),
-            "speedup": round(min(times["given"]) / min(times["grouped"]), 3),
-            "speedup_paired_median": round(
-                statistics.median(a / b for a, b in zip(times["given"], times["grouped"])), 3
-            ),
+            "speedup": best,
+            "speedup_paired_median": paired,
         }
     return result
 
@@ -424,17 +432,16 @@ def heap_gain(cell: dict, rows: int, args) -> dict:
     for round_ in range(args.repeats):
         for heap in ("default", "kept") if round_ % 2 == 0 else ("kept", "default"):
             runs[heap].append(in_fresh_process(child, "label", cell | {"heap": heap}, rows, args))
-    best = {heap: min(r["seconds"] for r in results) for heap, results in runs.items()}
+    seconds = {heap: [r["seconds"] for r in results] for heap, results in runs.items()}
+    best, paired = speedup(seconds["default"], seconds["kept"], 3)
     return {
-        **{f"{heap}_s": round(seconds, 3) for heap, seconds in best.items()},
+        **{f"{heap}_s": round(min(times), 3) for heap, times in seconds.items()},
         **{
             f"{heap}_minor_page_faults_median": statistics.median(r["minor_page_faults"] for r in results)
             for heap, results in runs.items()
         },
-        "speedup": round(best["default"] / best["kept"], 3),
-        "speedup_paired_median": round(
-            statistics.median(d["seconds"] / k["seconds"] for d, k in zip(runs["default"], runs["kept"])), 3
-        ),
+        "speedup": best,
+        "speedup_paired_median": paired,
     }
 
 
