@@ -87,7 +87,7 @@ def test_a_single_shard_table_equals_a_multi_shard_table_row_for_row(tiny_lm, tm
     one, three = _label(tiny_lm, tmp_path, "one", 16, 0.0), _label(tiny_lm, tmp_path, "three", 4, 0.0)
     single, streamed = pl.read_parquet(one / "rows.parquet"), pl.read_parquet(three / "rows.parquet")
     assert single.height == len(PROMPTS) and single["token_ids"].dtype == pl.List(pl.Int32)
-    assert_frame_equal(single, streamed, check_exact=False, rtol=0, atol=1e-5)
+    assert_frame_equal(single, streamed, check_exact=False, rel_tol=0, abs_tol=1e-5)
     a, b = open_store(one / "rows.zarr"), open_store(three / "rows.zarr")
     for name, atol in (("pooled", 1e-5), ("tokens", 2e-3), ("ids", 0), ("n_positions", 0)):
         np.testing.assert_allclose(a[name][:], b[name][:], rtol=0, atol=atol)
