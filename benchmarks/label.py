@@ -6,6 +6,7 @@
     python benchmarks/label.py --memory-only     # peak memory at 1x, 4x, 16x the rows, about 2 minutes
                                                  # (--memory-multiples 1 4 16 64: also 64x, about 6 minutes)
     python benchmarks/label.py --heap-only       # what keeping freed memory buys `label`, about a minute
+    python benchmarks/label.py --phases-only     # where `label`'s time goes in prompt mode, phase by phase, 30 s
 
 Three approaches on the same model, prompts and machine, each in a fresh process forked from a
 parent that has imported everything but computed nothing (so no start-up cost is timed and no
@@ -29,7 +30,8 @@ the best times and as the median of the ratios within a round. Also measured: ea
 codec's write time and bytes on label's own arrays, what reading layers costs in one forward
 pass (hooks on the kept layer vs `output_hidden_states=True`), what grouping rows by length (as
 `label` batches them) buys the bare path (`--grouping-only` prints just that), and what keeping freed
-memory (latentlab.common.heap.keep_freed_memory) buys `label` (`--heap-only`). Every child freezes its
+memory (latentlab.common.heap.keep_freed_memory) buys `label` (`--heap-only`), and in prompt mode where
+`label`'s time goes beyond the forward pass it shares with the reference (`--phases-only`). Every child freezes its
 heap and keeps freed memory as `label` does, so the approaches differ in their algorithms, not in how
 the process hands pages back; each child's minor page faults in its timed run are reported.
 Threads default to 1: on a shared machine two OpenMP threads that wait on each other are slower.
@@ -445,6 +447,92 @@ def heap_gain(cell: dict, rows: int, args) -> dict:
     }
 
 
+def label_phases(cell: dict, rows: int, args) -> dict:
+    """Where `label`'s time goes, against the reference and bare in the same process (interleaved, after a warm-up
+    of each; one fresh process per cell), ms, median of `repeats` runs. `label`'s own functions are wrapped with
+    timers: prepare (tokenize, check, fingerprint), create the store, the forward passes, pooling and copies (the
+    rest of each batch, grouping rows by length and restoring their order), waiting for writes (what the writer
+    thread's shard writes add to the main thread: mostly the last shard, which no compute can hide), finish (the
+    row table, `complete`, the move into place) and the rest (building the config and row frame). Prompt mode only:
+    there the forward pass is the reference's own, so what `label` adds is all in the other phases."""
+    if cell["tokens"] != 1:
+        raise ValueError("label_phases times prompt-mode cells (tokens 1)")
+    import torch
+
+    from latentlab.common.heap import freeze_heap, keep_freed_memory
+    from latentlab.hidden import extract, labelling
+    from latentlab.lm.modeling import load_lm
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_lm(cell["model"])
+    freeze_heap()
+    keep_freed_memory()
+    spent: dict[str, float] = {}
+
+    def timed(owner, name: str, phase: str) -> None:
+        inner = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            started = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                spent[phase] = spent.get(phase, 0.0) + time.perf_counter() - started
+
+        setattr(owner, name, wrapper)
+
+    for owner, name, phase in (
+        (labelling, "prepare", "prepare"),
+        (labelling, "_start_or_resume", "create_store"),
+        (labelling, "_label_shards", "shards"),
+        (labelling, "_extract_shard", "extract"),
+        (extract.Extractor, "_forward", "forward"),
+        (labelling, "_finish", "finish"),
+    ):
+        timed(owner, name, phase)
+    prompts = benchmark_prompts(rows)
+    tokens, stop, batch_size = cell["tokens"], cell["stop_at_eos"], cell["batch_size"]
+    run = {
+        "reference": run_reference,
+        "label": lambda *a: run_label(*a, store_tokens=True, compression=args.compression),
+        "bare": run_bare,
+    }
+    times: dict[str, list[dict]] = {approach: [] for approach in run}
+    for round_ in range(args.repeats + 1):  # round 0 warms every path up
+        for approach, function in run.items():
+            spent.clear()
+            with tempfile.TemporaryDirectory() as out:
+                started = time.perf_counter()
+                function(model, tokenizer, prompts, tokens, stop, batch_size, Path(out))
+                total = time.perf_counter() - started
+            if round_:
+                times[approach].append({"total": total, **spent})
+    label_runs = [
+        {
+            "prepare": t["prepare"],
+            "create_store": t["create_store"],
+            "forward": t["forward"],
+            "pooling_and_copies": t["extract"] - t["forward"],
+            "waiting_for_writes": t["shards"] - t["extract"],
+            "finish": t["finish"],
+            "rest": t["total"] - t["prepare"] - t["create_store"] - t["shards"] - t["finish"],
+        }
+        for t in times["label"]
+    ]
+
+    def ms(values) -> float:
+        return round(statistics.median(values) * 1e3, 2)
+
+    return {
+        "rows": rows,
+        **{f"{approach}_ms": ms(t["total"] for t in runs) for approach, runs in times.items()},
+        "label_minus_reference_ms": ms(
+            lab["total"] - ref["total"] for lab, ref in zip(times["label"], times["reference"])
+        ),
+        "label_phases_ms": {phase: ms(r[phase] for r in label_runs) for phase in label_runs[0]},
+    }
+
+
 def memory_growth(cell: dict, sizes: list[int], args) -> dict:
     """Peak RSS over the loaded model (MB) and seconds of one run of each approach at each row count, in
     fresh processes: `label` holds at most two shards, the reference everything."""
@@ -474,6 +562,7 @@ def main() -> None:
     parser.add_argument("--grouping-only", action="store_true", help="only what grouping rows by length buys")
     parser.add_argument("--memory-only", action="store_true", help="only peak memory at each of --memory-multiples")
     parser.add_argument("--heap-only", action="store_true", help="only what keeping freed memory buys label")
+    parser.add_argument("--phases-only", action="store_true", help="only where label's time goes in prompt mode")
     parser.add_argument(
         "--memory-multiples", type=int, nargs="+", default=[1, 4, 16], help="memory_growth's row counts, x --rows"
     )
@@ -506,7 +595,11 @@ def main() -> None:
                 )
             )
             return
-        grouping = None if args.heap_only else in_fresh_process(grouping_gain, default, args.rows, args.tokens, args)
+        grouping = (
+            None
+            if args.heap_only or args.phases_only
+            else in_fresh_process(grouping_gain, default, args.rows, args.tokens, args)
+        )
         if args.grouping_only:
             print(json.dumps({"grouping_by_length_bare_path": grouping, "rows": args.rows, "threads": args.threads}))
             return
@@ -518,7 +611,9 @@ def main() -> None:
             ),
             "default / generate, fixed length": (fixed, args.rows),
         }
-        heap = {name: heap_gain(cell, rows, args) for name, (cell, rows) in heap_cells.items()}
+        heap = (
+            {} if args.phases_only else {name: heap_gain(cell, rows, args) for name, (cell, rows) in heap_cells.items()}
+        )
         if args.heap_only:
             print(json.dumps({"keep_freed_memory_label": heap, "threads": args.threads}))
             return
@@ -529,6 +624,15 @@ def main() -> None:
             # the reference's fixed length only: its setting, and minutes of CPU per cell at this width
             "wide": (wide, args.wide_rows, wide_tokens, min(args.batch_size, args.wide_rows)),
         }
+        phases = {
+            f"{name} / prompt": in_fresh_process(
+                label_phases, {"model": model, "tokens": 1, "stop_at_eos": True, "batch_size": batch_size}, rows, args
+            )
+            for name, (model, rows, _, batch_size) in models.items()
+        }
+        if args.phases_only:
+            print(json.dumps({"label_phases, prompt mode": phases, "threads": args.threads}, indent=2))
+            return
         results, cells = {}, {}
         for name, (model, rows, tokens, batch_size) in models.items():
             for mode, (n, stop) in {
@@ -600,6 +704,7 @@ def main() -> None:
         "forward_pass_reading": capture,
         "grouping_by_length_bare_path": grouping,
         "keep_freed_memory_label": heap,
+        "label_phases, prompt mode": phases,
         "memory_growth, default / generate, fixed length": memory_at_scale,
     }
     print(json.dumps(report, indent=2))
