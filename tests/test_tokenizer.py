@@ -37,21 +37,42 @@ def bpe_tokenizer():
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS, INJECT], show_progress=False)
     backend.train_from_iterator(TEXTS * 10, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, additional_special_tokens=[INJECT])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=EOS, pad_token=EOS, additional_special_tokens=[INJECT]
+    )
 
 
 @pytest.mark.parametrize("make", [build_char_tokenizer, bpe_tokenizer])
 def test_token_ids_are_the_wrappers_ids(make):
     """`token_ids` reads the Rust encoder directly: the same ids as `tokenizer(...)`, special tokens kept whole
-    (or split, as the tokenizer says), and a backend with truncation or padding of its own set (which the wrapper
-    turns off for a call) is read through the wrapper."""
+    (or split, as the tokenizer says)."""
     tokenizer = make()
     expected = tokenizer(TEXTS, add_special_tokens=False)["input_ids"]
-    assert token_ids(tokenizer, TEXTS) == expected
-    tokenizer.backend_tokenizer.enable_truncation(3)
-    tokenizer.backend_tokenizer.enable_padding(length=40)
     assert token_ids(tokenizer, TEXTS) == expected
     split = make()
     split.split_special_tokens = True
     first, again = token_ids(split, TEXTS), token_ids(split, TEXTS)  # through the wrapper, then straight
     assert first == again == split(TEXTS, add_special_tokens=False)["input_ids"] != expected
+
+
+@pytest.mark.parametrize("make", [build_char_tokenizer, bpe_tokenizer])
+@pytest.mark.parametrize(
+    "leave",
+    [
+        # a padded, truncated call leaves both on the backend
+        lambda tokenizer: tokenizer(TEXTS, padding=True, truncation=True, max_length=5),
+        lambda tokenizer: tokenizer.backend_tokenizer.enable_padding(length=40),
+        lambda tokenizer: tokenizer.backend_tokenizer.enable_truncation(3),
+    ],
+    ids=["after a padded call", "padding set", "truncation set"],
+)
+def test_token_ids_turn_off_what_the_wrapper_turns_off(make, leave):
+    """Padding or truncation left on the backend: the wrapper's call turns them off and leaves them off, and so does
+    `token_ids` (read straight from the backend, left as it was, the ids would be padded or cut)."""
+    tokenizer, twin = make(), make()
+    leave(tokenizer), leave(twin)
+    assert tokenizer.backend_tokenizer.padding is not None or tokenizer.backend_tokenizer.truncation is not None
+    expected = twin(TEXTS, add_special_tokens=False)["input_ids"]
+    assert token_ids(tokenizer, TEXTS) == expected
+    backend, twin_backend = tokenizer.backend_tokenizer, twin.backend_tokenizer
+    assert (backend.padding, backend.truncation) == (twin_backend.padding, twin_backend.truncation) == (None, None)
