@@ -25,8 +25,8 @@ lint: setup
 	ruff check .
 	ruff format --check .
 
-bench: setup
-	@for script in benchmarks/*.py; do python $$script; done
+bench: setup  # each script prints one JSON object on stdout (progress on stderr); the first that fails stops it
+	@for script in benchmarks/*.py; do echo "# $$script" >&2; python $$script || { echo "$$script failed" >&2; exit 1; }; done
 
 lock: setup
 	{ sed -n '1,3p' requirements.lock; echo "torch==2.13.0"; \
