@@ -26,7 +26,7 @@ lint: setup
 	ruff format --check .
 
 bench: setup  # each script prints one JSON object on stdout (progress on stderr); the first that fails stops it
-	@for script in benchmarks/*.py; do echo "# $$script" >&2; python $$script || { echo "$$script failed" >&2; exit 1; }; done
+	@for script in benchmarks/*.py; do echo "# $$script" >&2; PYTHONPATH=. python $$script || { echo "$$script failed" >&2; exit 1; }; done
 
 lock: setup
 	{ sed -n '1,3p' requirements.lock; echo "torch==2.13.0"; \
