@@ -52,6 +52,18 @@ def start_server(home: Path, env: dict) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
 
 
+def stop(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds: once the sweep is timed, a worker slow to shut down (one took
+    over 60 s after its sweep had finished) must not fail the measurement."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        print(f"{' '.join(proc.args[:3])} did not stop within {grace:.0f} s of SIGTERM: killed", file=sys.stderr)
+        proc.kill()
+        proc.wait()
+
+
 def timed_sweep(workers: int, args, root: Path, server_env: dict) -> dict:
     project = make_project(root / f"project{workers}", root / f"home{workers}")
     if args.params == "default":  # make_project wrote the tiny params; put the repository's back
@@ -89,8 +101,7 @@ def timed_sweep(workers: int, args, root: Path, server_env: dict) -> dict:
         summary = json.loads((project.root / "results/sweeps/bench/summary.json").read_text())
     finally:
         for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=60)
+            stop(proc)
     return {
         "workers": workers,
         "threads_per_worker": threads,
@@ -115,8 +126,7 @@ def main() -> None:
         try:
             runs = [timed_sweep(n, args, root, server_env) for n in (1, 2)]
         finally:
-            server.terminate()
-            server.wait(timeout=60)
+            stop(server, grace=60)
     result = {
         "cores": os.cpu_count(),
         "params": args.params,
