@@ -169,29 +169,45 @@ def run_bare(model, tokenizer, prompts, tokens, stop, batch_size, out: Path) -> 
     return {"bytes": 0}
 
 
-def child(approach: str, cell: dict, rows: int, args) -> dict:
-    """One timed run of one approach (after a one-batch warm-up), in a process of its own."""
-    import torch
-
-    from latentlab.common.heap import freeze_heap, keep_freed_memory
-    from latentlab.hidden import labelling
-    from latentlab.lm.modeling import load_lm
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model, tokenizer = load_lm(cell["model"])
-    freeze_heap()  # as `label` does, for every approach: no full collection walks the model's objects
-    if cell.get("heap", "kept") == "kept":  # as `label` does, for every approach: batches reuse freed pages
-        keep_freed_memory()
-    else:  # glibc's default heap, for `label` too (heap_gain)
-        labelling.keep_freed_memory = lambda: False
-    prompts = benchmark_prompts(rows)
-    run = {
+def runner(approach: str, args):
+    """The function that runs `approach` (APPROACHES): (model, tokenizer, prompts, tokens, stop, batch_size, out)."""
+    return {
         "reference": run_reference,
         "bare": run_bare,
         "label": lambda *a: run_label(*a, store_tokens=True, compression=args.compression),
         "label_pooled": lambda *a: run_label(*a, store_tokens=False, compression=args.compression),
     }[approach]
+
+
+def load_frozen(model_dir, args):
+    """The model at `args.threads` torch threads, the heap frozen once it is loaded, as `label` freezes it: no full
+    collection walks the model's objects."""
+    import torch
+
+    from latentlab.common.heap import freeze_heap
+    from latentlab.lm.modeling import load_lm
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_lm(model_dir)
+    freeze_heap()
+    return model, tokenizer
+
+
+def child(approach: str, cell: dict, rows: int, args) -> dict:
+    """One timed run of one approach (after a one-batch warm-up), in a process of its own."""
+    import torch
+
+    from latentlab.common.heap import keep_freed_memory
+    from latentlab.hidden import labelling
+
+    torch.manual_seed(0)
+    model, tokenizer = load_frozen(cell["model"], args)  # as `label` does, for every approach
+    if cell.get("heap", "kept") == "kept":  # as `label` does, for every approach: batches reuse freed pages
+        keep_freed_memory()
+    else:  # glibc's default heap, for `label` too (heap_gain)
+        labelling.keep_freed_memory = lambda: False
+    prompts = benchmark_prompts(rows)
+    run = runner(approach, args)
     tokens, stop, batch_size = cell["tokens"], cell["stop_at_eos"], cell["batch_size"]
     # one whole batch: every code path once, at the timed run's shapes. After only a few rows our sampler's first
     # full batches ran cold (the reference ahead by 6% paired; 2% behind after a 512-row warm-up, default model)
@@ -389,16 +405,11 @@ def grouping_gain(model: str, rows: int, tokens: int, args) -> dict:
     """What grouping rows by length (as `label` batches them) buys the bare path: the same rows as given
     and sorted by prompt length, interleaved, in one process; best times and the median paired ratio."""
     import numpy as np
-    import torch
 
-    from latentlab.common.heap import freeze_heap
     from latentlab.hidden.extract import TokenRows
-    from latentlab.lm.modeling import load_lm
     from latentlab.lm.tokenizer import token_ids
 
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_lm(model)
-    freeze_heap()
+    model, tokenizer = load_frozen(model, args)
     given = benchmark_prompts(rows)
     lengths = TokenRows.from_lists(token_ids(tokenizer, given)).lengths
     grouped = [given[i] for i in np.argsort(lengths, kind="stable")]  # as `label` orders a shard's rows
@@ -457,15 +468,10 @@ def label_phases(cell: dict, rows: int, args) -> dict:
     there the forward pass is the reference's own, so what `label` adds is all in the other phases."""
     if cell["tokens"] != 1:
         raise ValueError("label_phases times prompt-mode cells (tokens 1)")
-    import torch
-
-    from latentlab.common.heap import freeze_heap, keep_freed_memory
+    from latentlab.common.heap import keep_freed_memory
     from latentlab.hidden import extract, labelling
-    from latentlab.lm.modeling import load_lm
 
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_lm(cell["model"])
-    freeze_heap()
+    model, tokenizer = load_frozen(cell["model"], args)
     keep_freed_memory()
     spent: dict[str, float] = {}
 
@@ -492,11 +498,7 @@ def label_phases(cell: dict, rows: int, args) -> dict:
         timed(owner, name, phase)
     prompts = benchmark_prompts(rows)
     tokens, stop, batch_size = cell["tokens"], cell["stop_at_eos"], cell["batch_size"]
-    run = {
-        "reference": run_reference,
-        "label": lambda *a: run_label(*a, store_tokens=True, compression=args.compression),
-        "bare": run_bare,
-    }
+    run = {approach: runner(approach, args) for approach in ("reference", "label", "bare")}
     times: dict[str, list[dict]] = {approach: [] for approach in run}
     for round_ in range(args.repeats + 1):  # round 0 warms every path up
         for approach, function in run.items():
