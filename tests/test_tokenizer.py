@@ -70,7 +70,8 @@ def test_token_ids_turn_off_what_the_wrapper_turns_off(make, leave):
     """Padding or truncation left on the backend: the wrapper's call turns them off and leaves them off, and so does
     `token_ids` (read straight from the backend, left as it was, the ids would be padded or cut)."""
     tokenizer, twin = make(), make()
-    leave(tokenizer), leave(twin)
+    for each in (tokenizer, twin):
+        leave(each)
     assert tokenizer.backend_tokenizer.padding is not None or tokenizer.backend_tokenizer.truncation is not None
     expected = twin(TEXTS, add_special_tokens=False)["input_ids"]
     assert token_ids(tokenizer, TEXTS) == expected
