@@ -1,10 +1,12 @@
 """GRPO advantages and loss against hand-computed values, masking, and a real short training run."""
 
+import copy
 import math
 
 import pytest
 import torch
 
+from latentlab.common.errors import NonFiniteLogitsError
 from latentlab.lm.sampling import tokenize_prompts
 from latentlab.policies.lm_policy import LMPolicy
 from latentlab.rl.grpo import GRPOConfig, GRPOTrainer, group_advantages, grpo_loss
@@ -140,3 +142,42 @@ def test_sampler_logprobs_are_pi_old_and_groups_share_their_prompt(tiny_lm):
     with torch.no_grad():
         teacher_forced = policy.logprobs(rollout, 1.0)
     assert torch.allclose(rollout.completions.logprobs, teacher_forced, atol=1e-5)
+
+
+def _varied(completions, targets):  # a reward that differs within groups: every advantage is non-zero
+    return [float(sum(map(ord, c)) % 7) for c in completions]
+
+
+def test_exploration_noise_is_importance_corrected_pi_over_q(tiny_lm):
+    """Tokens drawn with exploration noise come from q, not pi: pi_old in the ratio is q (the sampler's
+    behaviour log-probs), so at step 0 the ratio is pi / q, not 1, and the clip acts on it."""
+    model, tokenizer = tiny_lm
+    policy, prompts = LMPolicy(model, tokenizer), ["1+2=", "30-4="]
+    noisy = GRPOConfig(steps=1, prompts_per_step=2, group_size=4, max_new_tokens=4, lr=1e-3, exploration_noise=2.0)
+    trainer = GRPOTrainer(policy, _varied, noisy, torch.Generator().manual_seed(0))
+    part = trainer.sample(prompts, [0, 0], trainer.generators[0])
+    completions = part.rollout.completions
+    assert part.old_logprobs is completions.behaviour_logprobs
+    with torch.no_grad():
+        ratio = (policy.logprobs(part.rollout, 1.0) - part.old_logprobs).exp()[completions.mask]
+    expected = (completions.logprobs - completions.behaviour_logprobs).exp()[completions.mask]
+    torch.testing.assert_close(ratio, expected, atol=1e-4, rtol=1e-4)
+    assert (ratio - 1).abs().max() > 0.5
+    plain = GRPOConfig(steps=1, prompts_per_step=2, group_size=4, max_new_tokens=4, lr=1e-3)
+    plain_trainer = GRPOTrainer(policy, _varied, plain, torch.Generator().manual_seed(0))
+    assert plain_trainer.sample(prompts, [0, 0], plain_trainer.generators[0]).old_logprobs is None  # ratio = 1
+    row = GRPOTrainer(copy.deepcopy(policy), _varied, noisy, torch.Generator().manual_seed(0)).step(0, prompts, [0, 0])
+    assert row["clip_fraction"] > 0  # on-policy, one iteration: exactly 0
+
+
+def test_a_diverged_update_is_named_with_its_step():
+    """A huge learning rate: the update of step 0 makes the weights non-finite; step 1 fails at sampling with an
+    error that names the step and the cause, not torch.multinomial's."""
+    from tests.tiny import new_tiny_lm
+
+    model, tokenizer = new_tiny_lm()
+    cfg = GRPOConfig(steps=2, prompts_per_step=2, group_size=4, max_new_tokens=3, lr=1e10)
+    trainer = GRPOTrainer(LMPolicy(model, tokenizer), _varied, cfg, torch.Generator().manual_seed(0))
+    trainer.step(0, ["1+2=", "30-4="], [0, 0])
+    with pytest.raises(NonFiniteLogitsError, match="step 1.*logits are not finite.*weights have diverged"):
+        trainer.step(1, ["1+2=", "30-4="], [0, 0])

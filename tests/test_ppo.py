@@ -6,12 +6,13 @@ import math
 import pytest
 import torch
 
+from latentlab.common.errors import NonFiniteLogitsError
 from latentlab.common.tracking import StepLog
 from latentlab.lm.sampling import SamplingConfig
 from latentlab.policies.lm_policy import LMPolicy
 from latentlab.policies.value_head import ValueHead, logprobs_and_values
 from latentlab.rl.advantages import gae
-from latentlab.rl.ppo import PPOConfig, PPOTrainer, ppo_policy_loss, ppo_value_loss, sequence_rewards
+from latentlab.rl.ppo import PPOConfig, PPOTrainer, approx_kl, ppo_policy_loss, ppo_value_loss, sequence_rewards
 from tests.tiny import new_tiny_lm
 
 
@@ -25,9 +26,22 @@ def test_the_clipped_policy_loss_by_hand():
     # min(1.5, 1.2) = 1.2; min(0.5, 0.8) = 0.5; min(-0.5, -0.8) = -0.8; min(-1.5, -1.2) = -1.5
     assert loss.item() == pytest.approx(-(1.2 + 0.5 - 0.8 - 1.5) / 4)
     assert stats["clip_fraction"] == pytest.approx(1.0)
-    # k3 of KL(old || new): r - 1 - log r with r = old/new = 1/ratio
-    k3 = [1 / 1.5 - 1 + math.log(1.5), 2 - 1 - math.log(2), 2 - 1 - math.log(2), 1 / 1.5 - 1 + math.log(1.5)]
+    # k3 of KL(pi_old || pi) under samples from pi_old: (r - 1) - log r with r = pi / pi_old = the ratio
+    k3 = [0.5 - math.log(1.5), -0.5 + math.log(2), -0.5 + math.log(2), 0.5 - math.log(1.5)]
     assert stats["kl"] == pytest.approx(sum(k3) / 4, rel=1e-5)
+
+
+def test_the_logged_kl_estimates_kl_of_pi_old_to_pi_under_samples_from_pi_old():
+    """Tokens are drawn from pi_old: the logged kl is an unbiased estimate of KL(pi_old || pi) = sum pi_old log(pi_old/pi).
+    (k3 of the other direction, exp(-log r) + log r - 1, averages to chi2(pi_old || pi) - KL here: 0.75, not 0.456.)"""
+    pi_old, pi = torch.tensor([0.4, 0.3, 0.2, 0.1]), torch.tensor([0.1, 0.2, 0.3, 0.4])
+    exact = (pi_old * (pi_old / pi).log()).sum().item()
+    actions = torch.multinomial(pi_old, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    old_logprobs, logprobs = pi_old.log()[actions][None], pi.log()[actions][None]
+    _, stats = ppo_policy_loss(logprobs, old_logprobs, torch.zeros(1, len(actions)), torch.ones(1, len(actions)), 0.2)
+    # per-sample k3 values lie in [0.07, 1.62]: the standard error of the mean of 200 000 is below 0.002
+    assert stats["kl"] == pytest.approx(exact, abs=0.01)
+    assert approx_kl(logprobs - old_logprobs).mean().item() == pytest.approx(stats["kl"], rel=1e-6)
 
 
 def test_the_clipped_value_loss_by_hand():
@@ -57,9 +71,31 @@ def test_the_value_head_starts_at_zero_and_reads_the_positions_that_predict_each
         assert values.abs().max() == 0
         torch.nn.init.normal_(head.linear.weight)
         _, values = logprobs_and_values(policy, head, rollout, 1.0)
+        # the reference: a plain forward pass over [prompt, completion]; the state that predicts completion
+        # token t is the final norm's output at position P - 1 + t (the logits there score token t)
+        ids, mask = rollout.prompt_ids, rollout.completions.mask
+        P, T = ids.shape[1], mask.shape[1]
+        full_mask = torch.cat([rollout.prompt_mask, mask.long()], 1)
+        hidden = policy.model(
+            input_ids=torch.cat([ids, rollout.completions.ids], 1),
+            attention_mask=full_mask,
+            position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0),
+            output_hidden_states=True,
+        ).hidden_states[-1]
+        expected = head(hidden[:, P - 1 : P + T - 1]) * mask
     torch.testing.assert_close(logprobs, rollout.completions.logprobs, atol=1e-5, rtol=1e-5)
-    mask = rollout.completions.mask
-    assert (values[~mask] == 0).all() and (values[mask] != 0).all()
+    assert T > 1 and (values[~mask] == 0).all() and (values[mask] != 0).all()
+    torch.testing.assert_close(values, expected, rtol=0, atol=0)
+
+
+def test_a_diverged_update_is_named_with_its_step():
+    model, tokenizer = new_tiny_lm()
+    policy, head = LMPolicy(model, tokenizer), ValueHead(model.config.hidden_size)
+    cfg = PPOConfig(steps=2, rollouts_per_step=2, max_new_tokens=3, lr=1e10, epochs=1, minibatches=1)
+    trainer = PPOTrainer(policy, head, lambda texts, _: [float(len(t)) for t in texts], cfg, torch.Generator())
+    trainer.step(0, ["1+2=", "30-4="], [None, None])
+    with pytest.raises(NonFiniteLogitsError, match="step 1.*logits are not finite"):
+        trainer.step(1, ["1+2=", "30-4="], [None, None])
 
 
 @pytest.mark.slow  # a real training run: ~30 s on a shared 2-core machine

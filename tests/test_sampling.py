@@ -3,8 +3,16 @@
 import pytest
 import torch
 
+from latentlab.common.errors import NonFiniteLogitsError
 from latentlab.lm.capture import LayerCapture
-from latentlab.lm.sampling import Completions, SamplingConfig, completion_logprobs, sample, tokenize_prompts
+from latentlab.lm.sampling import (
+    Completions,
+    SamplingConfig,
+    choose_tokens,
+    completion_logprobs,
+    sample,
+    tokenize_prompts,
+)
 
 PROMPTS = ["3+4=", "12-5=", "40+9=", "1+1=", "48-47="]
 
@@ -196,3 +204,62 @@ def test_group_size_one_token_completions_and_capture(tiny_lm):
         completion_logprobs(model, embeds, mask, completions, group_size=3)
     with LayerCapture(model, [1]) as capture, pytest.raises(ValueError, match="group_size"):
         sample(model, embeds, mask, cfg, 1, 0, capture=capture, group_size=2)
+
+
+def test_noisy_draws_come_with_the_behaviour_logprobs_that_importance_correct_them():
+    """Noise on the logits draws from q = softmax(logits / T + noise), not from pi: the sampler returns log q of
+    each drawn token (q given the drawn noise). Weighting draws by pi / q gives back pi's frequencies."""
+    pi = torch.tensor([0.644, 0.237, 0.087, 0.032])
+    n = 400_000
+    cfg = SamplingConfig(max_new_tokens=1, logit_noise=2.0)
+    tokens, logprobs, behaviour = choose_tokens(pi.log().expand(n, 4), cfg, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logprobs, pi.log()[tokens])
+    # the marginal q of noise 2.0 is about [0.476 0.282 0.158 0.084]: the raw draws are far from pi
+    frequencies = torch.bincount(tokens, minlength=4) / n
+    torch.testing.assert_close(frequencies, torch.tensor([0.476, 0.282, 0.158, 0.084]), atol=0.005, rtol=0)
+    # E_q[pi / q 1{a = k}] = pi_k (conditionally on the noise, hence also over it); standard errors < 0.006
+    corrected = torch.bincount(tokens, weights=(logprobs - behaviour).exp(), minlength=4) / n
+    torch.testing.assert_close(corrected, pi, atol=0.02, rtol=0)
+
+
+def test_no_noise_draws_from_pi_exactly_as_before(tiny_lm):
+    """Noise 0: no behaviour log-probs, and not one extra draw from the generator."""
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(1))
+    generator, reference = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    tokens, logprobs, behaviour = choose_tokens(logits, SamplingConfig(max_new_tokens=1, temperature=0.8), generator)
+    expected = torch.multinomial(torch.softmax(torch.log_softmax(logits / 0.8, -1), -1), 1, generator=reference)
+    assert behaviour is None and torch.equal(tokens, expected.squeeze(-1))
+    assert torch.equal(generator.get_state(), reference.get_state())
+    model, tokenizer = tiny_lm
+    assert _sample(model, tokenizer, PROMPTS, SamplingConfig(max_new_tokens=4))[3].behaviour_logprobs is None
+    noisy = _sample(model, tokenizer, PROMPTS, SamplingConfig(max_new_tokens=4, logit_noise=1.0))[3]
+    assert noisy.behaviour_logprobs.shape == noisy.logprobs.shape
+    assert (noisy.behaviour_logprobs[~noisy.mask] == 0).all() and (noisy.behaviour_logprobs[noisy.mask] < 0).all()
+    assert not torch.allclose(noisy.behaviour_logprobs, noisy.logprobs)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0], ids=["sampled", "greedy"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_diverged_weights_are_named_not_a_multinomial_error(temperature, value):
+    from tests.tiny import new_tiny_lm
+
+    model, tokenizer = new_tiny_lm()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.fill_(value)
+    cfg = SamplingConfig(max_new_tokens=3, temperature=temperature)
+    with pytest.raises(NonFiniteLogitsError, match="logits are not finite.*weights have diverged"):
+        _sample(model, tokenizer, PROMPTS, cfg)
+
+
+def test_the_actor_critic_names_diverged_weights_too():
+    from latentlab.policies.actor_critic import ActorCritic, ActorCriticConfig
+
+    torch.manual_seed(0)
+    policy = ActorCritic(ActorCriticConfig(image=(8, 8), use_hidden=False, channels=2, features=8))
+    image = torch.zeros(2, 8, 8, 3, dtype=torch.uint8)
+    assert policy.act(image, greedy=False, generator=torch.Generator().manual_seed(0)).shape == (2,)
+    with torch.no_grad():
+        policy.actor[-1].bias.fill_(float("nan"))
+    for greedy in (False, True):
+        with pytest.raises(NonFiniteLogitsError, match="logits are not finite"):
+            policy.act(image, greedy=greedy, generator=torch.Generator().manual_seed(0))

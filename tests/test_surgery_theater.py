@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from latentlab.lm import surgery
 from latentlab.lm.surgery import SurgeryError, SurgicalTheater, attention_targets, scale_heads
 from tests.tiny import new_tiny_lm
 
@@ -146,3 +147,51 @@ def test_gqa_kv_heads():
     scale_heads(targets, torch.tensor([[1.0, 1, 1, 1], [2.0, 1, 9, 9]]))  # columns past k's 2 heads unused
     torch.testing.assert_close(k[:8], 2 * before[:8])
     torch.testing.assert_close(k[8:], before[8:])
+
+
+def test_a_failed_snapshot_leaves_nothing_held(tiny_lm, monkeypatch):
+    """Out of memory while copying the second target: the theater does not open and holds nothing, so a
+    later theater over the same weights opens (and they were never touched)."""
+    model = copy.deepcopy(tiny_lm[0])
+    targets = attention_targets(model, [0], ["q", "k", "v"])
+    before = state(model)
+    clone, calls = torch.Tensor.clone, []
+
+    def failing_clone(tensor, *args, **kwargs):
+        calls.append(tensor.shape)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        return clone(tensor, *args, **kwargs)
+
+    theater = SurgicalTheater(model, targets)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "clone", failing_clone)
+        with pytest.raises(torch.OutOfMemoryError):
+            with theater:
+                pytest.fail("the body of a theater that could not snapshot must not run")
+    assert len(calls) == 2
+    with SurgicalTheater(model, targets):  # free: not refused as "already held"
+        perturb(targets)
+    with theater:  # the failed theater itself can be opened again
+        perturb(targets)
+    assert_identical(model, before)
+
+
+def test_exit_restores_every_tensor_it_can_and_names_those_it_cannot(tiny_lm):
+    """The body reshapes the first target and edits the second: the second is restored bit for bit, one error
+    names the first, and nothing stays held."""
+    model = copy.deepcopy(tiny_lm[0])
+    attention = model.model.layers[0].self_attn
+    q, k = attention.q_proj.weight, attention.k_proj.weight
+    k_before = k.detach().clone()
+    theater = SurgicalTheater(model, attention_targets(model, [0], ["q", "k"]))
+    with pytest.raises(SurgeryError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight") as error:
+        with theater:
+            with torch.no_grad():
+                q.data = torch.zeros(3, 3)  # a shape the snapshot cannot be copied into
+                k.add_(1.0)
+    assert "k_proj" not in str(error.value)
+    assert torch.equal(k, k_before)
+    with SurgicalTheater(model, [k]):  # nothing left held
+        pass
+    assert theater not in surgery._HELD.values()

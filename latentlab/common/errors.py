@@ -7,3 +7,8 @@ class InputError(Exception):
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; continuing would only corrupt the weights."""
+
+
+class NonFiniteLogitsError(NonFiniteLossError):
+    """The model's logits are NaN or infinite while sampling: its weights diverged (or its inputs are broken).
+    A NonFiniteLossError, so whatever reports or stops on a diverged loss does the same for it."""

@@ -15,15 +15,23 @@ p * G + g is completion g of prompt p) that the completions continue. The work o
 G-fold; what each completion attends to is the same keys and values, so the result is the unshared
 one up to float rounding. With gradients, the expanded cache is part of the graph
 (`repeat_interleave` sums the G rows' gradients back onto their prefix row).
+
+Exploration noise (`logit_noise` > 0) draws each token from q = softmax(logits / T + noise), not from pi: the
+sampler then also returns log q of each drawn token (q given the noise it drew), which a trainer uses as the
+behaviour policy of an importance ratio pi / q. Diverged weights (NaN or inf logits) raise
+`NonFiniteLogitsError` at the end of the generation, never an error (or a CUDA device-side assert) inside
+torch.multinomial, and without a host sync per token.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from pydantic import Field
 
 from latentlab.common.config import Config
+from latentlab.common.errors import NonFiniteLogitsError
 from latentlab.lm.capture import LayerCapture
 from latentlab.lm.padding import pad_sequences
 
@@ -36,7 +44,9 @@ class SamplingConfig(Config):
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling: sample among the most likely tokens holding this much probability."""
     logit_noise: float = Field(0.0, ge=0)
-    """Exploration noise: std of Gaussian noise added to the logits when choosing a token (not in log-probs)."""
+    """Exploration noise: std of Gaussian noise added to the tempered logits when choosing a token. Tokens then
+    come from q = softmax(logits / T + noise), not pi: `logprobs` stay log pi, `behaviour_logprobs` hold log q
+    (given the drawn noise) for an importance ratio pi / q. 0: no noise, nothing extra drawn from the generator."""
     stop_at_eos: bool = True
     """False: end-of-sequence ends no row, every row gets exactly max_new_tokens tokens (an end-of-sequence
     token is then an ordinary token), as `generate(eos_token_id=None)` and fixed-length pipelines do."""
@@ -47,6 +57,9 @@ class Completions:
     ids: torch.Tensor  # (B, T) sampled tokens, pad after end-of-sequence
     mask: torch.Tensor  # (B, T) bool: generated tokens up to and including end-of-sequence
     logprobs: torch.Tensor  # (B, T) log pi(token) under softmax(logits / temperature); 0 where masked
+    # (B, T) log q(token) of the distribution the token was drawn from when it is not pi (logit_noise > 0:
+    # q = softmax(logits / T + the drawn noise), top-p applied); 0 where masked. None: drawn from pi (or greedy)
+    behaviour_logprobs: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -82,18 +95,46 @@ def _nucleus(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logprobs, float("-inf")).scatter(-1, order, sorted_lp)
 
 
-def choose_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None):
-    """Pick one token per row; returns (tokens, their log-prob under softmax(logits / T))."""
+def _diverged() -> NonFiniteLogitsError:
+    return NonFiniteLogitsError(
+        "the model's logits are not finite (NaN or inf) while sampling: its weights have diverged "
+        "(lower the learning rate, or resume from an earlier checkpoint) or its inputs are broken"
+    )
+
+
+@contextmanager
+def naming_step(step: int) -> Iterator[None]:
+    """A trainer's sampling: a `NonFiniteLogitsError` raised inside names the training step it happened at."""
+    try:
+        yield
+    except NonFiniteLogitsError as error:
+        raise NonFiniteLogitsError(f"step {step}: {error}") from error
+
+
+def choose_tokens(
+    logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Pick one token per row; returns (tokens, their log-prob under pi = softmax(logits / T), their log-prob
+    under the distribution they were drawn from when that is not pi (logit_noise > 0), else None).
+
+    Diverged weights: NaN or +inf logits make a row's log-probs NaN (softmax then NaN everywhere in the row).
+    Such a row draws uniformly instead of reaching torch.multinomial, whose input check is a device-side assert
+    on CUDA in recent torch (it kills the CUDA context); its recorded log-prob is NaN or -inf, which `sample`
+    turns into `NonFiniteLogitsError` with one check per generation, not a host sync per token."""
     logprobs = _tempered_logprobs(logits, cfg.temperature)
+    behaviour = None
     if cfg.temperature == 0:
         tokens = logprobs.argmax(-1)
     else:
         scores = _nucleus(logprobs, cfg.top_p) if cfg.top_p < 1 else logprobs
         if cfg.logit_noise > 0:
             noise = torch.randn(scores.shape, generator=generator, device=scores.device)
-            scores = scores + cfg.logit_noise * noise
-        tokens = torch.multinomial(torch.softmax(scores, -1), 1, generator=generator).squeeze(-1)
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+            scores = scores + cfg.logit_noise * noise  # q = softmax(scores), given this noise
+        probs = torch.softmax(scores, -1).nan_to_num(nan=1.0)  # a NaN row (diverged) draws uniformly; see above
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        if cfg.logit_noise > 0:
+            behaviour = torch.log_softmax(scores, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1), behaviour
 
 
 @torch.no_grad()
@@ -152,14 +193,18 @@ def sample(
     next_position = positions[:, -1] + 1
     ids = torch.full((batch, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((batch, cfg.max_new_tokens), device=device)
+    behaviour = None  # allocated at the first noisy draw
     mask = torch.zeros((batch, cfg.max_new_tokens), dtype=torch.bool, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     steps = 0
     for t in range(cfg.max_new_tokens):
-        tokens, token_logprobs = choose_tokens(logits, cfg, generator)
+        tokens, token_logprobs, token_behaviour = choose_tokens(logits, cfg, generator)
         alive = ~finished
         ids[:, t] = torch.where(alive, tokens, pad_id)
         logprobs[:, t] = torch.where(alive, token_logprobs, 0.0)
+        if token_behaviour is not None:
+            behaviour = torch.zeros_like(logprobs) if behaviour is None else behaviour
+            behaviour[:, t] = torch.where(alive, token_behaviour, 0.0)
         mask[:, t] = alive
         if on_token is not None:
             on_token(t, capture.last_position(), alive)
@@ -179,7 +224,11 @@ def sample(
         )
         logits = out.logits[:, -1]
         next_position = next_position + 1
-    return Completions(ids[:, :steps], mask[:, :steps], logprobs[:, :steps])
+    if not torch.isfinite(logprobs).all():  # diverged logits give NaN or -inf log-probs: one check per generation
+        raise _diverged()
+    return Completions(
+        ids[:, :steps], mask[:, :steps], logprobs[:, :steps], None if behaviour is None else behaviour[:, :steps]
+    )
 
 
 def completion_logprobs(

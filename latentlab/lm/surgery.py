@@ -137,7 +137,10 @@ class SurgicalTheater:
     """Snapshot the targeted tensors on entry; restore them bit for bit on exit unless committed.
 
     `targets`: AttentionTargets or bare parameters. A body that raises always leaves the weights as
-    they were on entry (even after `commit()`): a half-made edit is never kept.
+    they were on entry (even after `commit()`): a half-made edit is never kept. Both ends are exception-safe:
+    entry copies every target before it marks any as held (a copy that fails holds nothing), and exit
+    restores every tensor it can and releases them all before it raises one `SurgeryError` naming each
+    tensor it could not restore (e.g. one whose shape the body changed).
     """
 
     def __init__(self, model: nn.Module, targets: Sequence[AttentionTarget | nn.Parameter]):
@@ -145,14 +148,16 @@ class SurgicalTheater:
         for target in targets:
             for p in target.parameters if isinstance(target, AttentionTarget) else [target]:
                 params[id(p)] = p
-        owned = {id(p) for p in model.parameters()}
+        names = {id(p): name for name, p in model.named_parameters()}
         if not params:
             raise ValueError("a SurgicalTheater needs at least one target")
-        if any(key not in owned for key in params):
+        if any(key not in names for key in params):
             raise ValueError("a target is not a parameter of the model")
         self.model = model
         self._params = list(params.values())
+        self._names = [names[key] for key in params]
         self._snapshots: list[torch.Tensor] | None = None
+        self._held: list[int] = []  # the storage keys registered on entry (a body may swap a tensor's storage)
         self._committed = False
 
     @property
@@ -164,20 +169,22 @@ class SurgicalTheater:
         return [p.untyped_storage().data_ptr() for p in self._params]
 
     def __enter__(self) -> "SurgicalTheater":
+        """Snapshot first, then register: a snapshot that fails (out of memory) leaves nothing held."""
         with _LOCK:
             if self._snapshots is not None:
                 raise SurgeryError("this theater is already open: a theater cannot be nested in itself")
-            busy = [k for k in self._keys() if k in _HELD]
+            keys = self._keys()
+            busy = [k for k in keys if k in _HELD]
             if busy:
                 raise SurgeryError(
                     f"{len(busy)} targeted tensor(s) are already held by an open SurgicalTheater: "
                     "close it (or commit and close it) before opening another over the same weights"
                 )
-            for key in self._keys():
-                _HELD[key] = self
-            self._committed = False
             with torch.no_grad():
-                self._snapshots = [p.detach().clone() for p in self._params]
+                snapshots = [p.detach().clone() for p in self._params]
+            for key in keys:
+                _HELD[key] = self
+            self._held, self._snapshots, self._committed = keys, snapshots, False
         return self
 
     def commit(self) -> None:
@@ -200,16 +207,28 @@ class SurgicalTheater:
         return (delta / norm) ** 0.5 if norm > 0 else (0.0 if delta == 0 else float("inf"))
 
     def __exit__(self, exc_type, exc, traceback) -> None:
+        """Restore every tensor that can be restored, release them all, then name those that could not be."""
+        failed: list[str] = []
         try:
             if exc_type is not None or not self._committed:
+                self._committed = False  # `committed` reads, after the block, whether the edit was kept
                 with torch.no_grad():
-                    for param, snapshot in zip(self._params, self._snapshots, strict=True):
+                    for name, param, snapshot in zip(self._names, self._params, self._snapshots, strict=True):
                         if param.shape != snapshot.shape:
-                            raise SurgeryError(f"a target changed shape inside the theater: {tuple(param.shape)}")
-                        param.copy_(snapshot)
-                self._committed = False
+                            failed.append(f"{name} (shape {tuple(snapshot.shape)} became {tuple(param.shape)})")
+                            continue
+                        try:
+                            param.copy_(snapshot)
+                        except Exception as error:  # noqa: BLE001 - named below; the other tensors still restore
+                            failed.append(f"{name} ({type(error).__name__}: {error})")
         finally:
             with _LOCK:
-                for key in self._keys():
-                    _HELD.pop(key, None)
-            self._snapshots = None
+                for key in self._held:
+                    if _HELD.get(key) is self:
+                        del _HELD[key]
+            self._held, self._snapshots = [], None
+        if failed:
+            raise SurgeryError(
+                f"{len(failed)} targeted tensor(s) could not be restored on leaving the theater (the others were): "
+                + "; ".join(failed)
+            )

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from latentlab.common.config import Config
+from latentlab.common.errors import NonFiniteLogitsError
 from latentlab.lm.modeling import save_weights, write_manifest
 
 CONFIG, WEIGHTS = "policy_config.json", "policy.safetensors"
@@ -81,8 +82,14 @@ class ActorCritic(nn.Module):
 
     @torch.no_grad()
     def act(self, image: torch.Tensor, hidden: torch.Tensor | None = None, greedy: bool = True, generator=None):
-        """Actions (B,): the most likely (greedy) or sampled from pi(.|s)."""
+        """Actions (B,): the most likely (greedy) or sampled from pi(.|s). NaN or inf logits (diverged weights,
+        or broken inputs) raise NonFiniteLogitsError rather than act on garbage or fail inside torch.multinomial."""
         logits, _ = self(image, hidden)
+        if not torch.isfinite(logits).all():
+            raise NonFiniteLogitsError(
+                "the actor's logits are not finite (NaN or inf): its weights have diverged "
+                "(lower the learning rate) or the observation / hidden state holds NaN or inf"
+            )
         if greedy:
             return logits.argmax(1)
         return torch.multinomial(logits.softmax(1), 1, generator=generator).squeeze(1)

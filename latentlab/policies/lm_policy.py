@@ -33,7 +33,12 @@ class Rollout:
         return Rollout(
             self.prompt_ids[rows],
             self.prompt_mask[rows],
-            Completions(c.ids[rows], c.mask[rows], c.logprobs[rows]),
+            Completions(
+                c.ids[rows],
+                c.mask[rows],
+                c.logprobs[rows],
+                None if c.behaviour_logprobs is None else c.behaviour_logprobs[rows],
+            ),
             [self.texts[i] for i in rows.tolist()],
             {name: value[rows] for name, value in self.extras.items()},
         )

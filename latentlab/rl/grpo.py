@@ -11,6 +11,17 @@ and the policy maximises the clipped surrogate, per token, minus a KL penalty to
     rho_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)
     KL_it  = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1         (the unbiased "k3" estimator)
 
+pi_ref/pi_theta is evaluated on tokens drawn from pi_old, which is pi_theta at the batch's first iteration:
+k3 then estimates KL(pi_theta || pi_ref) without bias, as in the paper (later iterations reuse the tokens).
+Differentiated as a loss term (tokens fixed), its expected gradient is (1 - pi_ref/pi) grad log pi under pi,
+i.e. the gradient of KL(pi_ref || pi_theta): a pull toward the reference that agrees with the reverse KL's
+to second order near pi_ref, as in the paper.
+
+Exploration noise draws tokens from q = softmax(logits / T + noise) instead of pi_old: the ratio is then
+pi_theta / q (q given the drawn noise, the sampler's behaviour log-probs), clipped the same way, which
+importance-corrects the surrogate's gradient to that of pi's own samples at the first iteration. The KL
+term is not reweighted: with noise and beta > 0 it is estimated on q's tokens (biased).
+
 Tokens after a completion's end-of-sequence are masked out of every sum. The same core trains the
 full model (`grpo`), an injector on a frozen model (`inject`) and later stages: they differ only in
 the policy object they pass in.
@@ -30,7 +41,7 @@ from latentlab.common.distributed import ONE_PROCESS, Shards, Synced
 from latentlab.common.optim import build_optimizer, check_finite
 from latentlab.common.runtime import autocast
 from latentlab.common.tracking import StepLog, progress
-from latentlab.lm.sampling import SamplingConfig
+from latentlab.lm.sampling import SamplingConfig, naming_step
 from latentlab.policies.lm_policy import LMPolicy, Rollout
 from latentlab.rl.advantages import group_advantages
 
@@ -51,7 +62,9 @@ class GRPOSettings(Config):
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling threshold."""
     exploration_noise: float = Field(0.0, ge=0)
-    """Std of Gaussian noise on the logits while sampling (exploration; not part of pi)."""
+    """Std of Gaussian noise on the tempered logits while sampling (exploration; not part of pi). Tokens come
+    from q = softmax(logits / T + noise), so the ratio's old policy is q: rho = pi_theta / q, clipped (an
+    importance correction: the weights pi / q grow heavy-tailed as the noise grows; 2.0 reaches ~1e3)."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warm-up steps."""
     clip_eps: float = Field(0.2, gt=0, lt=1)
@@ -136,7 +149,7 @@ class _Sampled:
     rollout: Rollout
     rewards: torch.Tensor  # (B,)
     advantages: torch.Tensor  # (B,)
-    old_logprobs: torch.Tensor | None  # (B, T); None: pi_old = the detached current log-probs
+    old_logprobs: torch.Tensor | None  # (B, T) pi_old, or log q (noise); None: the detached current log-probs
     ref_logprobs: torch.Tensor | None  # (B, T)
 
 
@@ -198,8 +211,13 @@ class GRPOTrainer:
         advantages = group_advantages(rewards, G, cfg.scale_rewards)
         # pi_old: with one gradient step per batch, pi_old = pi_theta and the detached current log-probs
         # serve; with several, the sampler's own log-probs are pi_old (the same policy in the same eval mode,
-        # same temperature, before any update; they differ from a teacher-forced pass in float rounding only)
-        old_logprobs = rollout.completions.logprobs if cfg.iterations > 1 else None
+        # same temperature, before any update; they differ from a teacher-forced pass in float rounding only).
+        # Tokens drawn with exploration noise come from q, not pi_old: the ratio is pi_theta / q.
+        completions = rollout.completions
+        if completions.behaviour_logprobs is not None:
+            old_logprobs = completions.behaviour_logprobs
+        else:
+            old_logprobs = completions.logprobs if cfg.iterations > 1 else None
         with torch.no_grad(), autocast():
             ref_logprobs = self.ref_policy.logprobs(rollout, cfg.temperature) if self.ref_policy else None
         return _Sampled(rollout, rewards, advantages, old_logprobs, ref_logprobs)
@@ -208,12 +226,15 @@ class GRPOTrainer:
         """One batch: prompts_per_step prompts, each sampled group_size times; returns the log row."""
         cfg, G, shards = self.cfg, self.cfg.group_size, self.shards
         started = time.perf_counter()
-        parts = [
-            self.sample(p, t, generator)
-            for p, t, generator in zip(
-                shards.split(prompts, "prompts_per_step"), shards.split(targets, "prompts_per_step"), self.generators
-            )
-        ]
+        with naming_step(step):  # diverged weights: the sampler's error names this step
+            parts = [
+                self.sample(p, t, generator)
+                for p, t, generator in zip(
+                    shards.split(prompts, "prompts_per_step"),
+                    shards.split(targets, "prompts_per_step"),
+                    self.generators,
+                )
+            ]
         masks = [part.rollout.completions.mask for part in parts]
         n_tokens = int(shards.sum(sum(mask.sum() for mask in masks)))  # the global batch's completion tokens
         n_rows = len(prompts) * G

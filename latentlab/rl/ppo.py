@@ -13,7 +13,8 @@ at its last token (0 before it), the episode ends there. Per step of training:
         L_pi  = -mean_t min(rho_t A_t, clip(rho_t, 1 - e, 1 + e) A_t)                           (eq. 7)
         L_V   = 1/2 mean_t max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, -e_v, e_v) - R_t)^2)
         loss  = L_pi + vf_coef L_V
-Tokens after a completion's end-of-sequence are masked out of every mean.
+Tokens after a completion's end-of-sequence are masked out of every mean. The logged `kl` is `approx_kl`, the
+k3 estimate of KL(pi_old || pi_theta) over the minibatch's tokens (drawn from pi_old): (rho - 1) - log rho.
 """
 
 import time
@@ -26,7 +27,7 @@ from pydantic import Field
 from latentlab.common.config import Config
 from latentlab.common.distributed import ONE_PROCESS, Shards, Synced, SyncedAll
 from latentlab.common.optim import build_optimizer, check_finite
-from latentlab.lm.sampling import SamplingConfig
+from latentlab.lm.sampling import SamplingConfig, naming_step
 from latentlab.policies.lm_policy import LMPolicy, Rollout
 from latentlab.policies.value_head import ValueHead, logprobs_and_values
 from latentlab.rl.advantages import gae
@@ -84,6 +85,16 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
+def approx_kl(log_ratio: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_old || pi) from tokens drawn from pi_old: (r - 1) - log r, r = pi / pi_old.
+
+    Unbiased (E_old[r] = 1, E_old[-log r] = KL(pi_old || pi)) and never negative (Schulman, "Approximating KL
+    divergence", 2020; CleanRL's `approx_kl`). Not exp(-log r) + log r - 1: that is k3 of KL(pi || pi_old) for
+    tokens drawn from pi, and under pi_old's tokens it averages to chi2(pi_old || pi) - KL(pi_old || pi).
+    """
+    return torch.expm1(log_ratio) - log_ratio
+
+
 def ppo_policy_loss(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -96,7 +107,7 @@ def ppo_policy_loss(
     with torch.no_grad():
         stats = {
             "clip_fraction": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask).item(),
-            "kl": masked_mean(torch.exp(-log_ratio) + log_ratio - 1, mask).item(),  # k3 of KL(pi_old || pi)
+            "kl": masked_mean(approx_kl(log_ratio), mask).item(),  # KL(pi_old || pi), tokens from pi_old
         }
     return loss, stats
 
@@ -189,12 +200,15 @@ class PPOTrainer:
     def step(self, step: int, prompts: list, targets: list) -> dict[str, float]:
         cfg, shards = self.cfg, self.shards
         started = time.perf_counter()
-        parts = [
-            self.sample(p, t, generator)
-            for p, t, generator in zip(
-                shards.split(prompts, "rollouts_per_step"), shards.split(targets, "rollouts_per_step"), self.generators
-            )
-        ]
+        with naming_step(step):  # diverged weights: the sampler's error names this step
+            parts = [
+                self.sample(p, t, generator)
+                for p, t, generator in zip(
+                    shards.split(prompts, "rollouts_per_step"),
+                    shards.split(targets, "rollouts_per_step"),
+                    self.generators,
+                )
+            ]
         n_tokens = shards.sum(sum(part.mask.sum() for part in parts))  # the global batch's completion tokens
         if cfg.normalize_advantages:  # whiten over the global batch's tokens: masked means of all-reduced sums
             with torch.no_grad():
