@@ -31,6 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+import latentlab  # noqa: F401  (first: the CPU kernels pinned before torch loads, as the stages pin them)
+
+# isort: split
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

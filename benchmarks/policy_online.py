@@ -11,6 +11,9 @@ import subprocess
 import sys
 import time
 
+import latentlab  # noqa: F401  (first: the CPU kernels pinned before torch loads, as the stages pin them)
+
+# isort: split
 import torch
 
 from latentlab.common.runtime import seed_everything

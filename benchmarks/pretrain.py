@@ -22,6 +22,9 @@ import json
 import statistics
 import time
 
+import latentlab  # noqa: F401  (first: the CPU kernels pinned before torch loads, as the stages pin them)
+
+# isort: split
 import torch
 
 from latentlab.common.optim import build_optimizer

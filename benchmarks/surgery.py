@@ -29,6 +29,9 @@ import subprocess
 import sys
 import time
 
+import latentlab  # noqa: F401  (first: the CPU kernels pinned before torch loads, as the stages pin them)
+
+# isort: split
 import torch
 
 from latentlab.lm.modeling import TinyLMConfig, build_tiny_lm

@@ -12,4 +12,11 @@ import os
 # this when torch loads it, so it must be set before `import torch`; an explicit setting still wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# The same seed gives the same bytes on any x86-64 CPU: torch's, MKL's, oneDNN's and NumPy's kernels pinned to
+# AVX2 unless LATENTLAB_NUMERICS=native (latentlab/common/numerics.py). NumPy reads its pin when it loads, so
+# import latentlab before torch or NumPy.
+from latentlab.common.numerics import pin  # noqa: E402
+
+pin()
+
 __version__ = "0.1.0"

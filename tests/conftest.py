@@ -1,3 +1,6 @@
+import latentlab  # noqa: F401  (first: the CPU kernels pinned before torch loads, as every stage pins them)
+
+# isort: split
 import os
 
 import pytest

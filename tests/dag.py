@@ -92,7 +92,10 @@ class Project:
         path = self.root / "params.yaml"
         data = yaml.load(path.read_text())
         for section, values in overrides.items():
-            data[section].update(values)
+            if isinstance(values, dict):
+                data[section].update(values)
+            else:  # a top-level value: seed, threads, numerics
+                data[section] = values
         with path.open("w") as handle:
             yaml.dump(data, handle)
 
