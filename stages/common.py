@@ -1,9 +1,12 @@
 """What every stage shares: the DAG's paths, params loading, and clean failure."""
 
+import errno
 import functools
 import json
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,13 +29,24 @@ PLOTS = Path("plots")
 REPORTS = Path("reports")
 
 
+class UnwritableOutputError(Exception):
+    """A stage output cannot be written (a read-only or full disk, a file where a directory should be): found
+    by `check_writable` before the stage does any work."""
+
+
 def stage(main=None, *, torchrun: bool = False):
-    """Run a stage's `main(params)`: errors we can name exit non-zero with one clear line, no traceback.
+    """Run a stage's `main(params)` inside the one error boundary of every stage: any failure exits non-zero with
+    one line that names the file, key or device and what to do (`failure`), the traceback only under
+    LATENTLAB_DEBUG=1. Exit 2 for a params error (rerunning will not fix it), 1 for anything else.
+
+    Before `main`, the outputs the stage declares in dvc.yaml are checked writable, with room for the models it
+    writes (`check_outputs`): a read-only or full disk stops it before it trains, not after.
 
     `@stage(torchrun=True)`: the stage trains under torchrun. With `launcher.nproc * launcher.nnodes > 1` and
     no torchrun around it yet, `python -m stages.<name>` re-executes itself under torchrun (`launch`), so
     dvc.yaml's commands stay as they are; under torchrun the process group is started around `main`, and
-    `record` hands a failing worker's traceback to torchrun, which takes the whole job down.
+    a failing worker's one line (or, under LATENTLAB_DEBUG=1, `record`'s traceback) reaches torchrun, which
+    takes the whole job down.
     """
     if main is None:
         return functools.partial(stage, torchrun=torchrun)
@@ -41,6 +55,11 @@ def stage(main=None, *, torchrun: bool = False):
     def run() -> None:
         try:
             params = load_params()
+            module = main.__module__
+            if module == "__main__":  # python -m stages.x: the module's real name
+                module = getattr(sys.modules["__main__"].__spec__, "name", module)
+            if os.environ.get("RANK", "0") == "0":  # rank 0 writes the outputs
+                check_outputs(module)
             if torchrun:
                 launch(params.launcher, main.__module__)
                 from latentlab.common.distributed import distributed
@@ -49,18 +68,151 @@ def stage(main=None, *, torchrun: bool = False):
                     main(params)
             else:
                 main(params)
-        except (ParamsError, InputError, NonFiniteLossError, ValueError, FileNotFoundError) as error:
+        except Exception as error:
             if os.environ.get("LATENTLAB_DEBUG"):
                 raise
+            code, line = failure(error)
             rank = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
-            print(f"{rank}error: {error}  (LATENTLAB_DEBUG=1 shows the traceback)", file=sys.stderr)
-            sys.exit(2 if isinstance(error, ParamsError) else 1)
+            print(f"{rank}error: {line}  (LATENTLAB_DEBUG=1 shows the traceback)", file=sys.stderr)
+            sys.exit(code)
 
     if not torchrun:
         return run
     from torch.distributed.elastic.multiprocessing.errors import record
 
     return record(run)
+
+
+def failure(error: Exception) -> tuple[int, str]:
+    """(exit code, message) of a stage's failure: our own errors say what and where themselves; an OSError
+    names its path, a damaged safetensors file its file; anything else is `<type>: <message>` on one line."""
+    if isinstance(error, ParamsError):
+        return 2, str(error)  # one line per bad key
+    if isinstance(error, (InputError, UnwritableOutputError, NonFiniteLossError, ValueError)):
+        return 1, _one_line(str(error))  # ValueError: the library's checks of values, worded for users
+    if type(error).__name__ == "SafetensorError":
+        return 1, _safetensors_problem(error)
+    if isinstance(error, OSError) and error.filename is None and error.errno is None:
+        return 1, _one_line(str(error))  # raised with a message of ours (FileNotFoundError("... no such model"))
+    if isinstance(error, OSError):
+        return 1, os_problem(error)
+    return 1, _one_line(f"{type(error).__name__}: {error}")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+# what to do about an OSError, by its errno
+_OS_HINTS = {
+    errno.ENOSPC: "no space left on its disk: free some space and rerun",
+    errno.EDQUOT: "the disk quota is exceeded: free some space and rerun",
+    errno.EROFS: "the file system is read-only: make it writable (or run the stage in a writable copy of the project)"
+    " and rerun",
+    errno.EACCES: "permission denied: check the owner and mode of it and of its directory",
+    errno.EPERM: "operation not permitted: check the owner and mode of it and of its directory",
+    errno.ENOENT: "no such file or directory",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: move that file away",
+    errno.EIO: "input/output error: the disk or network file system failed; check it and rerun",
+}
+
+
+def os_problem(error: OSError, path=None) -> str:
+    """`<path>: <what is wrong and what to do>` for an OSError (its own path unless `path` is given)."""
+    where = path if path is not None else error.filename
+    hint = _OS_HINTS.get(error.errno) or f"{error.strerror or error} ({errno.errorcode.get(error.errno, 'OSError')})"
+    return f"{os.fsdecode(where)}: {hint}" if where is not None else hint
+
+
+def _safetensors_problem(error: Exception) -> str:
+    """A safetensors error names no file: the innermost frame of the traceback that held a *.safetensors path
+    (safetensors' load_file / save_file, transformers' loader) does."""
+    file, trace = None, error.__traceback__
+    while trace is not None:
+        for value in trace.tb_frame.f_locals.values():
+            if isinstance(value, str | os.PathLike) and os.fspath(value).endswith(".safetensors"):
+                file = os.fspath(value)
+        trace = trace.tb_next
+    file = file or "a safetensors file"
+    text = _one_line(str(error))
+    if "serializ" in text and "deserializ" not in text:  # writing
+        if "os error 28" in text:
+            return f"{file}: {_OS_HINTS[errno.ENOSPC]} ({text})"
+        return f"{file} cannot be written ({text})"
+    return f"{file}: the file is damaged ({text}): rerun the stage that wrote it, or restore it with `dvc checkout`"
+
+
+def check_writable(*paths: str | Path, need_bytes: int = 0) -> None:
+    """Fail now, before any work, if an output cannot be written: for each path, write a 4 KiB probe file (synced,
+    then removed) in the directory the output will be created in: its parent, or the nearest ancestor that exists
+    (nothing is left behind); with `need_bytes`, that directory's disk must have that much free (a rough
+    estimate of what the stage will write). Raises UnwritableOutputError naming the path, the directory and what
+    to do."""
+    for path in map(Path, paths):
+        where = path.parent
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        if not where.is_dir():
+            raise UnwritableOutputError(f"{path} cannot be written: {where} is a file, not a directory: move it away")
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".write-check-", dir=where)
+            try:
+                os.write(handle, bytes(4096))
+                os.fsync(handle)
+            finally:
+                os.close(handle)
+                os.unlink(probe)
+        except OSError as error:
+            raise UnwritableOutputError(f"{path} cannot be written: {os_problem(error, where)}") from None
+        if need_bytes and (free := shutil.disk_usage(where).free) < need_bytes:
+            raise UnwritableOutputError(
+                f"{path} needs about {_size(need_bytes)}, but the disk of {where} has {_size(free)} free: "
+                "free some space and rerun"
+            )
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count / 1e3:.0f} kB"
+
+
+def declared(module: str, dvc_yaml: str | Path = "dvc.yaml") -> tuple[list[Path], list[Path]]:
+    """(outputs, dependencies) that dvc.yaml declares for the stage whose command runs `python -m <module>`
+    (outs, metrics and plots are all outputs); nothing outside a DVC project or for a module no stage runs."""
+    from ruamel.yaml import YAML, YAMLError
+
+    try:
+        stages = (YAML(typ="safe").load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}
+    except (OSError, YAMLError, AttributeError):
+        return [], []
+    for spec in stages.values():
+        command = spec.get("cmd", "") if isinstance(spec, dict) else ""
+        words = " ".join(command if isinstance(command, list) else [command]).split()
+        if any(a == "-m" and b == module for a, b in zip(words, words[1:], strict=False)):
+            outputs = [Path(name) for key in ("outs", "metrics", "plots") for name in _names(spec, key)]
+            return outputs, [Path(name) for name in _names(spec, "deps")]
+    return [], []
+
+
+def _names(spec: dict, key: str) -> list[str]:
+    """The paths of a dvc.yaml list: plain strings, or one-key mappings `path: {options}`."""
+    return [next(iter(entry)) if isinstance(entry, dict) else entry for entry in spec.get(key) or []]
+
+
+def check_outputs(module: str) -> None:
+    """`check_writable` for the outputs dvc.yaml declares for this stage; a model output needs about as much
+    room as the models the stage reads (a fine-tuned copy is as large as its parent)."""
+    outputs, deps = declared(module)
+    parents = {}
+    for output in outputs:  # one probe per directory
+        parents.setdefault(output.parent, output)
+    check_writable(*parents.values())
+    if written := [output for output in outputs if output.parts[:1] == (MODELS.name,)]:
+        read = [path for path in deps if path.parts[:1] == (MODELS.name,) and path.exists()]
+        if need := sum(file.stat().st_size for path in read for file in path.rglob("*") if file.is_file()):
+            check_writable(*written, need_bytes=need)
 
 
 def launch(launcher, module: str) -> None:
@@ -104,13 +256,18 @@ def setup(params: Params) -> Run:
     import torch  # here, not at module level: synth and report never need it
 
     from latentlab.common.distributed import Shards, current_ranks
+    from latentlab.common.numerics import configure_torch
     from latentlab.common.runtime import resolve_device, seed_everything, set_precision
 
     seed_everything(params.seed, params.threads)
     ranks = current_ranks()
-    device = resolve_device(params.device)
+    try:
+        device = resolve_device(params.device)
+    except ValueError as error:
+        raise ParamsError(f"params.yaml: device: {error}") from None
     if device.type == "cuda" and device.index is None:  # torchrun: the GPU `distributed()` made current
         device = torch.device("cuda", torch.cuda.current_device())
+    configure_torch(device)  # portable numerics on a GPU: deterministic algorithms where torch has them
     try:
         set_precision(params.gpu.precision, device)
     except ValueError as error:
@@ -121,6 +278,15 @@ def setup(params: Params) -> Run:
         raise ParamsError(f"params.yaml: launcher.shards: {error}") from None
     sample_rngs = shards.generators(params.seed + 1, device)
     return Run(device, torch.Generator().manual_seed(params.seed), sample_rngs[0], ranks, shards, sample_rngs)
+
+
+def check_layers(params: Params, model_dir: Path) -> None:
+    """Every layer index of the params against the saved model's layer count, before any work: a hub model's
+    count is known only once it is saved (a scratch model's is `model.layers`, checked with the params)."""
+    from transformers import AutoConfig
+
+    if problem := params.layer_problem(AutoConfig.from_pretrained(model_dir).num_hidden_layers):
+        raise ParamsError(f"params.yaml: {problem}")
 
 
 def require_divisible(run: Run, value: int, key: str) -> None:

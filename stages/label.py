@@ -20,7 +20,7 @@ from latentlab.common.inputs import read_table, require_model_dir
 from latentlab.hidden.labelling import LabelSet, label_sets
 from latentlab.hidden.nla_table import write_nla_table
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
-from stages.common import GRID, MODELS, SYNTH, setup, stage
+from stages.common import GRID, MODELS, SYNTH, check_layers, setup, stage
 
 HIDDEN, LABELS, WORK = Path("data/hidden"), Path("data/labels"), Path("data/.partial/label")
 
@@ -38,6 +38,7 @@ def main(params):
     with distributed() as ranks:
         run = setup(params)
         base = require_model_dir(MODELS / "base")
+        check_layers(params, base)
         # the same run as `latentlab label`: every set is checked (empty, too long) before any is labelled
         sets = [
             LabelSet(name, rows(name), HIDDEN / f"{name}.zarr", LABELS / f"{name}.parquet", WORK / name)

@@ -6,10 +6,11 @@ Sections reuse the library's config classes, so a bound written once in latentla
     params.yaml: grpo.clip_eps: Input should be less than 1 (got 1.5)
 """
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML, YAMLError
 
 from latentlab.common.config import Config
@@ -234,16 +235,36 @@ class EvaluateParams(Config):
     """Longest answer read from each model."""
 
 
+DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _out_of_range(key: str, indices, blocks: int, numbering: str, low: int, high: int) -> str | None:
+    """`key: layer i is out of range for a model with N layers (...)` for the first index outside low..high."""
+    for index in indices:
+        if not low <= index <= high:
+            negatives = f", or {low}..-1" if low < 0 else ""
+            return (
+                f"{key}: layer {index} is out of range for a model with {blocks} layers "
+                f"({numbering} {max(low, 0)}..{high}{negatives})"
+            )
+    return None
+
+
 class Params(Config):
-    seed: int = 0
-    """Seed for every random choice of every stage."""
+    seed: int = Field(0, ge=0, lt=2**32)
+    """Seed for every random choice of every stage (0 <= seed < 2**32, as numpy's seeding needs)."""
     device: str = "auto"
-    """'auto' (GPU when present), 'cpu', 'cuda', 'cuda:1', ..."""
+    """'auto' (GPU when present), 'cpu', 'cuda', 'cuda:1', ..., 'mps'; checked against the machine when a stage
+    starts."""
     threads: int = Field(1, ge=0)
     """torch's CPU threads in each stage process (0: every core torch sees). A CPU kernel's floating-point result
     depends on its thread count, so this is a param: dvc.lock records it, and a lock holds on any machine. One
     thread is the fastest here for every stage but base's large matmuls (README: Speed), and lets two stages run
     side by side on two cores (`python -m flows.pipeline --jobs 2`)."""
+    numerics: Literal["portable", "native"] = "portable"
+    """CPU kernels: portable pins torch's vectorised kernels, MKL and oneDNN to the AVX2 instruction set so the same
+    seed gives the same bytes on any x86-64 machine with AVX2; native lets each library pick the machine's best
+    (faster, bytes differ between CPUs). See latentlab/common/numerics.py."""
     wandb: WandbParams = WandbParams()
     model: ModelParams = ModelParams()
     synth: ArithmeticConfig
@@ -262,12 +283,29 @@ class Params(Config):
     gpu: GPUParams = GPUParams()
     evaluate: EvaluateParams = EvaluateParams()
 
+    @field_validator("device")
+    @classmethod
+    def _a_device_torch_knows(cls, device: str) -> str:
+        if not DEVICES.fullmatch(device):
+            raise ValueError(f"{device!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
+        return device
+
+    # Checks across sections have no location of their own: each message starts with the key it is about.
+
+    @model_validator(mode="after")
+    def _layers_fit_the_scratch_model(self):
+        """With `model.source: scratch` the layer count is a param: every layer index is checked against it here
+        (a hub model's count is known once it is loaded: `layer_problem` with its count, in the stage)."""
+        if self.model.source == "scratch" and (problem := self.layer_problem(self.model.layers)):
+            raise ValueError(problem)
+        return self
+
     @model_validator(mode="after")
     def _critic_reads_the_extraction_layer(self):
         if self.nla_sft.critic.layer not in (None, self.label.nla_layer):
             raise ValueError(
-                f"nla_sft.critic.layer ({self.nla_sft.critic.layer}) must be label.nla_layer ({self.label.nla_layer}): "
-                "the critic is the base model truncated where the vectors were read"
+                f"nla_sft.critic.layer: {self.nla_sft.critic.layer} must be label.nla_layer "
+                f"({self.label.nla_layer}): the critic is the base model truncated where the vectors were read"
             )
         return self
 
@@ -279,27 +317,69 @@ class Params(Config):
             )
         return self
 
+    def layer_problem(self, blocks: int) -> str | None:
+        """The first layer index of these params that a model of `blocks` decoder blocks lacks, as a message that
+        names the key; None when all fit. Numberings: hidden states as output_hidden_states (0..L, -1 the final
+        norm), blocks (0..L-1, negatives from the end), block inputs (0 the embeddings, l the input of block l)."""
+        hidden = ("hidden states", -blocks - 1, blocks)
+        block = ("blocks", -blocks, blocks - 1)
+        block_input = ("block inputs", 0, blocks - 1)
+        checks = [
+            ("label.layers", self.label.layers, hidden),
+            ("inject.layer", [self.inject.layer], hidden),
+            ("sft.placeholder_layer", [self.sft.placeholder_layer], hidden),
+            ("surgery.layers", self.surgery.layers or [], block),
+            ("nla_sft.actor.layers", self.nla_sft.actor.layers, block_input),
+        ]
+        if self.inject.variant == "gated":
+            checks.append(("inject.gate_layer", [self.inject.gate_layer], block_input))
+        for key, indices, (numbering, low, high) in checks:
+            if problem := _out_of_range(key, indices, blocks, numbering, low, high):
+                return problem
+        return None
+
 
 def _describe(error: dict) -> str:
+    """`key: message (got value)`. A value error is one of our checks: its message names the values it is about,
+    so the value is not repeated (for a check of a whole section, or of the file, it would be all of it)."""
     key = ".".join(str(part) for part in error["loc"])
     message = error["msg"]
     if error["type"] == "extra_forbidden":
         message = "unknown key"
     elif error["type"] == "missing":
         message = "required key is missing"
-    shown = "" if error["type"] in ("missing", "extra_forbidden") else f" (got {error['input']!r})"
-    return f"{key}: {message}{shown}"
+    elif error["type"] == "value_error":  # our own checks: the message names the keys and values
+        message = str(error["ctx"]["error"]) if "error" in error.get("ctx", {}) else message
+    shown = "" if error["type"] in ("missing", "extra_forbidden", "value_error") else f" (got {error['input']!r})"
+    return f"{key}: {message}{shown}" if key else f"{message}{shown}"
+
+
+def _yaml_problem(error: YAMLError) -> str:
+    """A YAML error on one line, with its position."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(error).split())
+    context = getattr(error, "context", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f" ({context})" if context else "")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Parse and validate the whole file; raise ParamsError listing every bad key."""
     path = Path(path)
     try:
-        raw = YAML(typ="safe").load(path.read_text())  # YAML 1.2, as DVC reads it: 1e-3 is a float
+        raw = YAML(typ="safe").load(path.read_bytes().decode("utf-8"))  # YAML 1.2, as DVC reads it: 1e-3 is a float
     except FileNotFoundError:
         raise ParamsError(f"{path} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise ParamsError(
+            f"{path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}): "
+            "save it as UTF-8"
+        ) from None
+    except OSError as error:
+        raise ParamsError(f"{path} cannot be read: {error.strerror}") from None
     except YAMLError as error:
-        raise ParamsError(f"{path} is not valid YAML: {error}") from None
+        raise ParamsError(f"{path} is not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
     try:
@@ -307,3 +387,16 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except ValidationError as error:
         lines = "\n".join(f"{path}: {_describe(e)}" for e in error.errors())
         raise ParamsError(lines) from None
+
+
+if __name__ == "__main__":  # python -m stages.params --check FILE: the flows check param overrides without torch
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m stages.params", description="check a params file")
+    parser.add_argument("--check", metavar="FILE", default="params.yaml", help="the file to check (params.yaml)")
+    try:
+        load_params(parser.parse_args().check)
+    except ParamsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

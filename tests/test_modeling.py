@@ -60,3 +60,110 @@ def test_a_model_path_that_does_not_exist_is_named_not_a_traceback(tmp_path, mon
     # "models/base" reads like a hub id too: with no such directory and no hub to serve it, one clear line
     with pytest.raises(FileNotFoundError, match="models/base: no such directory, and not a Hugging Face hub id"):
         load_lm("models/base")
+
+
+# Integrity: load_lm checks a saved directory against the content hash its manifest records.
+
+
+def _saved(directory, tiny_lm):
+    save_lm(*tiny_lm, directory, source="scratch")
+    return directory
+
+
+def _flip(file, offset=-100):
+    data = bytearray(file.read_bytes())
+    data[offset] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def test_content_hash_is_still_name_then_bytes_of_every_weight_and_config_file(tmp_path, tiny_lm):
+    """Streaming the files must not change the hash every existing manifest (and dvc.lock) records."""
+    import hashlib
+
+    _saved(tmp_path, tiny_lm)
+    digest = hashlib.sha256()
+    for file in sorted(tmp_path.iterdir()):
+        if file.suffix in {".safetensors", ".json"} and file.name != "latentlab.json":
+            digest.update(file.name.encode() + file.read_bytes())
+    assert content_hash(tmp_path) == digest.hexdigest() == read_manifest(tmp_path)["content_sha256"]
+
+
+def test_a_corrupted_weight_file_is_refused_naming_the_directory_and_how_to_restore_it(tmp_path, tiny_lm):
+    from latentlab.common.errors import InputError
+
+    _flip(_saved(tmp_path, tiny_lm) / "model.safetensors")  # a bit flip in the weights: still a valid file
+    with pytest.raises(InputError) as error:
+        load_lm(tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path} does not match the content hash its latentlab.json records")
+    assert "rerun the stage that wrote it" in message and "dvc checkout --relink" in message and "dvc pull" in message
+    assert "\n" not in message
+    load_lm(tmp_path, verify=False)  # the check can be skipped: the file itself still loads
+
+
+def test_a_truncated_weight_file_is_named(tmp_path, tiny_lm):
+    from latentlab.common.errors import InputError
+
+    weights = _saved(tmp_path, tiny_lm) / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: size // 2])
+    with pytest.raises(InputError, match=rf"model.safetensors is truncated: {size // 2} of {size} bytes"):
+        load_lm(tmp_path)
+
+
+def test_skipping_the_check_still_names_a_damaged_weight_file(tmp_path, tiny_lm, monkeypatch):
+    """LATENTLAB_SKIP_VERIFY=1 (huge models): no hash, but a file safetensors cannot read is named, not a traceback."""
+    from latentlab.common.errors import InputError
+
+    weights = _saved(tmp_path, tiny_lm) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    monkeypatch.setenv("LATENTLAB_SKIP_VERIFY", "1")
+    with pytest.raises(InputError) as error:
+        load_lm(tmp_path)
+    assert str(error.value).startswith(f"{weights}: the file is damaged (")
+    assert "rerun the stage that wrote it, or restore it with `dvc checkout`" in str(error.value)
+
+
+def test_an_edited_config_is_refused_too(tmp_path, tiny_lm):
+    """The hash covers every .json and .safetensors file of the directory, the config and tokenizer included."""
+    from latentlab.common.errors import InputError
+
+    config = _saved(tmp_path, tiny_lm) / "config.json"
+    config.write_text(config.read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
+    with pytest.raises(InputError, match="does not match the content hash"):
+        load_lm(tmp_path)
+
+
+def test_a_directory_without_a_manifest_loads_unchecked(tmp_path, tiny_lm):
+    """A plain Hugging Face directory (a hub snapshot) has no manifest: nothing to check against."""
+    (_saved(tmp_path, tiny_lm) / "latentlab.json").unlink()
+    model, _ = load_lm(tmp_path)
+    assert model.config.num_hidden_layers == 2
+
+
+def test_an_add_on_beside_the_model_is_covered_by_the_same_hash(tmp_path, tiny_lm):
+    """An NLA actor directory: the model plus its injector files under one manifest (save_actor); load_lm checks all."""
+    from latentlab.common.errors import InputError
+    from latentlab.lm.modeling import save_weights, write_manifest
+
+    _saved(tmp_path, tiny_lm)
+    save_weights(torch.nn.Linear(4, 4), tmp_path / "injector.safetensors")
+    write_manifest(tmp_path, source="scratch")
+    load_lm(tmp_path)
+    _flip(tmp_path / "injector.safetensors", -1)
+    with pytest.raises(InputError, match="does not match the content hash"):
+        load_lm(tmp_path)
+
+
+def test_a_saved_injector_is_checked_before_it_is_loaded(tmp_path):
+    from latentlab.common.errors import InputError
+    from latentlab.policies.injection import HiddenStateInjector, InjectorConfig, save_injector
+    from latentlab.policies.loading import load_policy
+    from tests.tiny import new_tiny_lm
+
+    save_lm(*new_tiny_lm(), tmp_path / "sft")
+    save_injector(HiddenStateInjector(32, InjectorConfig()), tmp_path / "inject", base=tmp_path / "sft")
+    load_policy(tmp_path / "inject")
+    _flip(tmp_path / "inject" / "injector.safetensors", -1)
+    with pytest.raises(InputError, match=f"{tmp_path / 'inject'} does not match the content hash"):
+        load_policy(tmp_path / "inject")

@@ -58,16 +58,82 @@ def test_the_project_params_spell_out_every_key():
         (lambda d: d["synth"].__setitem__("even_data_ratio", 1.0), "synth.even_data_ratio"),
         (
             lambda d: d["model"].__setitem__("heads", 5),
-            "model: Value error, hidden_size (64) must be divisible by heads (5)",
+            "model: hidden_size (64) must be divisible by heads (5)",
         ),
         (lambda d: d.pop("sft"), "sft: required key is missing"),
         (lambda d: d.__setitem__("sfft", {}), "sfft: unknown key"),
+        # numpy seeds need 0 <= seed < 2**32
+        (lambda d: d.__setitem__("seed", -1), "seed: Input should be greater than or equal to 0 (got -1)"),
+        (lambda d: d.__setitem__("seed", 2**70), "seed: Input should be less than 4294967296"),
+        (lambda d: d.__setitem__("device", "tpu"), "device: 'tpu' is not a device: use auto, cpu, cuda, cuda:N or mps"),
+        (lambda d: d.__setitem__("numerics", "fast"), "numerics: Input should be 'portable' or 'native'"),
+        # the scratch model's layer count is known here: an index past it is refused before any stage runs
+        (
+            lambda d: d["label"].__setitem__("layers", [2, 99, -1]),
+            "label.layers: layer 99 is out of range for a model with 4 layers (hidden states 0..4, or -5..-1)",
+        ),
+        (
+            lambda d: d["inject"].__setitem__("layer", -6),
+            "inject.layer: layer -6 is out of range for a model with 4 layers",
+        ),
+        (
+            lambda d: d["surgery"].__setitem__("layers", [4]),
+            "surgery.layers: layer 4 is out of range for a model with 4 layers (blocks 0..3, or -4..-1)",
+        ),
+        (
+            lambda d: d["nla_sft"]["actor"].__setitem__("layers", [0, 4]),
+            "nla_sft.actor.layers: layer 4 is out of range for a model with 4 layers (block inputs 0..3)",
+        ),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, edit, message):
     with pytest.raises(ParamsError) as error:
         load_params(_write(tmp_path, edit))
     assert message in str(error.value)
+
+
+def test_a_check_across_sections_names_the_key_without_printing_every_param(tmp_path):
+    """A model-level check (here policy.eval.layer against label.layers) used to print an empty key and the whole
+    params dict as the value."""
+
+    def edit(data):
+        data["label"]["layers"] = [1, 2]
+        data["label"]["nla_layer"] = 1
+
+    with pytest.raises(ParamsError) as error:
+        load_params(_write(tmp_path, edit))
+    message = str(error.value)
+    assert message == f"{tmp_path / 'params.yaml'}: policy.eval.layer (-1) must be one of label.layers [1, 2]"
+
+
+def test_a_section_check_does_not_print_the_section(tmp_path):
+    with pytest.raises(ParamsError) as error:
+        load_params(_write(tmp_path, lambda d: d["label"].__setitem__("nla_layer", 3)))
+    assert str(error.value) == f"{tmp_path / 'params.yaml'}: label: nla_layer (3) must be one of layers [2, -1]"
+
+
+def test_params_that_are_not_utf8_name_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"# \xe9 (Latin-1)\n" + (ROOT / "params.yaml").read_bytes())
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    assert str(error.value) == f"{path} is not UTF-8 text (byte 0xe9 at offset 2): save it as UTF-8"
+
+
+def test_invalid_yaml_is_one_line_with_its_position(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 0\ngrpo: [1\n")
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    assert "\n" not in str(error.value) and str(error.value).startswith(f"{path} is not valid YAML: line 3, column 1")
+
+
+def test_a_hub_model_is_not_checked_against_the_scratch_layer_count(tmp_path):
+    def edit(data):
+        data["model"]["source"] = "some/hub-model"
+        data["label"]["layers"] = [2, 30, -1]
+
+    assert load_params(_write(tmp_path, edit)).label.layers == [2, 30, -1]
 
 
 def test_params_read_floats_as_dvc_does(tmp_path):

@@ -26,12 +26,24 @@ def seed_everything(seed: int, threads: int | None = None) -> torch.Generator:
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' picks the GPU when there is one; anything else is passed to torch as is."""
+    """'auto' picks the GPU when there is one; anything else must name a device this machine has: a ValueError
+    says which and why (a CUDA device torch cannot see, an index past the GPUs, a name torch does not know)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for but torch sees no CUDA device")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name!r} is not a device torch knows: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "" if torch.version.cuda else f"; this torch ({torch.__version__}) is built without CUDA"
+            raise ValueError(f"{name!r} was asked for but torch sees no CUDA device{build}: use device: auto or cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            seen = ", ".join(f"cuda:{i}" for i in range(count))
+            raise ValueError(f"{name!r} was asked for but torch sees {count} CUDA device{'s' * (count > 1)} ({seen})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name!r} was asked for but torch sees no MPS device: use device: auto or cpu")
     return device
 
 

@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import os
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -9,6 +11,7 @@ import torch
 from pydantic import Field, model_validator
 
 from latentlab.common.config import Config
+from latentlab.common.errors import InputError
 from latentlab.common.inputs import missing_model_files
 from latentlab.lm.tokenizer import INJECT
 
@@ -19,6 +22,7 @@ if TYPE_CHECKING:
 # schema (which needs TinyLMConfig) is loaded by every stage, also those that never touch a model.
 
 MANIFEST = "latentlab.json"  # provenance written beside every model we save
+SKIP_VERIFY = "LATENTLAB_SKIP_VERIFY"  # =1: loaders do not check a directory against its manifest's content hash
 
 
 class TinyLMConfig(Config):
@@ -68,20 +72,38 @@ def build_tiny_lm(cfg: TinyLMConfig, tokenizer: "PreTrainedTokenizerBase") -> "P
 
 
 def load_lm(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, revision: str | None = None
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    verify: bool = True,
 ):
-    """(model, tokenizer) from a Hugging Face id or directory; the tokenizer pads on the left."""
+    """(model, tokenizer) from a Hugging Face id or directory; the tokenizer pads on the left.
+
+    A directory with a manifest is first checked against the content hash the manifest records
+    (`verify_manifest`; `verify=False` or LATENTLAB_SKIP_VERIFY=1 skips it); a weight file safetensors
+    cannot read stops the load with an InputError naming it.
+    """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = str(path)
     if Path(path).exists():
         if problem := missing_model_files(Path(path)):
             raise FileNotFoundError(f"{path} is not a Hugging Face model directory: {problem}")
+        verify_manifest(path, verify)
     elif path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise FileNotFoundError(f"{path}: no such model directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, revision=revision)
+    except SafetensorError as error:
+        damaged = damaged_safetensors(path) if Path(path).is_dir() else None
+        where = Path(path) / damaged[0] if damaged else path
+        raise InputError(
+            f"{where}: the file is damaged ({damaged[1] if damaged else error}): "
+            "rerun the stage that wrote it, or restore it with `dvc checkout`"
+        ) from None
     except (OSError, ValueError) as error:  # not a directory here, and the hub cannot serve it
         if Path(path).exists():
             raise
@@ -104,14 +126,77 @@ def prepare_pretrained(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizer
     tokenizer.padding_side = "left"
 
 
+def hashed_files(directory: str | Path) -> list[Path]:
+    """The files the content hash covers: every weight and config file of the directory (the manifest aside)."""
+    return [
+        file
+        for file in sorted(Path(directory).iterdir())
+        if file.suffix in {".safetensors", ".json"} and file.name != MANIFEST
+    ]
+
+
 def content_hash(directory: str | Path) -> str:
-    """sha256 over the model directory's weight and config files, in name order."""
+    """sha256 over the model directory's weight and config files, in name order: each file's name, then its bytes."""
     digest = hashlib.sha256()
-    for file in sorted(Path(directory).iterdir()):
-        if file.suffix in {".safetensors", ".json"} and file.name != MANIFEST:
-            digest.update(file.name.encode())
-            digest.update(file.read_bytes())
+    buffer = bytearray(1 << 22)  # read in 4 MiB pieces into one buffer: no whole file in memory, no new allocations
+    view = memoryview(buffer)
+    for file in hashed_files(directory):
+        digest.update(file.name.encode())
+        with file.open("rb", buffering=0) as handle:
+            while read := handle.readinto(buffer):
+                digest.update(view[:read])
     return digest.hexdigest()
+
+
+def verify_manifest(directory: str | Path, verify: bool = True) -> None:
+    """Check a saved directory against the content hash its manifest records: a file changed or damaged since
+    it was written (a corrupted DVC cache object, a half-copied directory) stops the caller with an InputError
+    naming the directory, the damaged file where it can tell, and how to restore it. Nothing to check without a
+    manifest (a hub snapshot); `verify=False` or LATENTLAB_SKIP_VERIFY=1 skips it (hashing reads every byte once,
+    about 2 GB/s: seconds for a model of several GB)."""
+    directory = Path(directory)
+    if not verify or os.environ.get(SKIP_VERIFY, "") not in ("", "0") or not (directory / MANIFEST).exists():
+        return
+    expected = read_manifest(directory).get("content_sha256")
+    if not expected:
+        return
+    found = content_hash(directory)
+    if found == expected:
+        return
+    damaged = damaged_safetensors(directory)
+    files = ", ".join(file.name for file in hashed_files(directory))
+    detail = f"{damaged[0]} is {damaged[1]}" if damaged else f"one of {files} changed since it was saved"
+    raise InputError(
+        f"{directory} does not match the content hash its {MANIFEST} records "
+        f"({expected[:12]}…, found {found[:12]}…; {detail}): rerun the stage that wrote it, or restore it from "
+        f"the DVC cache or remote (`dvc checkout --relink {directory}`, `dvc pull {directory}`)"
+    )
+
+
+def damaged_safetensors(directory: str | Path) -> tuple[str, str] | None:
+    """(file name, what is wrong) for the first .safetensors file of `directory` whose layout is broken: shorter
+    or longer than its header says, or a header that does not parse; None when every one is whole (a changed
+    byte inside the data shows only in the content hash)."""
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        size = file.stat().st_size
+        with file.open("rb") as handle:
+            start = handle.read(8)
+            if len(start) < 8:
+                return file.name, f"truncated: {size} bytes, not even a header"
+            (length,) = struct.unpack("<Q", start)
+            if length > size - 8:
+                return file.name, f"truncated: {size} bytes, its header alone says {length + 8}"
+            try:
+                header = json.loads(handle.read(length))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError):
+                return file.name, "damaged: its header does not parse"
+        expected = 8 + length + end
+        if size < expected:
+            return file.name, f"truncated: {size} of {expected} bytes"
+        if size > expected:
+            return file.name, f"longer than its header says: {size} bytes, {expected} expected"
+    return None
 
 
 def save_lm(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", directory: Path, **provenance) -> str:
@@ -131,7 +216,15 @@ def write_manifest(directory: Path, **provenance) -> str:
 
 def read_manifest(directory: str | Path) -> dict:
     file = Path(directory) / MANIFEST
-    return json.loads(file.read_text()) if file.exists() else {}
+    if not file.exists():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputError(
+            f"{file} is not a valid manifest ({error}): "
+            "rerun the stage that wrote it, or restore it with `dvc checkout`"
+        ) from None
 
 
 def describe_model(directory: str | Path) -> dict:
