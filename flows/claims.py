@@ -75,10 +75,15 @@ CLAIMS = {
     },
     "nla": {
         "title": "NLA: RL raises the fraction of variance the actor/critic pair explains (held-out vectors)",
+        "revision": 2,
+        "revised": "issue 25: FVE = 1 - sum ||v - v_hat||^2 / sum ||v - mean||^2 with the critic's prediction on the "
+        "targets' scale; a sweep before it stored about 2 cos - 1 (of unit vectors) under the name fve",
         "metrics": [
             f"{SFT_ACTOR}.fve",
             f"{RL_ACTOR}.fve",
             difference_name(f"{RL_ACTOR}.fve", f"{SFT_ACTOR}.fve"),
+            f"{SFT_ACTOR}.cosine",
+            f"{RL_ACTOR}.cosine",
             f"{SFT_ACTOR}.shuffled.fve",
             f"{RL_ACTOR}.shuffled.fve",
             f"{NLA}nla_sft.gold_text.fve",
@@ -128,6 +133,17 @@ CLAIMS = {
         ],
     },
 }
+
+
+def stale_claims(claims: dict) -> dict[str, str]:
+    """Entries of a claims file written before their claim's metrics changed meaning (a claim's `revision` goes up
+    with each such change, `revised` says what changed): claim id -> what changed. Their numbers are of the old
+    definition; the report leaves them out and says so."""
+    return {
+        claim_id: CLAIMS[claim_id].get("revised", "its metrics changed meaning")
+        for claim_id, stored in claims.get("claims", {}).items()
+        if claim_id in CLAIMS and stored.get("revision", 1) < CLAIMS[claim_id].get("revision", 1)
+    }
 
 
 def update_claims(path: str | Path, ids: list[str], summary: dict) -> dict:

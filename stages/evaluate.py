@@ -2,7 +2,8 @@
 
 -> metrics/eval.json (per LM: accuracy overall / odd / even, MAE, parse rate, reward, ...),
    plots/accuracy_by_parity.csv, data/eval/predictions.parquet (every completion, for inspection);
-   metrics/nla.json (NLA actors and critics on the held-out vectors, with controls and ceiling);
+   metrics/nla.json (NLA actors and critics on the held-out vectors: FVE, cosine, MSE, with controls and
+   ceiling; tasks/nla_eval.py);
    metrics/policy.json (the grid-world returns table: four agents online on unseen levels).
 """
 
@@ -81,8 +82,8 @@ def nla_metrics(params, run) -> dict:
         )
         scores = result[name]["actors"][name]
         print(
-            f"{name}: FVE {scores['fve']:.3f} (shuffled {scores['shuffled']['fve']:.3f}, "
-            f"gold text {result[name]['gold_text']['fve']:.3f})"
+            f"{name}: FVE {scores['fve']:.3f}, cosine {scores['cosine']:.3f} (shuffled FVE "
+            f"{scores['shuffled']['fve']:.3f}, gold text FVE {result[name]['gold_text']['fve']:.3f})"
         )
     return result
 

@@ -1,12 +1,15 @@
 """nla_rl: RL of the NLA actor (GRPO or PPO, `nla_rl.algo`), rewarded by the critic -> models/nla_rl/.
 
-Prompts are activation vectors of data/labels/nla.parquet; the reward is f(||unit(critic(text)) -
-unit(v)||^2) (`nla_rl.reward`); after every RL step the critic takes `nla_rl.critic.updates_per_step`
+Prompts are activation vectors of data/labels/nla.parquet; the reward is f(||critic(text) - t||^2)
+(`nla_rl.reward`), t = (v - mu) / sigma on the SFT critic's fixed scale (an empty explanation: the mean
+predictor's error ||t||^2, rl/nla.py); after every RL step the critic takes `nla_rl.critic.updates_per_step`
 steps on the batch's (explanation, vector) pairs. GRPO is the shared core (rl/grpo.py), PPO the
-shared PPO (rl/ppo.py) with a value head on the actor's model. Held-out FVE of greedy explanations
-every `eval_every` steps. Under torchrun (`launcher`) the batch's prompts are split across ranks as in `grpo`
-(README: Training on several processes, GPUs or nodes): the actor (model and injection map), PPO's value head and the critic train under DDP. Log: plots/nla_rl.csv (reward, MSE, cosine, FVE, KL, explanation length, loss)
-and plots/nla_rl_speed.csv (tokens/s).
+shared PPO (rl/ppo.py) with a value head on the actor's model. Held-out FVE (1 - sum ||t - t_hat||^2 /
+sum ||t - mean(t)||^2), cosine and MSE of greedy explanations every `eval_every` steps. Under torchrun
+(`launcher`) the batch's prompts are split across ranks as in `grpo` (README: Training on several processes,
+GPUs or nodes): the actor (model and injection map), PPO's value head and the critic train under DDP.
+Log: plots/nla_rl.csv (reward, MSE, cosine, FVE, KL, explanation length, loss) and plots/nla_rl_speed.csv
+(tokens/s).
 """
 
 import copy
@@ -17,7 +20,7 @@ from latentlab.common.inputs import require_model_dir
 from latentlab.hidden.nla_table import read_nla_table
 from latentlab.lm.modeling import read_manifest, save_weights
 from latentlab.policies.nla_actor import load_actor, save_actor
-from latentlab.policies.nla_critic import baseline_mse, load_critic, save_critic
+from latentlab.policies.nla_critic import load_critic, save_critic
 from latentlab.policies.value_head import ValueHead
 from latentlab.rl.grpo import GRPOTrainer
 from latentlab.rl.nla import CriticReward, CriticTrainer, train_rl
@@ -41,7 +44,6 @@ def main(params):
     _, vectors = read_nla_table("data/labels/nla.parquet")
     _, heldout = read_nla_table("data/labels/nla_eval.parquet")
     heldout = heldout[: cfg.eval_batch]
-    baseline, heldout_baseline = baseline_mse(critic, vectors), baseline_mse(critic, heldout)
 
     reward = CriticReward(critic, cfg.reward)
     synced = actor.synced(run.ranks)  # the actor's trainable modules under DDP for the gradient passes
@@ -61,7 +63,7 @@ def main(params):
 
     def monitor() -> dict[str, float]:
         texts = explain(actor, heldout, algo.max_new_tokens, len(heldout), "held-out")
-        return {f"heldout_{k}": v for k, v in reconstruction_scores(critic, texts, heldout, heldout_baseline).items()}
+        return {f"heldout_{k}": v for k, v in reconstruction_scores(critic, texts, heldout).items()}
 
     log = step_log(params, "nla_rl", params.model_dump(include={"nla_rl", "seed"}))
     critic_trainer = CriticTrainer(critic, cfg.critic, algo.steps, run.shards)
@@ -72,7 +74,6 @@ def main(params):
         batches,
         algo.steps,
         log,
-        baseline,
         f"nla_rl {cfg.algo}",
         monitor,
         cfg.eval_every,

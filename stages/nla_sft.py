@@ -6,7 +6,9 @@ continuation), the only explanation there is at this scale. `nla_sft.train_mode`
 the actor (next-token loss on the explanation given the injected vector), the critic (reconstruct
 the vector from the explanation) or both on the same batches. Both are saved either way, so nla_rl
 always starts from a pair. Under torchrun (`launcher`) each rank trains on its contiguous shard of every
-batch under DDP, as `sft` (README: Training on several processes, GPUs or nodes). Log: plots/nla_sft.csv.
+batch under DDP, as `sft` (README: Training on several processes, GPUs or nodes). The critic's targets are
+t = (v - mu) / sigma, mu and sigma measured on these vectors and saved with it (policies/nla_critic.py).
+Log: plots/nla_sft.csv (losses, gradient norms, the critic's FVE on each training batch).
 """
 
 from latentlab.common.atomic import atomic_output
@@ -14,7 +16,7 @@ from latentlab.common.inputs import require_model_dir
 from latentlab.hidden.nla_table import read_nla_table
 from latentlab.lm.modeling import load_lm, read_manifest
 from latentlab.policies.nla_actor import build_actor, save_actor
-from latentlab.policies.nla_critic import baseline_mse, build_critic, save_critic
+from latentlab.policies.nla_critic import build_critic, save_critic
 from latentlab.rl.nla import train_sft
 from stages.common import MODELS, PLOTS, lm_shards, setup, stage, step_log
 
@@ -45,7 +47,6 @@ def main(params):
         cfg,
         run.data_rng,
         log,
-        baseline_mse(critic, vectors),
         lm_shards(run),
     )
     if not run.leader:  # under torchrun rank 0 alone writes the outputs

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import polars as pl
 
-from flows.claims import INJECT, difference_name
+from flows.claims import INJECT, difference_name, stale_claims
 from latentlab.common.atomic import atomic_output
 from latentlab.common.inputs import InputError
 from latentlab.figures import (
@@ -82,8 +82,9 @@ def surgery_section(params, out) -> str:
 NLA_COLUMNS = {
     "fve": "FVE",
     "cosine": "cosine",
-    "mse": "MSE",
+    "mse": "MSE (t)",
     "shuffled_fve": "FVE shuffled",
+    "shuffled_cosine": "cosine shuffled",
     "gold_fve": "FVE gold text",
     "empty_fve": "FVE empty text",
     "answer_exact_match": "answer EM",
@@ -92,20 +93,23 @@ NLA_COLUMNS = {
 
 
 def nla_section(nla: dict, out) -> str:
-    """FVE of critic(actor(v)) for the SFT and RL actors, with the controls, the RL curve and decoded examples."""
+    """FVE and cosine of critic(actor(v)) for the SFT and RL actors, with the controls, the RL curves and decoded
+    examples."""
     rows = {}
     for name in ("nla_sft", "nla_rl"):
         block, scores = nla[name], nla[name]["actors"][name]
         rows[name if name == "nla_sft" else f"nla_rl ({nla['algo']})"] = {
             **scores,
             "shuffled_fve": scores["shuffled"]["fve"],
+            "shuffled_cosine": scores["shuffled"]["cosine"],
             "gold_fve": block["gold_text"]["fve"],
             "empty_fve": block["empty_text"]["fve"],
             "probe": block["linear_probe_exact_match"],
         }
     curve = pl.read_csv(PLOTS / "nla_rl.csv")
     plot_training_curves(
-        {"nla_rl": (curve, [c for c in ("fve", "heldout_fve") if c in curve.columns])}, out / "nla_rl.png"
+        {f"nla_rl: {metric}": (curve, [metric, f"heldout_{metric}"]) for metric in ("fve", "cosine")},
+        out / "nla_rl.png",
     )
     examples = "\n".join(
         f"| `{e['gold']!r}` | `{e['explanation']!r}` | {e['mse']:.3f} |"
@@ -113,22 +117,35 @@ def nla_section(nla: dict, out) -> str:
     )
     return (
         "## Natural language autoencoder\n\n"
-        f"Held-out vectors: {nla['nla_sft']['n']}; each actor is read by the critic trained beside it. FVE = 1 − MSE / "
-        "MSE(mean vector); shuffled: the actor reads another row's vector; gold: the critic on the text the vector "
-        "came from (its ceiling); empty: the critic on an empty text; answer EM: the answer the explanation writes vs "
-        "the true answer, beside a ridge probe on the vectors.\n\n"
+        f"Held-out vectors: {nla['nla_sft']['n']}; each actor is read by the critic trained beside it. Targets "
+        "t = (v − μ)/σ, μ the training mean and σ one scalar, the RMS norm of the centred training vectors "
+        "(mean ‖t‖² = 1 on them); the critic predicts t̂ unnormalised. FVE = 1 − Σ‖t − t̂‖² / Σ‖t − t̄‖² over the "
+        "held-out vectors (t̄ their mean: a perfect critic scores 1, the mean predictor 0; the same number on v's "
+        "own scale); cosine = mean cos(t̂, t); MSE = mean ‖t − t̂‖². Shuffled: the actor reads another row's "
+        "vector; gold: the critic on the text the vector came from (its ceiling); empty: the critic on an empty "
+        "text; answer EM: the answer the explanation writes vs the true answer, beside a ridge probe on the "
+        "vectors.\n\n"
         f"{comparison_table(rows, NLA_COLUMNS)}\n\n"
-        "![NLA RL: FVE per step](nla_rl.png)\n\n"
-        "| text the vector came from | RL actor's explanation | MSE |\n|---|---|---:|\n"
+        "![NLA RL: FVE and cosine per step](nla_rl.png)\n\n"
+        "| text the vector came from | RL actor's explanation | MSE (t) |\n|---|---|---:|\n"
         f"{examples}\n"
     )
 
 
 def claims_section() -> str:
-    """Every claim with its interval over seeds, from the committed sweep result file."""
+    """Every claim with its interval over seeds, from the committed sweep result file; a claim whose metrics changed
+    meaning since its sweep ran is named, not shown."""
     if not CLAIMS.exists():
         return f"No claims: {CLAIMS} does not exist (run the claims sweep: README, *Sweeps and seeds*)."
-    return claims_markdown(json.loads(CLAIMS.read_text()))
+    claims = json.loads(CLAIMS.read_text())
+    stale = stale_claims(claims)
+    current = {"claims": {k: c for k, c in claims.get("claims", {}).items() if k not in stale}}
+    notes = [
+        f"Claim `{k}` ({claims['claims'][k]['title']}) is not shown: its sweep ran before {why}. Rerun that sweep "
+        f"with `--claims {k}` (README, *Sweeps and seeds*)."
+        for k, why in stale.items()
+    ]
+    return "\n\n".join([claims_markdown(current), *notes])
 
 
 INJECTION_CLAIMS = ("inject_variants", "inject_align", "inject_placeholder", "inject_shuffled")

@@ -12,7 +12,17 @@ import pytest
 from tests.dag import ROOT, TINY
 from tests.test_ddp import assert_same_logs, assert_same_weights, copy, project, set_params, stage  # noqa: F401
 
-NLA_RL_COLUMNS = ["reward_mean", "reward_std", "loss", "grad_norm", "mse", "fve", "explanation_chars", "critic_loss"]
+NLA_RL_COLUMNS = [
+    "reward_mean",
+    "reward_std",
+    "loss",
+    "grad_norm",
+    "mse",
+    "cosine",
+    "fve",
+    "explanation_chars",
+    "critic_loss",
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +62,7 @@ def test_nla_rl_on_two_processes_matches_one_process_with_two_shards(nla_project
         set_params(directory, nla_rl={"algo": algo})
         stage(directory, "nla_rl")
     columns = [*NLA_RL_COLUMNS, "value_loss", "value_mean"] if algo == "ppo" else [*NLA_RL_COLUMNS, "kl"]
-    assert_same_logs(one / "plots/nla_rl.csv", two / "plots/nla_rl.csv", [*columns, "heldout_fve"])
+    assert_same_logs(one / "plots/nla_rl.csv", two / "plots/nla_rl.csv", [*columns, "heldout_fve", "heldout_cosine"])
     assert_same_pair(one, two, "nla_rl")
     if algo == "ppo":
         assert_same_weights(one / "models/nla_rl/value_head.safetensors", two / "models/nla_rl/value_head.safetensors")

@@ -20,8 +20,8 @@ from latentlab.policies.nla_critic import (
     build_critic,
     load_critic,
     pool,
+    reconstruct,
     reconstruction_loss,
-    reconstruction_mse,
     save_critic,
 )
 from latentlab.rl.grpo import GRPOConfig, GRPOTrainer
@@ -191,23 +191,26 @@ def test_no_pooling_reads_padding(how):
 
 
 def test_the_critic_is_the_base_truncated_at_the_layer_with_an_identity_head():
+    """On the targets' scale: head(h) = (h - mu) / sigma, sigma the RMS norm of the centred training vectors."""
     model, tokenizer = new_tiny_lm()
-    vectors = np.random.default_rng(0).normal(size=(6, H)).astype(np.float32)
+    vectors = (1 + 3 * np.random.default_rng(0).normal(size=(6, H))).astype(np.float32)
     critic = build_critic(model, tokenizer, NLACriticConfig(layer=1, pooling="mean"), vectors)
     mean = torch.tensor(vectors.mean(0))
-    torch.testing.assert_close(critic.head.weight, torch.eye(H))
-    torch.testing.assert_close(critic.head.bias, -mean)
+    sigma = (torch.tensor(vectors) - mean).pow(2).sum(-1).mean().sqrt()
+    torch.testing.assert_close(critic.scale, sigma)
+    torch.testing.assert_close(critic.head.weight, torch.eye(H) / sigma)
+    torch.testing.assert_close(critic.head.bias, -mean / sigma)
     assert len(critic.encoder.layers) == 1
     ids, mask = critic.encode(TEXTS[:1])
     with torch.no_grad():
         state = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
-        torch.testing.assert_close(critic(ids, mask), state.mean(1) - mean)
+        torch.testing.assert_close(critic(ids, mask), (state.mean(1) - mean) / sigma)
 
 
 @pytest.mark.parametrize("how", ["last", "max", "weighted"])
 def test_a_batch_reads_each_text_as_alone(how):
     model, tokenizer = new_tiny_lm()
-    critic = build_critic(model, tokenizer, NLACriticConfig(layer=2, pooling=how), np.zeros((2, H), np.float32))
+    critic = build_critic(model, tokenizer, NLACriticConfig(layer=2, pooling=how), np.array(_vectors(2)))
     with torch.no_grad():
         torch.nn.init.normal_(critic.score)
         batch = critic.predict(TEXTS)
@@ -216,22 +219,28 @@ def test_a_batch_reads_each_text_as_alone(how):
 
 
 def test_reconstruction_losses_by_hand():
+    """On the raw prediction (no normalisation): the norm counts, except for the direction-only cosine loss."""
     pred, target = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 1.0]])  # orthogonal
-    assert reconstruction_loss(pred, target, "mse").item() == pytest.approx(2.0)  # 2 (1 - cos)
+    assert reconstruction_loss(pred, target, "mse").item() == pytest.approx(5.0)  # 2^2 + 1^2
     assert reconstruction_loss(pred, target, "cosine").item() == pytest.approx(1.0)
-    assert reconstruction_loss(pred, target, "smooth_l1").item() == pytest.approx(1.0)  # 0.5 + 0.5
+    assert reconstruction_loss(pred, target, "smooth_l1").item() == pytest.approx(2.0)  # (2 - 0.5) + 0.5 * 1^2
+    assert reconstruction_loss(3 * target, target, "cosine").item() == pytest.approx(0.0)
+    assert reconstruction_loss(3 * target, target, "mse").item() == pytest.approx(4.0)
     mse = torch.tensor([0.0, 1.0, 2.0])
     torch.testing.assert_close(reward_from_mse(mse, "neg_mse"), -mse)
     torch.testing.assert_close(reward_from_mse(mse, "inverse"), torch.tensor([1.0, 0.5, 1 / 3]))
 
 
-def test_an_empty_explanation_earns_the_reward_of_an_orthogonal_vector():
+def test_an_empty_explanation_earns_the_reward_of_the_mean_predictor():
+    """t_hat = 0 (v_hat = the training mean): its error is ||t||^2 on its row, unless the critic is made to read it."""
     model, tokenizer = new_tiny_lm()
-    critic = build_critic(model, tokenizer, NLACriticConfig(layer=1), np.zeros((1, H), np.float32))
-    vectors = np.ones((2, H), np.float32)
-    mse = reconstruction_mse(critic, ["", "1+1=2"], vectors)
-    assert mse[0].item() == 2.0 and mse[1].item() != 2.0
-    assert reconstruction_mse(critic, [" "], vectors[:1], empty_is_orthogonal=False).item() != 2.0
+    critic = build_critic(model, tokenizer, NLACriticConfig(layer=1), np.array(_vectors(4)))
+    vectors = np.array(_vectors(2, seed=1))
+    own = critic.target(vectors).pow(2).sum(-1)
+    scores = reconstruct(critic, ["", "1+1=2"], vectors)
+    assert scores.mse[0].item() == pytest.approx(own[0].item()) and scores.cosine[0].item() == 0.0
+    assert scores.mse[1].item() != pytest.approx(own[1].item())
+    assert reconstruct(critic, [" "], vectors[:1], read_empty=True).mse.item() != pytest.approx(own[0].item())
 
 
 # ---------------------------------------------------------------- save / load
@@ -253,6 +262,7 @@ def test_the_saved_actor_and_critic_reload_identical(tmp_path):
     save_critic(critic, tmp_path / "critic")
     assert not list((tmp_path / "critic").glob("*.bin")) and not list((tmp_path / "critic").glob("*.pt"))
     reloaded = load_critic(tmp_path / "critic")
+    assert reloaded.scale.item() == critic.scale.item()
     with torch.no_grad():
         torch.testing.assert_close(reloaded.predict(TEXTS), critic.predict(TEXTS))
 
@@ -266,15 +276,17 @@ def test_a_short_grpo_run_raises_the_critics_reward():
     model = new_tiny_lm(embedding_scale=4.0)
     actor = _actor("replace", (0,), model=model)
     critic_model, tokenizer = new_tiny_lm()
-    vectors = np.random.default_rng(0).normal(size=(8, H)).astype(np.float32)
+    # on the scale of the critic model's layer-1 states (pooled norm ~0.07), as real activations are: the critic's
+    # identity start then reads a text as t_hat of norm ~1, and which text the actor writes moves the reward
+    vectors = (0.0125 * np.random.default_rng(0).normal(size=(8, H))).astype(np.float32)
     critic = build_critic(critic_model, tokenizer, NLACriticConfig(layer=1, center=False), vectors)
     reward = CriticReward(critic, "neg_mse")
-    cfg = GRPOConfig(steps=12, prompts_per_step=4, group_size=8, max_new_tokens=6, lr=3e-3)
+    cfg = GRPOConfig(steps=12, prompts_per_step=4, group_size=8, max_new_tokens=6, lr=1e-2)
     trainer = GRPOTrainer(actor, reward, cfg, torch.Generator().manual_seed(0))
     critic_trainer = CriticTrainer(critic, CriticUpdates(lr=1e-9, updates_per_step=0), cfg.steps)
     batches = (list(vectors[i : i + 4]) for _ in range(cfg.steps) for i in (0,))  # the same 4 vectors each step
     log = StepLog()
-    train_rl(trainer, reward, critic_trainer, batches, cfg.steps, log, 1.0, "test")
+    train_rl(trainer, reward, critic_trainer, batches, cfg.steps, log, "test")
     rewards = [row["reward_mean"] for row in log.rows]
     assert {"mse", "cosine", "fve", "explanation_chars", "kl", "loss", "tokens_per_s"} <= set(log.rows[0])
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.05

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from latentlab.common.errors import InputError
 from latentlab.common.tracking import StepLog
 from latentlab.hidden.extract import ExtractConfig, Extractor
 from latentlab.policies.actor_critic import ActorCritic, ActorCriticConfig, load_policy, save_policy
@@ -63,6 +64,16 @@ def test_save_and_load_round_trip(tmp_path):
     image, hidden = torch.randint(0, 256, (2, 28, 28, 3), dtype=torch.uint8), torch.randn(2, H)
     assert back.cfg == model.cfg
     torch.testing.assert_close(back(image, hidden)[0], model(image, hidden)[0])
+
+
+def test_a_damaged_policy_is_refused_by_its_content_hash(tmp_path):
+    save_policy(policy(True), tmp_path / "p", layer=-1)
+    (weights,) = (tmp_path / "p").glob("*.safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01  # one bit of a weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="does not match the content hash"):
+        load_policy(tmp_path / "p")
 
 
 @pytest.fixture(scope="module")

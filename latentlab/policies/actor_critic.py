@@ -16,7 +16,7 @@ from torch import nn
 
 from latentlab.common.config import Config
 from latentlab.common.errors import NonFiniteLogitsError
-from latentlab.lm.modeling import save_weights, write_manifest
+from latentlab.lm.modeling import save_weights, verify_manifest, write_manifest
 
 CONFIG, WEIGHTS = "policy_config.json", "policy.safetensors"
 
@@ -107,6 +107,7 @@ def load_policy(directory: str | Path, device: str | torch.device = "cpu") -> Ac
     directory = Path(directory)
     if not (directory / CONFIG).exists():
         raise FileNotFoundError(f"{directory} holds no policy ({CONFIG}); run `dvc repro policy`")
+    verify_manifest(directory)  # a damaged or changed file stops here, named (LATENTLAB_SKIP_VERIFY=1 skips)
     raw = json.loads((directory / CONFIG).read_text())
     model = ActorCritic(ActorCriticConfig.model_validate({**raw, "image": tuple(raw["image"])}))
     model.load_state_dict(load_file(directory / WEIGHTS, device=str(device)))

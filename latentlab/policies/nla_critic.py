@@ -3,9 +3,17 @@
 As published (Fraser-Taliente, Kantamneni, Ong et al., 2026): the base model truncated at the
 extraction layer K (its blocks 0..K-1, so its output is the state the vector was read from; the
 final norm only when K is the last layer), a pooling over the text's positions and a linear head
-to the vector's dimension, initialised to the identity when the dimensions match (its bias to
--mean when the vectors are centred), so the untrained critic already maps the gold text to roughly
-the state its vector came from.
+to the vector's dimension, initialised to the identity (on the targets' scale, below) when the
+dimensions match, so the untrained critic already maps the gold text to roughly the target of the
+state its vector came from.
+
+Targets, on one fixed scale set by the training vectors v_1..v_N (`build_critic`):
+    mu     the training mean (`center: false`: 0)                         the `mean` buffer
+    sigma  sqrt(mean_i ||v_i - mu||^2): ONE scalar, the RMS norm of the    the `scale` buffer
+           centred training vectors (not per coordinate, not per row)
+    t      (v - mu) / sigma, so mean_i ||t_i||^2 = 1 over the training vectors
+The critic's raw output t_hat is its prediction of t (no normalisation; v_hat = mu + sigma t_hat),
+and the identity start is head(h) = (h - mu) / sigma: the gold pooled state maps to its own target.
 
 Pooling over the real tokens of each row (right padding never enters any pool):
     last      the last real token (the end-of-sequence every text is closed with)
@@ -14,16 +22,23 @@ Pooling over the real tokens of each row (right padding never enters any pool):
     cls       the first token
     weighted  softmax over real positions of a learned score w . h_t (w = 0 at the start: the mean)
 
-Loss on L2-normalised vectors p = unit(pred), t = unit(v - mean):
-    mse        ||p - t||^2 = 2 (1 - cos)          (the reward's reconstruction error, too)
+Losses per row between t_hat and t:
+    mse        ||t_hat - t||^2                     (the reward's reconstruction error, too)
     smooth_l1  Huber loss per coordinate, summed
-    cosine     1 - cos
+    cosine     1 - cos(t_hat, t)                   (direction only: the norm of t_hat is free)
+
+Metrics over a set of rows (held-out vectors in `evaluate`):
+    FVE     1 - sum_i ||t_i - t_hat_i||^2 / sum_i ||t_i - mean(t)||^2, mean(t) the set's own mean:
+            a perfect critic scores 1, predicting the set's mean 0, worse than that below 0. sigma
+            cancels and mu drops out of the denominator, so it is the same number as
+            1 - sum ||v - v_hat||^2 / sum ||v - mean(v)||^2 on the vectors' own scale.
+    cosine  mean_i cos(t_hat_i, t_i), a metric of its own (not derived from the MSE).
 """
 
 import copy
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -33,13 +48,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from latentlab.common.config import Config
+from latentlab.common.errors import InputError
 from latentlab.lm.capture import decoder_blocks, resolve_layers
-from latentlab.lm.modeling import save_weights, write_manifest
+from latentlab.lm.modeling import save_weights, verify_manifest, write_manifest
 from latentlab.lm.padding import pad_sequences
-from latentlab.policies.nla_actor import unit
 
 WEIGHTS, CONFIG = "nla_critic.safetensors", "nla_critic.json"
-ORTHOGONAL_MSE = 2.0  # ||p - t||^2 of unit vectors with cos = 0: the error of an empty explanation
 Pooling = Literal["last", "mean", "max", "cls", "weighted"]
 
 
@@ -50,9 +64,10 @@ class NLACriticConfig(Config):
     pooling: Pooling = "mean"
     """How the text's states become one vector: last | mean | max | cls | weighted."""
     loss: Literal["mse", "smooth_l1", "cosine"] = "mse"
-    """Reconstruction loss on L2-normalised vectors."""
+    """Loss between the raw prediction and the target t = (v - mu) / sigma (mse: squared error; cosine:
+    direction only)."""
     center: bool = True
-    """Reconstruct unit(v - training mean), as the actor reads it."""
+    """mu = the training mean, as the actor centres what it reads (false: mu = 0, t = v / sigma)."""
     max_tokens: int = Field(48, gt=0)
     """Texts are cut to this many tokens (end-of-sequence included)."""
 
@@ -75,41 +90,66 @@ def pool(states: torch.Tensor, mask: torch.Tensor, how: str, scores: torch.Tenso
 
 
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
-    """Per-row loss `(B,)` between unit(pred) and the unit target."""
-    p = unit(pred.float())
+    """Per-row loss `(B,)` between the raw prediction t_hat and the target t (both on the targets' scale)."""
+    p = pred.float()
     if kind == "mse":
         return (p - target).pow(2).sum(-1)
     if kind == "smooth_l1":
         return F.smooth_l1_loss(p, target, reduction="none").sum(-1)
     if kind == "cosine":
-        return 1 - (p * target).sum(-1)
+        return 1 - F.cosine_similarity(p, target, dim=-1, eps=1e-8)
     raise ValueError(f"unknown loss {kind!r}")
 
 
+def mean_predictor_error(targets: torch.Tensor) -> float:
+    """mean_i ||t_i - mean(t)||^2 over the rows of `targets`: the MSE of predicting the set's own mean target,
+    FVE's denominator (per row)."""
+    t = targets.double()
+    return (t - t.mean(0)).pow(2).sum(-1).mean().item()
+
+
+def fraction_of_variance_explained(squared_errors: torch.Tensor, targets: torch.Tensor) -> float:
+    """FVE = 1 - sum_i ||t_i - t_hat_i||^2 / sum_i ||t_i - mean(t)||^2, from the per-row squared errors and the
+    rows' targets. 1: a perfect prediction; 0: the targets' own mean; below 0: worse than that. `targets` may
+    hold each distinct row once where every row was scored equally often (GRPO's groups): both sides are
+    means, so the value is the same. NaN where the targets do not vary (one vector: nothing to explain)."""
+    variance = mean_predictor_error(targets)
+    return 1 - squared_errors.double().mean().item() / variance if variance > 0 else float("nan")
+
+
 class NLACritic(nn.Module):
-    def __init__(self, encoder: nn.Module, tokenizer, cfg: NLACriticConfig, dim: int, mean: torch.Tensor):
+    def __init__(
+        self, encoder: nn.Module, tokenizer, cfg: NLACriticConfig, dim: int, mean: torch.Tensor, scale: torch.Tensor
+    ):
+        """`mean` (mu, `(d,)`; zeros when not centred) and `scale` (sigma, a positive scalar) fix the targets'
+        scale: t = (v - mu) / sigma. `build_critic` measures them on the training vectors."""
         super().__init__()
         self.encoder, self.tokenizer, self.cfg, self.dim = encoder, tokenizer, cfg, dim
         hidden = encoder.config.hidden_size
-        self.register_buffer("mean", mean.float().clone() if cfg.center else torch.zeros(dim))
+        self.register_buffer("mean", mean.float().clone())
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).clone().reshape(()))
         self.head = nn.Linear(hidden, dim)
         self.score = nn.Parameter(torch.zeros(hidden))  # the weighted pooling's w (unused by the others)
         # frozen where unused (it never had a gradient, so nothing changes): DDP wants a gradient for every
         # parameter that requires one
         self.score.requires_grad_(cfg.pooling == "weighted")
         with torch.no_grad():
-            if hidden == dim:  # identity start: pred = pooled state - mean, the centred vector's estimate
-                self.head.weight.copy_(torch.eye(dim))
-                self.head.bias.copy_(-self.mean)
+            if hidden == dim:  # identity start: t_hat = (pooled state - mu) / sigma, the target of that state
+                self.head.weight.copy_(torch.eye(dim) / self.scale)
+                self.head.bias.copy_(-self.mean / self.scale)
 
     @property
     def device(self) -> torch.device:
         return self.head.weight.device
 
     def target(self, vectors) -> torch.Tensor:
-        """unit(v - mean) `(B, d)`: what the critic reconstructs."""
+        """t = (v - mu) / sigma `(B, d)`: what the critic reconstructs."""
         v = torch.tensor(np.array(vectors, dtype=np.float32), device=self.device)
-        return unit(v - self.mean)
+        return (v - self.mean) / self.scale
+
+    def vector(self, prediction: torch.Tensor) -> torch.Tensor:
+        """v_hat = mu + sigma t_hat: a prediction on the vectors' own scale."""
+        return self.mean + self.scale * prediction
 
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded `(ids, mask)` of text + end-of-sequence (an empty text is the end-of-sequence alone)."""
@@ -119,7 +159,7 @@ class NLACritic(nn.Module):
         return ids.to(self.device), mask.to(self.device)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """`(B, T)` right-padded ids -> `(B, d)` raw predictions (normalise before comparing)."""
+        """`(B, T)` right-padded ids -> `(B, d)` predictions t_hat of the targets t = (v - mu) / sigma."""
         states = self.encoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         pooled = pool(states, mask, self.cfg.pooling, states @ self.score if self.cfg.pooling == "weighted" else None)
         return self.head(pooled)
@@ -135,28 +175,43 @@ class NLACritic(nn.Module):
         ).mean()
 
 
-def baseline_mse(critic: NLACritic, vectors: np.ndarray) -> float:
-    """E||t - mean(t)||^2 over `vectors`: the error of always predicting the mean target (FVE's denominator)."""
+def mean_predictor_mse(critic: NLACritic, vectors) -> float:
+    """mean_i ||t_i - mean(t)||^2 over `vectors`: the error of predicting their own mean target (FVE's
+    denominator; ~1 for vectors like the training ones, exactly 1 on the training set when centred)."""
     with torch.no_grad():
-        t = critic.target(vectors)
-        return (t - t.mean(0)).pow(2).sum(-1).mean().item()
+        return mean_predictor_error(critic.target(vectors))
+
+
+class Reconstruction(NamedTuple):
+    """Per-row `(N,)` errors of the critic's predictions t_hat against the targets t."""
+
+    mse: torch.Tensor
+    """||t_hat - t||^2, in [0, inf): 0 is exact, ~1 is the mean predictor (t_hat = 0), 4 a mirrored guess."""
+    cosine: torch.Tensor
+    """cos(t_hat, t) (0 where t_hat = 0)."""
 
 
 @torch.no_grad()
-def reconstruction_mse(
-    critic: NLACritic, texts: list[str], vectors, batch: int = 512, empty_is_orthogonal: bool = True
-) -> torch.Tensor:
-    """`(N,)` ||unit(critic(text)) - t||^2; an empty (whitespace-only) text counts as orthogonal (MSE 2),
-    unless `empty_is_orthogonal` is False (then the critic reads it: the empty-explanation control)."""
-    was_training = critic.training
-    critic.eval()
-    out = []
-    for lo in range(0, len(texts), batch):
-        out.append(reconstruction_loss(critic.predict(texts[lo : lo + batch]), critic.target(vectors[lo : lo + batch])))
-    critic.train(was_training)
-    mse = torch.cat(out)
-    empty = torch.tensor([empty_is_orthogonal and not t.strip() for t in texts], device=mse.device)
-    return torch.where(empty, torch.full_like(mse, ORTHOGONAL_MSE), mse)
+def reconstruct(
+    critic: NLACritic, texts: list[str], vectors, batch: int = 512, read_empty: bool = False
+) -> Reconstruction:
+    """The critic reads `texts` and predicts the targets of `vectors`.
+
+    An empty (whitespace-only) text is not read: it predicts t_hat = 0 (v_hat = mu, the training mean: what
+    is known with no explanation), so its error is ||t||^2, the mean predictor's on that row, and its cosine
+    0. The RL reward thus gives an empty explanation exactly what knowing nothing earns, no more (the critic
+    reading a bare end-of-sequence may land nearer some vectors by chance) and no less. `read_empty=True`
+    lets the critic read it (the empty-explanation control of the evaluation)."""
+    read = [i for i, text in enumerate(texts) if read_empty or text.strip()]
+    target = critic.target(vectors)
+    pred = torch.zeros_like(target)  # t_hat = 0 where a text is empty
+    if read:
+        was_training = critic.training
+        critic.eval()
+        texts = [texts[i] for i in read]
+        pred[read] = torch.cat([critic.predict(texts[lo : lo + batch]).float() for lo in range(0, len(texts), batch)])
+        critic.train(was_training)
+    return Reconstruction(reconstruction_loss(pred, target, "mse"), F.cosine_similarity(pred, target, dim=-1, eps=1e-8))
 
 
 def truncated_encoder(model, layer: int) -> nn.Module:
@@ -171,11 +226,24 @@ def truncated_encoder(model, layer: int) -> nn.Module:
     return encoder
 
 
+def target_scale(vectors: np.ndarray, center: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu, sigma) of the training `vectors`: mu their mean (zeros unless `center`), sigma = sqrt(mean_i
+    ||v_i - mu||^2), so the targets t = (v - mu) / sigma have mean_i ||t_i||^2 = 1."""
+    v = torch.tensor(np.array(vectors, dtype=np.float64))
+    mean = v.mean(0) if center else torch.zeros(v.shape[1], dtype=torch.float64)
+    scale = (v - mean).pow(2).sum(-1).mean().sqrt()
+    if not scale > 0:
+        raise ValueError(
+            f"the critic's {len(v)} training vectors do not vary (sigma = {scale.item()}): no target scale"
+        )
+    return mean.float(), scale.float()
+
+
 def build_critic(model, tokenizer, cfg: NLACriticConfig, vectors: np.ndarray) -> NLACritic:
     if cfg.layer is None:
         raise ValueError("the critic's layer is not set: give the layer the vectors were read from")
-    mean = torch.tensor(np.array(vectors, dtype=np.float32)).mean(0)
-    critic = NLACritic(truncated_encoder(model, cfg.layer), tokenizer, cfg, vectors.shape[1], mean)
+    mean, scale = target_scale(vectors, cfg.center)
+    critic = NLACritic(truncated_encoder(model, cfg.layer), tokenizer, cfg, vectors.shape[1], mean, scale)
     return critic.to(next(model.parameters()).device)
 
 
@@ -195,17 +263,25 @@ def load_critic(directory: str | Path, device: torch.device | str = "cpu") -> NL
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     directory = Path(directory)
+    verify_manifest(directory)  # a damaged or changed file stops here, named (LATENTLAB_SKIP_VERIFY=1 skips)
     config = json.loads((directory / CONFIG).read_text())
     encoder = AutoModel.from_config(AutoConfig.from_pretrained(directory))
     if not config["final_norm"]:
         encoder.norm = nn.Identity()
     state = load_file(directory / WEIGHTS)
+    if "scale" not in state:  # saved before issue 25: trained on unit-normalised targets, no sigma to recover
+        raise InputError(
+            f"{directory}: a critic saved before the targets were put on a fixed scale (it has no `scale`, and its "
+            "head was trained on unit-normalised targets, so its outputs mean nothing on the new scale); rerun "
+            "`dvc repro nla_sft` (and the stages after it)"
+        )
     critic = NLACritic(
         encoder,
         AutoTokenizer.from_pretrained(directory),
         NLACriticConfig.model_validate(config["critic"]),
         config["dim"],
         state["mean"],
+        state["scale"],
     )
     critic.load_state_dict(state)
     return critic.to(device).eval()

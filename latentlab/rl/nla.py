@@ -1,11 +1,19 @@
 """NLA training: the supervised phase (actor and/or critic) and the RL phase (GRPO or PPO on the actor,
 the critic still learning), with the reconstruction reward and fraction of variance explained.
 
-    reward(text, v) = f(MSE),  MSE = ||unit(critic(text)) - unit(v - mean)||^2 = 2 (1 - cos)  in [0, 4]
-    f: neg_mse -MSE | exp exp(-MSE) | inverse 1/(1+MSE) | neg_log -log(MSE + 1e-6)
-    an empty explanation earns f(2), the reward of an orthogonal reconstruction (cos = 0)
+Targets on the critic's fixed scale (policies/nla_critic.py): t = (v - mu) / sigma, mu the training mean,
+sigma the RMS norm of the centred training vectors (mean ||t||^2 = 1 on them); t_hat = critic(text).
 
-    FVE = 1 - E[MSE] / E||t - mean(t)||^2      (t = unit(v - mean): the mean-vector baseline's error)
+    reward(text, v) = f(MSE),  MSE = ||t_hat - t||^2  in [0, inf)   (0 exact; ~1 the mean predictor, t_hat = 0)
+    f: neg_mse -MSE | exp exp(-MSE) | inverse 1/(1+MSE) | neg_log -log(MSE + 1e-6)
+    an empty explanation is scored as t_hat = 0 (v_hat = the training mean): f(||t||^2), the mean predictor's
+    reward on that row. It carries no information, so it earns exactly what knowing nothing earns; an
+    explanation earns more only where the critic reads it better than the prior.
+
+Logged per step, over the step's rows (the global batch):
+    mse     mean ||t_hat - t||^2
+    cosine  mean cos(t_hat, t)
+    fve     1 - sum ||t_hat - t||^2 / sum ||t - mean(t)||^2, mean(t) the batch's own (the mean predictor: 0)
 """
 
 import math
@@ -22,7 +30,7 @@ from latentlab.common.distributed import ONE_PROCESS, Shards, data_parallel
 from latentlab.common.optim import build_optimizer, check_finite
 from latentlab.common.tracking import StepLog, progress
 from latentlab.policies.nla_actor import NLAActor
-from latentlab.policies.nla_critic import NLACritic, reconstruction_mse
+from latentlab.policies.nla_critic import NLACritic, fraction_of_variance_explained, reconstruct
 
 RewardKind = Literal["neg_mse", "exp", "inverse", "neg_log"]
 
@@ -54,19 +62,16 @@ class CriticReward:
         self.last_texts: list[str] = []
         self.last_vectors = np.zeros((0, self.critic.dim), dtype=np.float32)
         self.last_mse = torch.zeros(0, device=self.critic.device)
+        self.last_cosine = torch.zeros(0, device=self.critic.device)
 
     def __call__(self, texts: list[str], vectors: list) -> list[float]:
         vectors = np.stack([np.asarray(v) for v in vectors])
-        mse = reconstruction_mse(self.critic, list(texts), vectors)
-        if self.last_texts:  # a later shard of the same step
-            self.last_vectors, self.last_mse = (
-                np.concatenate([self.last_vectors, vectors]),
-                torch.cat([self.last_mse, mse]),
-            )
-        else:
-            self.last_vectors, self.last_mse = vectors, mse
+        scores = reconstruct(self.critic, list(texts), vectors)
+        self.last_vectors = np.concatenate([self.last_vectors, vectors])  # after begin(): this step's shards
+        self.last_mse = torch.cat([self.last_mse, scores.mse])
+        self.last_cosine = torch.cat([self.last_cosine, scores.cosine])
         self.last_texts += list(texts)
-        return reward_from_mse(mse, self.kind).tolist()
+        return reward_from_mse(scores.mse, self.kind).tolist()
 
 
 class NLASFTConfig(Config):
@@ -97,10 +102,10 @@ def train_sft(
     cfg: NLASFTConfig,
     generator: torch.Generator,
     log: StepLog,
-    baseline: float,
     shards: Shards = ONE_PROCESS,
 ) -> None:
     """Supervised NLA: the actor learns p(text | vector), the critic learns vector <- text, on the same batches.
+    With the `mse` loss the log has the critic's FVE on each training batch (gold text, the batch's own mean).
 
     Under torchrun (`shards`: one per rank) every rank draws the same batch and keeps its contiguous shard of
     it; the actor (model and injection map) and the critic train under DDP. The actor's loss is the mean over
@@ -127,7 +132,8 @@ def train_sft(
     log.bar = bar
     batches = epoch_batches(len(texts), cfg.batch_size, generator)
     for step in bar:
-        (rows,) = shards.split(next(batches), "nla_sft.batch_size")  # the whole batch with one process
+        batch = next(batches)  # the global batch, the same on every rank
+        (rows,) = shards.split(batch, "nla_sft.batch_size")  # the whole batch with one process
         v, x = [vectors[i] for i in rows], [texts[i] for i in rows]
         losses = {}  # name: (the loss to differentiate, the global batch's loss to log)
         if actor is not None:
@@ -152,8 +158,10 @@ def train_sft(
             optimizer.step()
             schedule.step()
             row[f"{name}_loss"] = global_loss.item()
-        if "critic" in losses and critic.cfg.loss == "mse":
-            row["critic_fve"] = 1 - row["critic_loss"] / baseline  # on the training batch (gold text)
+        if "critic" in losses and critic.cfg.loss == "mse":  # the loss is the global batch's mean ||t_hat - t||^2
+            row["critic_fve"] = fraction_of_variance_explained(
+                torch.tensor(row["critic_loss"]), critic.target(vectors[np.asarray(batch)])
+            )
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             log.log(step, **row)
     for model in (actor, critic):
@@ -204,7 +212,6 @@ def train_rl(
     batches: Iterator[list],
     steps: int,
     log: StepLog,
-    baseline: float,
     desc: str,
     evaluate: Callable[[], dict[str, float]] | None = None,
     eval_every: int = 0,
@@ -220,7 +227,8 @@ def train_rl(
         vectors = next(batches)
         reward.begin()
         row = trainer.step(step, vectors, vectors)
-        mse = shards.gather(reward.last_mse)
+        mse, cosine = shards.gather(reward.last_mse), shards.gather(reward.last_cosine)
+        targets = shards.gather(reward.critic.target(reward.last_vectors))  # row for row with `mse`
         texts = reward.last_texts
         lengths, empty = [len(t) for t in texts], [not t.strip() for t in texts]
         if shards.ranks.world > 1:  # every rank's explanations (equally many on each)
@@ -228,8 +236,8 @@ def train_rl(
             empty = shards.gather(torch.tensor(empty, dtype=torch.float64)).tolist()
         row.update(
             mse=mse.mean().item(),
-            cosine=(1 - mse / 2).mean().item(),
-            fve=1 - mse.mean().item() / baseline,
+            cosine=cosine.mean().item(),
+            fve=fraction_of_variance_explained(mse, targets),
             explanation_chars=float(np.mean(lengths)),
             empty_fraction=float(np.mean(empty)),
         )

@@ -1,14 +1,22 @@
 """Scoring NLA actors on held-out activations: critic(actor(v)) against v, with controls and a ceiling.
 
-For each actor, greedy explanations of every held-out vector, read back by the critic:
-    mse     E ||unit(critic(actor(v))) - t||^2       t = unit(v - mean)
-    cosine  E cos(critic(actor(v)), t)
-    fve     1 - mse / E||t - mean(t)||^2             (the mean-vector baseline explains 0)
+For each actor, greedy explanations of every held-out vector v_i, read back by the critic. Targets
+t = (v - mu) / sigma on the critic's fixed scale (mu: the training mean; sigma: ONE scalar, the RMS
+norm of the centred training vectors, so mean ||t||^2 = 1 on the training set; policies/nla_critic.py),
+t_hat = critic(actor(v)) unnormalised:
+    fve     1 - sum_i ||t_i - t_hat_i||^2 / sum_i ||t_i - mean(t)||^2, mean(t) the held-out vectors' own
+            mean: a perfect critic 1, predicting that mean 0, worse below 0. sigma cancels and mu drops
+            out, so this equals 1 - sum ||v - v_hat||^2 / sum ||v - mean(v)||^2 with v_hat = mu + sigma t_hat
+    cosine  mean_i cos(t_hat_i, t_i)                  (its own metric: the direction alone)
+    mse     mean_i ||t_i - t_hat_i||^2                (on t's scale; `mean_predictor_mse` is FVE's
+                                                       denominator, ~1 for held-out vectors like the training ones)
+An empty explanation from an actor is scored as the mean predictor (t_hat = 0: FVE 0 on its rows).
 Controls, with the same critic:
     shuffled   the actor reads another row's vector (a fixed permutation): what is left is what any
-               explanation of this task would give; the claim is the drop from `actor` to this
+               explanation of this task would give (near or below 0); the claim is the drop from `actor` to this
     gold       the critic on the text the vector was computed from: the ceiling of this critic
-    empty      the critic on an empty explanation: one constant prediction
+    empty      the critic reads an empty explanation: one constant prediction for every row, so FVE <= 0
+               (0 only if that constant is the held-out mean)
 Can the answer be read from the explanation? The answer of the first equation the explanation
 writes (`a op b=y`) against the true answer of the problem, beside a linear probe on the same vectors:
 closed-form ridge regression onto one-hot answers, fit on the training vectors, argmax.
@@ -21,7 +29,7 @@ import torch
 
 from latentlab.common.tracking import progress
 from latentlab.policies.nla_actor import NLAActor
-from latentlab.policies.nla_critic import NLACritic, baseline_mse, reconstruction_mse
+from latentlab.policies.nla_critic import NLACritic, fraction_of_variance_explained, mean_predictor_mse, reconstruct
 from latentlab.tasks.arithmetic import OPERATORS
 
 _EQUATION = re.compile(r"\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)")
@@ -47,14 +55,13 @@ def explain(actor: NLAActor, vectors: np.ndarray, max_new_tokens: int, batch: in
     return texts
 
 
-def reconstruction_scores(
-    critic: NLACritic, texts: list[str], vectors: np.ndarray, baseline: float, empty_is_orthogonal: bool = True
-) -> dict:
-    mse = reconstruction_mse(critic, texts, vectors, empty_is_orthogonal=empty_is_orthogonal)
+def reconstruction_scores(critic: NLACritic, texts: list[str], vectors: np.ndarray, read_empty: bool = False) -> dict:
+    """FVE, mean cosine and MSE of the critic reading `texts` (row i explains `vectors[i]`), over these rows."""
+    scores = reconstruct(critic, texts, vectors, read_empty=read_empty)
     return {
-        "fve": 1 - mse.mean().item() / baseline,
-        "mse": mse.mean().item(),
-        "cosine": (1 - mse / 2).mean().item(),
+        "fve": fraction_of_variance_explained(scores.mse, critic.target(vectors)),
+        "cosine": scores.cosine.mean().item(),
+        "mse": scores.mse.mean().item(),
     }
 
 
@@ -95,16 +102,20 @@ def evaluate_nla(
     examples: int = 5,
 ) -> dict:
     """The metrics block of metrics/nla.json: per actor (and its shuffled control), gold, empty, probe."""
-    baseline = baseline_mse(critic, vectors)
     answers = np.array([problem_answer(p) for p in prompts])
     permutation = np.random.default_rng(seed).permutation(len(vectors))
-    result = {"n": len(vectors), "baseline_mse": baseline, "actors": {}}
+    result = {
+        "n": len(vectors),
+        "target_scale": critic.scale.item(),  # sigma: t = (v - mu) / sigma
+        "mean_predictor_mse": mean_predictor_mse(critic, vectors),  # FVE's denominator per row
+        "actors": {},
+    }
     for name, actor in actors.items():
         texts = explain(actor, vectors, max_new_tokens, batch, f"nla {name}")
         shuffled_texts = explain(actor, vectors[permutation], max_new_tokens, batch, f"nla {name} shuffled")
-        scores = reconstruction_scores(critic, texts, vectors, baseline)
-        shuffled = reconstruction_scores(critic, shuffled_texts, vectors, baseline)
-        mse = reconstruction_mse(critic, texts[:examples], vectors[:examples])
+        scores = reconstruction_scores(critic, texts, vectors)
+        shuffled = reconstruction_scores(critic, shuffled_texts, vectors)
+        mse = reconstruct(critic, texts[:examples], vectors[:examples]).mse
         result["actors"][name] = {
             **scores,
             **answer_accuracy(texts, answers),
@@ -117,11 +128,9 @@ def evaluate_nla(
             ],
         }
     # the gold text's first equation is the problem and the base model's own answer
-    gold = reconstruction_scores(critic, gold_texts, vectors, baseline)
+    gold = reconstruction_scores(critic, gold_texts, vectors)
     result["gold_text"] = {**gold, **answer_accuracy(gold_texts, answers)}
-    result["empty_text"] = reconstruction_scores(
-        critic, [""] * len(vectors), vectors, baseline, empty_is_orthogonal=False
-    )
+    result["empty_text"] = reconstruction_scores(critic, [""] * len(vectors), vectors, read_empty=True)
     with torch.no_grad():
         empty_cos = torch.nn.functional.cosine_similarity(
             critic.predict([""]).float(), critic.target(vectors).mean(0, keepdim=True)
