@@ -280,12 +280,13 @@ def setup(params: Params) -> Run:
     return Run(device, torch.Generator().manual_seed(params.seed), sample_rngs[0], ranks, shards, sample_rngs)
 
 
-def check_layers(params: Params, model_dir: Path) -> None:
-    """Every layer index of the params against the saved model's layer count, before any work: a hub model's
-    count is known only once it is saved (a scratch model's is `model.layers`, checked with the params)."""
+def check_layers(params: Params, model_dir: Path, keys: tuple[str, ...]) -> None:
+    """The layer indices under `keys` (the ones this stage uses) against the saved model's layer count, before
+    any work: a hub model's count is known only once it is saved (a scratch model's is `model.layers`, checked
+    with the params)."""
     from transformers import AutoConfig
 
-    if problem := params.layer_problem(AutoConfig.from_pretrained(model_dir).num_hidden_layers):
+    if problem := params.layer_problem(AutoConfig.from_pretrained(model_dir).num_hidden_layers, keys):
         raise ParamsError(f"params.yaml: {problem}")
 
 

@@ -38,7 +38,7 @@ def main(params):
     with distributed() as ranks:
         run = setup(params)
         base = require_model_dir(MODELS / "base")
-        check_layers(params, base)
+        check_layers(params, base, ("label.layers",))
         # the same run as `latentlab label`: every set is checked (empty, too long) before any is labelled
         sets = [
             LabelSet(name, rows(name), HIDDEN / f"{name}.zarr", LABELS / f"{name}.parquet", WORK / name)

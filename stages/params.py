@@ -317,9 +317,9 @@ class Params(Config):
             )
         return self
 
-    def layer_problem(self, blocks: int) -> str | None:
-        """The first layer index of these params that a model of `blocks` decoder blocks lacks, as a message that
-        names the key; None when all fit. Numberings: hidden states as output_hidden_states (0..L, -1 the final
+    def layer_problem(self, blocks: int, keys: tuple[str, ...] | None = None) -> str | None:
+        """The first layer index of these params (of `keys` only, when given) that a model of `blocks` decoder
+        blocks lacks, as a message that names the key; None when all fit. Numberings: hidden states as output_hidden_states (0..L, -1 the final
         norm), blocks (0..L-1, negatives from the end), block inputs (0 the embeddings, l the input of block l)."""
         hidden = ("hidden states", -blocks - 1, blocks)
         block = ("blocks", -blocks, blocks - 1)
@@ -334,6 +334,8 @@ class Params(Config):
         if self.inject.variant == "gated":
             checks.append(("inject.gate_layer", [self.inject.gate_layer], block_input))
         for key, indices, (numbering, low, high) in checks:
+            if keys is not None and key not in keys:
+                continue
             if problem := _out_of_range(key, indices, blocks, numbering, low, high):
                 return problem
         return None
