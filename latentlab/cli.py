@@ -42,11 +42,19 @@ def extract(args: argparse.Namespace) -> None:
     from latentlab.common.runtime import resolve_device, seed_everything
     from latentlab.hidden.extract import Extractor, TokenRows
     from latentlab.hidden.labelling import label, prepare
+    from latentlab.hidden.prompts import Place
     from latentlab.lm.modeling import describe_model, load_lm
 
     seed_everything(args.seed)
     cfg = label_config(args)
     column = args.ids_column or args.text_column
+    out = output_location(args.out)
+    table = output_location(args.table_out) if args.table_out else None
+    require_safe_outputs(
+        Place("--out", out),
+        Place("--table-out", table) if table else None,
+        [Place("--rows", args.rows, "file"), model_input(args.model)],
+    )
     rows = read_table(args.rows, {"id": pl.Int64, "prompt": pl.String})
     if column not in rows.columns:
         raise ValueError(f"{args.rows} has no column {column!r}; it has {rows.columns}")
@@ -57,9 +65,9 @@ def extract(args: argparse.Namespace) -> None:
     else:
         ended = rows[args.ended_column].to_list() if args.ended_column in rows.columns else None
         completions = extractor.completion_ids(rows[column].to_list(), ended)
-    name = Path(args.out).stem
+    name = Path(str(out)).stem
     job = prepare(extractor, name, rows, cfg, args.seed, describe_model(args.model), completions)
-    label(extractor, job, Path(args.out), Path(args.table_out) if args.table_out else None, work_dir(Path(args.out)))
+    label(extractor, job, out, table, work_dir(out))
     print(f"{args.out}: {rows.height} rows re-extracted from {column}")
 
 
@@ -86,11 +94,37 @@ def with_suffix(out: Path | str, suffix: str) -> Path | str:
     return out.with_suffix(suffix) if isinstance(out, Path) else out.rsplit(".", 1)[0] + suffix
 
 
+def model_input(model: str):
+    """--model as an input to keep apart from the outputs, when it is a local directory (not a hub id)."""
+    from latentlab.hidden.prompts import Place
+
+    return Place("--model", model, "directory") if Path(model).expanduser().exists() else None
+
+
+def require_safe_outputs(store, table, inputs: list, work: bool = True) -> None:
+    """Before any work: no output (the `store`, its row `table`, the work directory beside the store; each
+    a prompts.Place) is an input or inside one, or holds one; the store is absent or a hidden-state store
+    (resumed or replaced as before), the table absent or a row table. Anything else stops in one line,
+    nothing touched."""
+    from latentlab.hidden.prompts import Place, require_apart, require_store_output, require_table_output
+
+    outputs = [store, *([table] if table else [])]
+    if work:  # removed when a run starts over
+        outputs.append(Place(f"the work directory of {store.name}", work_dir(store.path), advice=store.instead))
+    require_apart(outputs, [source for source in inputs if source is not None])
+    require_store_output(store)
+    if table is not None:
+        require_table_output(table)
+
+
+BESIDE = "name it with --table, or choose another --out"  # the row table's path comes from --out
+
+
 def label_command(args: argparse.Namespace) -> None:
     from latentlab.common.distributed import distributed
     from latentlab.common.runtime import resolve_device, seed_everything
     from latentlab.hidden.labelling import LabelSet, label_sets
-    from latentlab.hidden.prompts import read_prompts
+    from latentlab.hidden.prompts import Place, read_prompts
 
     # default: about 1024 rows a shard, a whole number of batches
     args.shard_rows = args.shard_rows or args.batch_size * max(1, 1024 // args.batch_size)
@@ -98,6 +132,11 @@ def label_command(args: argparse.Namespace) -> None:
     rows = read_prompts(args.prompts, args.column)
     out = output_location(args.out)
     table = output_location(args.table or str(with_suffix(out, ".parquet")))
+    require_safe_outputs(
+        Place("--out", out),
+        Place("--table", table) if args.table else Place("the row table", table, advice=BESIDE),
+        [Place("--prompts", args.prompts, "file"), model_input(args.model)],
+    )
     model = Path(args.model).expanduser()
     if not model.exists() and (args.model.startswith((".", "/", "~")) or args.model.count("/") > 1):
         raise FileNotFoundError(f"--model {args.model}: no such model directory (nor a hub id like org/name)")
@@ -118,16 +157,22 @@ def info_command(args: argparse.Namespace) -> None:
     from latentlab.hidden.info import describe_store
     from latentlab.hidden.store import filesystem, is_url, store_location
 
-    store = store_location(args.store)
+    store = location = store_location(args.store)  # location: where the store's files are now
     if is_url(store):  # written in place: an unfinished store is the store itself, its markers beside it
         report = describe_store(store)
         fs, work = filesystem(work_dir(store))
         if not report["complete"] and fs.exists(work):
             report["shards_done"] = len(fs.find(f"{work}/done"))
-    elif not store.exists() and (work := work_dir(store) / "store.zarr").exists():  # killed before it finished
-        report = describe_store(work) | {"path": str(store), "shards_done": len(list(work.parent.glob("done/*")))}
+    elif not store.exists() and (location := work_dir(store) / "store.zarr").exists():  # killed before it finished
+        done = len(list(location.parent.glob("done/*")))
+        report = describe_store(location) | {"path": str(store), "shards_done": done}
     else:
         report = describe_store(store)
+    if args.verify:  # every chunk read back; the first damaged one stops here, named (StoreDamaged)
+        from latentlab.common.tracking import progress
+        from latentlab.hidden.store import verify_store
+
+        report["verified"] = verify_store(location, lambda total: progress(None, "verify", total=total, unit="chunk"))
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -137,6 +182,12 @@ def info_command(args: argparse.Namespace) -> None:
 def format_info(report: dict) -> str:
     model = report["model"] or {}
     state = "complete" if report["complete"] else "INCOMPLETE (a run did not finish; rerun it to resume)"
+    verified = report.get("verified")
+    if verified is None:
+        state += " (not verified: --verify reads every chunk)" if report["complete"] else ""
+    else:
+        state += f", verified: every chunk of {verified['arrays']} arrays read back ({verified['chunks']} chunks"
+        state += ", checksummed)" if verified["checksums"] else "; no chunk checksums in this store: decoding only)"
     if "shards_done" in report:
         state += f", {report['shards_done']} shard(s) done"
     mode = report["mode"]
@@ -163,7 +214,14 @@ def format_info(report: dict) -> str:
 
 
 def npz_export(args: argparse.Namespace) -> None:
-    from latentlab.hidden.npz import export_npz
+    from latentlab.hidden.npz import ARCHIVE, export_npz, is_npz_archive
+    from latentlab.hidden.prompts import Place, require_apart, require_replaceable
+
+    out = Place("the output", output_location(args.out), advice="choose another output path")
+    inputs = [Place("store", args.store, "to export"), Place("--table", args.table, "file")]
+    inputs.append(Place("--transitions", args.transitions, "store"))
+    require_apart([out], [source for source in inputs if source.path is not None])
+    require_replaceable(out, is_npz_archive, ARCHIVE)
 
     keys = export_npz(args.store, args.out, args.table, args.layer, args.transitions)
     print(f"{args.out}: {', '.join(keys)}")
@@ -171,6 +229,14 @@ def npz_export(args: argparse.Namespace) -> None:
 
 def npz_import(args: argparse.Namespace) -> None:
     from latentlab.hidden.npz import import_npz
+    from latentlab.hidden.prompts import Place
+
+    require_safe_outputs(
+        Place("the store", output_location(args.store), advice="choose another store path"),
+        Place("--table", output_location(args.table)) if args.table else None,
+        [Place("the .npz file", args.npz)],
+        work=False,
+    )
 
     rows = import_npz(args.npz, args.store, args.table, args.layer)
     print(f"{args.store}: {rows} rows imported from {args.npz}")
@@ -214,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     inf = commands.add_parser("info", help="what a hidden-state store holds")
     inf.add_argument("store")
     inf.add_argument("--json", action="store_true", help="machine-readable")
+    inf.add_argument(
+        "--verify", action="store_true", help="read back every chunk of every array; exit 1 naming the first damaged"
+    )
     inf.set_defaults(run=info_command)
 
     ex = commands.add_parser("extract", help="re-extract hidden states of existing text (teacher-forced)")

@@ -13,7 +13,9 @@ import pytest
 import zarr
 
 from latentlab.cli import main as cli
+from latentlab.common.errors import InputError
 from latentlab.hidden.info import describe_store, hook_name
+from latentlab.hidden.prompts import read_prompts
 from latentlab.hidden.store import open_store
 from tests.label_fixtures import ENV, REPO, run_stage, save_model, scratch_repo, tree_bytes
 
@@ -244,3 +246,54 @@ def test_torchrun_two_ranks_label_the_same_store_as_one_process(model_dir, tmp_p
     result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert tree_bytes(tmp_path / "two") == tree_bytes(tmp_path / "one")
+
+
+def flip_middle(path):
+    """Damage a file the way a bad disk or a truncated copy does: 16 bytes in its middle inverted."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle - 8 : middle + 8] = bytes(b ^ 0xFF for b in data[middle - 8 : middle + 8])
+    path.write_bytes(bytes(data))
+
+
+def test_info_verify_reads_every_chunk_and_names_the_first_damaged_one(model_dir, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS))
+    store = tmp_path / "p.zarr"
+    label_cli(model_dir, tmp_path / "p.txt", store, *OPTIONS)
+    capsys.readouterr()
+    cli(["info", str(store), "--verify"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"{store}: complete, verified") and "every chunk of 4 arrays read back" in out
+
+    flip_middle(store / "pooled" / "c" / "1" / "0" / "0")  # the second of 3 shard files
+    cli(["info", str(store)])  # the report alone reads no chunk
+    assert capsys.readouterr().out.startswith(f"{store}: complete (not verified")
+    with pytest.raises(SystemExit) as stop:
+        cli(["info", str(store), "--verify"])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert_one_line(err, f"{store}: array 'pooled' is damaged: its file {store / 'pooled/c/1/0/0'} (rows 4..8)")
+    assert "dvc pull" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("prefix", ["", "\ufeff"])
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_prompts_with_a_byte_order_mark_read_as_without(tmp_path, prefix, suffix):
+    lines = (
+        PROMPTS[:3] if suffix == ".txt" else [json.dumps({"id": i + 5, "prompt": p}) for i, p in enumerate(PROMPTS[:3])]
+    )
+    path = tmp_path / f"p{suffix}"
+    path.write_bytes((prefix + "\n".join(lines) + "\n").encode("utf-8"))
+    rows = read_prompts(path)
+    assert rows["prompt"].to_list() == PROMPTS[:3]
+    assert rows["id"].to_list() == ([0, 1, 2] if suffix == ".txt" else [5, 6, 7])
+
+
+def test_duplicate_ids_are_refused_naming_the_id_and_where(tmp_path):
+    lines = ['{"id": 1, "prompt": "1+1="}', '{"id": 2, "prompt": "2+2="}', "", '{"id": 1, "prompt": "3+3="}']
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"p.jsonl: id 1 appears on lines 1 and 4; ids must be unique"):
+        read_prompts(tmp_path / "p.jsonl")
+    pl.DataFrame({"id": [7, 8, 7, 8], "prompt": ["a", "b", "c", "d"]}).write_parquet(tmp_path / "p.parquet")
+    with pytest.raises(InputError, match=r"p.parquet: id 7 appears in rows 0 and 2; ids must be unique"):
+        read_prompts(tmp_path / "p.parquet")

@@ -1,8 +1,10 @@
 """`python -m latentlab.hidden.serve`: a real server on loopback, a real HTTP client, bad input, concurrency."""
 
 import json
+import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -10,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from latentlab.hidden.client import HiddenClient
 from latentlab.hidden.extract import ExtractConfig, Extractor
 from latentlab.lm.modeling import load_lm
 from tests.label_fixtures import ENV, save_model
@@ -148,3 +151,79 @@ def test_other_methods_and_queries_get_json_answers(server):
 def test_characters_outside_the_vocabulary_are_refused_not_read_as_unk(server):
     status, answer = call(server, "/embed", {"prompts": ["1+2=", "1€2="]})
     assert status == 400 and "prompt 1: 1 character(s) outside the model's vocabulary" in answer["error"]
+
+
+TIMEOUT, CAP = 2, 4  # the guarded server's --read-timeout (s) and --max-connections
+
+
+@pytest.fixture(scope="module")
+def guarded(model_dir):
+    process, url = start_server(model_dir, "--read-timeout", str(TIMEOUT), "--max-connections", str(CAP))
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def half_sent(url, sent=10):
+    """A connection that sent a request's headers (Content-Length 100) and `sent` bytes of its body, then stalls."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=TIMEOUT + 8)
+    sock.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"{" * sent)
+    return sock
+
+
+def answer(sock):
+    """Everything the server sends until it closes the connection (b"" if it closes without a word)."""
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data
+
+
+def test_a_body_shorter_than_its_content_length_times_out_and_others_are_served(guarded):
+    sock = half_sent(guarded)
+    started = time.monotonic()
+    status, one = call(guarded, "/embed", {"prompt": "1+2="})  # served while the slow client waits
+    assert status == 200 and len(one["pooled"]) == 1
+    try:
+        reply = answer(sock)  # old server: nothing, ever (this recv timed out after 10 s)
+    finally:
+        sock.close()
+    assert time.monotonic() - started < TIMEOUT + 3
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 408"), reply
+    if reply:
+        assert b"Connection: close" in reply and b"did not arrive within" in reply
+
+
+def test_connections_beyond_the_cap_get_503_at_once_and_service_resumes(guarded):
+    held = [half_sent(guarded) for _ in range(CAP)]
+    try:
+        time.sleep(0.2)  # the server has accepted them (it takes connections in order anyway)
+        started = time.monotonic()
+        extra = socket.create_connection(held[0].getpeername(), timeout=5)
+        try:
+            extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = answer(extra)
+        finally:
+            extra.close()
+        assert reply.startswith(b"HTTP/1.1 503"), reply
+        assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"].startswith(f"{CAP} connections already open")
+        assert time.monotonic() - started < 1
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 5
+    while (status := call(guarded, "/health"))[0] != 200:  # the held connections' threads see them closed
+        assert status[0] == 503 and time.monotonic() < deadline, f"the server did not recover: {status}"
+        time.sleep(0.1)
+    assert call(guarded, "/embed", {"prompt": "1+2="})[0] == 200
+
+
+def test_the_client_reconnects_after_the_server_closes_an_idle_connection(guarded):
+    client = HiddenClient(guarded, -1)
+    try:
+        first = client(["1+2="])
+        time.sleep(TIMEOUT + 0.5)  # the server closes the idle keep-alive connection
+        np.testing.assert_array_equal(client(["1+2="]), first)
+    finally:
+        client.close()

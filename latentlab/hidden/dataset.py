@@ -21,6 +21,8 @@
   sample of the kind (float64 sums, one pass); with `save_stats=True` they are kept in the store's
   attributes under `normalization`, so later datasets reuse them. Off by default: reading a store
   never changes it (a DVC output would change its hash).
+- A damaged chunk stops the read with `StoreDamaged` (a ValueError) naming the store, the array and the
+  file (latentlab/hidden/store.py); `latentlab info --verify` checks a whole store beforehand.
 """
 
 import json

@@ -19,7 +19,10 @@ from latentlab.common.atomic import atomic_output
 from latentlab.common.errors import InputError
 from latentlab.hidden.store import (
     FORMAT,
+    ROW_TABLE_KEY,
     add_array,
+    is_hidden_store,
+    is_row_table,
     layer_position,
     open_store,
     read_parquet,
@@ -56,7 +59,9 @@ def export_npz(
     # per-position states when stored; else the pooled vector as a single position, which the
     # reference's mean over dim 1 turns back into the same vector
     hidden = group["tokens"][:, :, j] if "tokens" in group else group["pooled"][:, j][:, None]
-    arrays = {"hidden_state": hidden.astype(np.float32), "n_positions": group["n_positions"][:]}
+    # how many of the file's T positions hold states: a pooled vector is one (import reads it back as one)
+    counts = group["n_positions"][:] if "tokens" in group else np.ones(len(hidden), dtype=np.int32)
+    arrays = {"hidden_state": hidden.astype(np.float32), "n_positions": counts}
     rows = read_parquet(table) if table is not None else pl.DataFrame()
     for key in TRANSITION_KEYS:
         if key in group:
@@ -69,13 +74,26 @@ def export_npz(
         arrays["obs"] = np.array(rows["prompt"].to_list(), dtype=str)
     if "text_generated" in rows.columns:
         arrays["text_generated"] = np.array(rows["text_generated"].to_list(), dtype=str)
-    with atomic_output(out) as partial, open(partial, "wb") as file:  # a file object: savez adds no suffix
+    # a file object: savez adds no suffix; only an .npz archive is replaced, never another file
+    with atomic_output(out, replaces=is_npz_archive, what=ARCHIVE) as partial, open(partial, "wb") as file:
         np.savez(file, **arrays)
     return list(arrays)
 
 
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGIC = b"PK\x03\x04"
+ARCHIVE = "an .npz archive (a zip file of .npy arrays)"
+
+
+def is_npz_archive(path: str | Path) -> bool:
+    """A file `np.savez` could have written: a zip archive whose members are all .npy arrays."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):  # absent, a directory, not a zip file
+        return False
+    return path.is_file() and all(name.endswith(".npy") for name in names)
 
 
 def _load(path: Path) -> dict[str, np.ndarray]:
@@ -163,7 +181,7 @@ def import_npz(
         "rows": rows,
     }
     shard_rows = max(batch_rows, shard_rows // batch_rows * batch_rows)
-    with atomic_output(store) as partial:
+    with atomic_output(store, replaces=is_hidden_store, what="a hidden-state store") as partial:
         group = write_store(partial, store_metadata(rows, 1, size, width, attrs, batch_rows, shard_rows))[""]
         group["pooled"][:] = pooled[:, None].astype(np.float32)
         group["tokens"][:] = hidden[:, :, None].astype(np.float16)
@@ -174,6 +192,9 @@ def import_npz(
                 add_array(group, key, rows_array_metadata(array.shape, array.dtype, batch_rows, shard_rows))[:] = array
     if table is not None:
         text = {k: a.tolist() for k, a in arrays.items() if _is_text(a)}
-        with atomic_output(table) as partial:
-            pl.DataFrame({"id": np.arange(rows), **text}).write_parquet(partial)
+        with atomic_output(table, replaces=is_row_table, what="a row table of a store") as partial:
+            frame = pl.DataFrame({"id": np.arange(rows), **text})
+            frame.write_parquet(
+                partial, metadata={ROW_TABLE_KEY: f"rows of {Path(store).name}, imported from {path.name}"}
+            )
     return rows

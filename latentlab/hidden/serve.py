@@ -11,12 +11,18 @@ are gathered by one worker thread into a single forward pass (up to `max_batch` 
 library HTTP server, one thread per connection; binds 127.0.0.1 unless told otherwise. Bad input
 gets a 4xx with {"error": "..."}: malformed JSON or fields (400), too big a body or batch (413),
 a prompt that does not fit the model's context (400), an unknown path (404).
+
+Nothing hangs: every read of a connection waits at most `read_timeout` seconds (an idle keep-alive
+connection is closed after it; a body that does not arrive whole within it gets 408 and the connection
+is closed), and at most `max_connections` connections are served at once: one more is answered 503
+at once and closed (its client retries), so half-sent requests cannot pile up threads.
 """
 
 import argparse
 import json
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -50,6 +56,10 @@ class ServeConfig(ExtractConfig):
     """How long the first request of a batch waits for others to join it."""
     max_body_bytes: int = Field(1_000_000, gt=0)
     """Largest request body accepted."""
+    read_timeout: float = Field(10.0, gt=0)
+    """Seconds a connection may keep the server waiting: for a request's next bytes, and for its whole body."""
+    max_connections: int = Field(64, gt=0)
+    """Connections served at once; one more is answered 503 at once and closed."""
     seed: int = 0
     """Seed of the sampling stream when generating."""
 
@@ -157,6 +167,8 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, cfg: ServeConfig, extractor: Extractor, info: dict):
         self.cfg, self.extractor, self.info = cfg, extractor, info
+        self.open_connections, self.refused = 0, 0
+        self._count = threading.Lock()
         self.batcher = Batcher(
             extractor,
             cfg.max_batch,
@@ -164,6 +176,37 @@ class Server(ThreadingHTTPServer):
             torch.Generator(device=extractor.device).manual_seed(cfg.seed),
         )
         super().__init__((cfg.host, cfg.port), Handler)
+
+    def process_request(self, request: socket.socket, client_address) -> None:
+        """A thread for the connection, or, with `max_connections` already open, a 503 at once (here, in
+        the accepting thread: a few hundred bytes to a fresh socket never block) and the connection closed."""
+        with self._count:
+            full = self.open_connections >= self.cfg.max_connections
+            if full:
+                self.refused += 1
+            else:
+                self.open_connections += 1
+        if not full:
+            try:
+                super().process_request(request, client_address)  # starts the thread
+            except BaseException:
+                self._release()
+                raise
+            return
+        try:
+            _refuse(request, self.cfg.max_connections)
+        finally:
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._count:
+            self.open_connections -= 1
 
     def embed(self, body: bytes) -> dict:
         try:
@@ -183,15 +226,45 @@ class Server(ThreadingHTTPServer):
         return {**answer, "layers": self.cfg.layers, "mode": self.cfg.mode}
 
 
+def _refuse(connection: socket.socket, limit: int) -> None:
+    """Answer 503 on a connection that is not served, without waiting for it: what the client already
+    sent is drained first (closing on unread bytes would reset the connection before it reads the answer)."""
+    body = json.dumps({"error": f"{limit} connections already open; retry shortly"}).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    )
+    try:
+        connection.setblocking(False)
+        try:
+            while connection.recv(65536):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        connection.settimeout(1.0)
+        connection.sendall(head.encode() + body)
+        connection.shutdown(socket.SHUT_WR)
+    except OSError:  # the client is gone already
+        pass
+
+
 class Handler(BaseHTTPRequestHandler):
     server: Server
     protocol_version = "HTTP/1.1"  # keep-alive, so a client can send many requests on one connection
+
+    def setup(self) -> None:
+        self.timeout = (
+            self.server.cfg.read_timeout
+        )  # StreamRequestHandler sets it on the socket: every read waits at most this
+        super().setup()
 
     def _reply(self, status: HTTPStatus, payload: dict) -> None:
         body = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:  # said, so the client does not send its next request on it
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
@@ -211,9 +284,17 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self._route() != "/health":
             return self._error(HTTPStatus.NOT_FOUND, f"no such path {self.path}; GET /health, POST /embed")
-        batcher = self.server.batcher
+        server, batcher = self.server, self.server.batcher
         self._reply(
-            HTTPStatus.OK, {"status": "ok", **self.server.info, "requests": batcher.served, "batches": batcher.batches}
+            HTTPStatus.OK,
+            {
+                "status": "ok",
+                **server.info,
+                "requests": batcher.served,
+                "batches": batcher.batches,
+                "connections": server.open_connections,  # this one included
+                "refused": server.refused,  # connections answered 503 (over max_connections)
+            },
         )
 
     def do_POST(self) -> None:
@@ -230,12 +311,43 @@ class Handler(BaseHTTPRequestHandler):
                 self.rfile.read(length)
             self.close_connection = True
             return self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes; the limit is {limit}")
+        body = self._body(length)
+        if body is None:
+            return
         try:
-            self._reply(HTTPStatus.OK, self.server.embed(self.rfile.read(length)))
+            self._reply(HTTPStatus.OK, self.server.embed(body))
         except RequestError as error:
             self._error(error.status, str(error))
         except Exception as error:  # a failure of ours, said plainly
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(error).__name__}: {error}")
+
+    def _body(self, length: int) -> bytes | None:
+        """The request's body, whole within `read_timeout` seconds; else a 408 (or, for a client that
+        closed its end, nothing) and the connection closed: None."""
+        timeout = self.server.cfg.read_timeout
+        deadline, parts, got = time.monotonic() + timeout, [], 0
+        try:
+            while got < length:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(left)
+                part = self.rfile.read1(min(length - got, 65536))
+                if not part:  # the client closed its end: no one to answer
+                    self.close_connection = True
+                    return None
+                parts.append(part)
+                got += len(part)
+        except TimeoutError:
+            self.close_connection = True
+            self._error(
+                HTTPStatus.REQUEST_TIMEOUT,
+                f"the body did not arrive within {timeout:g} s ({got} of Content-Length {length} bytes)",
+            )
+            return None
+        finally:
+            self.connection.settimeout(timeout)
+        return b"".join(parts)
 
 
 def build_server(cfg: ServeConfig) -> Server:
@@ -253,6 +365,8 @@ def build_server(cfg: ServeConfig) -> Server:
         "tokens": cfg.tokens,
         "hidden_size": extractor.hidden_size,
         "max_batch": cfg.max_batch,
+        "max_connections": cfg.max_connections,
+        "read_timeout": cfg.read_timeout,
     }
     return Server(cfg, extractor, info)
 
@@ -270,6 +384,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    parser.add_argument(
+        "--read-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a connection may keep the server waiting, for its next bytes or its whole body (default: 10)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=64,
+        help="connections served at once; one more gets 503 at once (default: 64)",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
