@@ -13,12 +13,15 @@ policy only need sft or label): DVC releases its repository lock while a stage's
 takes it again to record the result, so concurrent `dvc repro`s of different stages are safe
 (`--wait-for-lock` makes the short locked phases queue instead of fail). Each stage uses `threads`
 CPU threads (params.yaml), so N x threads should not exceed the cores.
-Retries re-run a failed stage; its output lines stream into the Prefect logs; the metrics are
-published as a table artifact and the report as a markdown artifact.
+Retries re-run a stage that crashed, not one that refused its params (exit 2: it would fail the same way);
+its output lines stream into the Prefect logs; the metrics are published as a table artifact and the report
+as a markdown artifact. `--set` values are checked against the params schema before any stage runs (a refused
+one exits 2, naming the key), and params.yaml is given back byte for byte when the run fails or is interrupted.
 """
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,13 +31,34 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 from ruamel.yaml import YAML
 
-from flows.dvc import apply_param_overrides, require_dvc, run_streaming, stage_graph, stage_order
+from flows.dvc import (
+    PARAMS_ERROR,
+    CommandError,
+    ParamsRefused,
+    allow_commands,
+    apply_param_overrides,
+    check_param_overrides,
+    require_dvc,
+    run_streaming,
+    stage_graph,
+    stage_order,
+    stop_commands,
+    stopping,
+)
 
 METRICS = "metrics/eval.json"
 REPORT = "reports/report.md"
 
 
-@task(retries=2, retry_delay_seconds=5, task_run_name="dvc repro {stage}")
+def worth_retrying(task, task_run, state) -> bool:
+    """A crash (a killed stage, any exit code but 2, DVC failing) is retried; a stage that refused its params
+    (exit 2) is not, since the same inputs fail the same way, nor is anything once the flow is stopping."""
+    error = state.result(raise_on_failure=False)
+    deterministic = isinstance(error, CommandError) and error.stage_exit == PARAMS_ERROR
+    return not deterministic and not stopping()
+
+
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=worth_retrying, task_run_name="dvc repro {stage}")
 def repro_stage(stage: str, repo: str, force: bool = False) -> None:
     command = ["dvc", "--wait-for-lock", "repro", "--single-item", stage] + (["--force"] if force else [])
     started = time.perf_counter()
@@ -44,6 +68,8 @@ def repro_stage(stage: str, repo: str, force: bool = False) -> None:
 
 @task(task_run_name="set params")
 def set_params(repo: str, overrides: dict[str, Any]) -> None:
+    """Check the overrides against the params schema (ParamsRefused, nothing written), then write them."""
+    check_param_overrides(repo, overrides)
     apply_param_overrides(Path(repo) / "params.yaml", overrides)
     get_run_logger().info(f"params.yaml overrides: {overrides}")
 
@@ -85,7 +111,9 @@ def pipeline(
 
     force_stage: rerun this stage even if DVC finds it up to date (later stages follow if it changes);
         "all": every stage (as `dvc repro --force`).
-    params: dotted overrides, e.g. {"grpo.even_bonus": 0.5}: the run becomes a DVC experiment.
+    params: dotted overrides, e.g. {"grpo.even_bonus": 0.5}: the run becomes a DVC experiment. They are checked
+        against the params schema before any stage runs (ParamsRefused); params.yaml is given back byte for byte
+        if the run fails or is interrupted before the experiment is saved.
     jobs: stages run at once at most (1: one after another, in `stage_order`).
     """
     if jobs < 1:
@@ -95,11 +123,23 @@ def pipeline(
     parents = stage_graph(repo)
     if force_stage not in (None, "all") and force_stage not in parents:
         raise ValueError(f"force_stage={force_stage!r} is not a stage of dvc.yaml; stages: {list(parents)}")
-    if params:
-        set_params(repo, params)
-    started = run_stages(parents, repo, force_stage, jobs)
-    if params:
-        save_experiment(repo, experiment_name)
+    allow_commands()
+    params_file = Path(repo) / "params.yaml"
+    original = params_file.read_bytes()
+    done = False
+    try:
+        if params:
+            set_params(repo, params)
+        started = run_stages(parents, repo, force_stage, jobs)
+        if params:
+            save_experiment(repo, experiment_name)
+        done = True
+    finally:
+        if not done:  # failed or interrupted (Ctrl-C, Prefect's SIGTERM); `kill -9` leaves no chance
+            stop_commands()  # first: a dvc still running would record its stage against the restored params
+            if params and params_file.read_bytes() != original:
+                params_file.write_bytes(original)
+                print(f"params.yaml given back as it was before the run (the overrides {params} are not kept)")
     publish(repo)
     if push_at_end:
         push(repo, remote)
@@ -157,15 +197,19 @@ def main() -> None:
     parser.add_argument("--remote", help="DVC remote for --push (default: the default remote)")
     parser.add_argument("--jobs", "-j", type=int, default=1, help="stages run at once at most (default 1)")
     args = parser.parse_args()
-    pipeline(
-        repo=args.repo,
-        force_stage=args.force_stage,
-        params=_parse_set(args.set) or None,
-        experiment_name=args.experiment_name,
-        push_at_end=args.push_at_end,
-        remote=args.remote,
-        jobs=args.jobs,
-    )
+    try:
+        pipeline(
+            repo=args.repo,
+            force_stage=args.force_stage,
+            params=_parse_set(args.set) or None,
+            experiment_name=args.experiment_name,
+            push_at_end=args.push_at_end,
+            remote=args.remote,
+            jobs=args.jobs,
+        )
+    except ParamsRefused as error:  # nothing ran: one clear line, the exit code of a stage refusing its params
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(PARAMS_ERROR)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,22 @@ experiment is a flow run of the `latentlab-experiment/sweep` deployment, taken b
 otherwise (or with --local) they run here, --jobs at a time. A failed experiment is retried once, then
 reported as failed in the summary; the command exits 1 if any failed. Results: results/sweeps/<name>/
 (sweep.md, summary.json, a figure per swept key) and a Prefect table artifact.
+
+Clones live under .dvc/tmp/sweep/<pid>@<host>/, the process that made them. Each is removed when its experiment
+ends; a sweep that ends (or fails, or is interrupted) stops what it started and removes its own directory; and a
+sweep removes, when it starts and ends, the directories of processes of this host that no longer run (a sweep or
+a worker's experiment killed with `kill -9`). A running sweep's clones are never touched.
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
+import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +45,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.dvc import CommandError, param_node, run_streaming
+from flows.dvc import CommandError, allow_commands, param_node, run_streaming, stop_commands, stopping
 
 FLOW = "latentlab-experiment"
 DEPLOYMENT = "sweep"
@@ -109,6 +117,41 @@ def finished(repo: str | Path, baseline: str) -> set[str]:
     return {ref.removeprefix(prefix) for ref in refs}
 
 
+CLONES = Path(".dvc") / "tmp" / "sweep"  # under the repository: <pid>@<host>/<experiment>-<random>/
+
+
+def clones_dir(repo: str | Path, pid: int | None = None) -> Path:
+    """Where process `pid` (default: this one) of this host keeps its clones of `repo`."""
+    return Path(repo) / CLONES / f"{pid or os.getpid()}@{socket.gethostname()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_dead_clones(repo: str | Path, log: Callable[[str], None]) -> None:
+    """Remove the clones of processes of this host that no longer run (a sweep or experiment killed outright);
+    those of running processes, and of other hosts sharing the directory, stay. A clone outside a <pid>@<host>
+    directory (made before owners were recorded) cannot be told from a running one: it is named, not removed."""
+    scratch, host = Path(repo) / CLONES, socket.gethostname()
+    if not scratch.is_dir():
+        return
+    for entry in sorted(scratch.iterdir()):
+        pid, at, owner_host = entry.name.partition("@")
+        if at and pid.isdigit():
+            if owner_host == host and not _alive(int(pid)):
+                log(f"removing {entry.relative_to(repo)}: clones of process {pid}, which no longer runs")
+                shutil.rmtree(entry, ignore_errors=True)
+        else:
+            log(f"{entry.relative_to(repo)}: a clone without a recorded owner; remove it once no sweep runs")
+
+
 def run_one(
     repo: str, baseline: str, name: str, overrides: list[str], targets: list[str], log: Callable[[str], None]
 ) -> str:
@@ -119,7 +162,7 @@ def run_one(
     """
     if name in finished(repo, baseline):
         return "reused"
-    scratch = Path(repo) / ".dvc" / "tmp" / "sweep"
+    scratch = clones_dir(repo)
     scratch.mkdir(parents=True, exist_ok=True)
     clone = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=scratch))
     try:
@@ -139,11 +182,20 @@ def run_one(
 
 @flow(name=FLOW, retries=RETRIES, retry_delay_seconds=5, flow_run_name="{name}")
 def run_experiment(repo: str, baseline: str, name: str, overrides: list[str], targets: list[str]) -> str:
-    """One experiment of a sweep, as a work-pool worker runs it (see `run_one`)."""
-    return run_one(repo, baseline, name, overrides, targets, get_run_logger().info)
+    """One experiment of a sweep, as a work-pool worker runs it (see `run_one`), in a process of its own."""
+    try:
+        return run_one(repo, baseline, name, overrides, targets, get_run_logger().info)
+    finally:
+        with contextlib.suppress(OSError):  # this process's clones directory, empty now
+            clones_dir(repo).rmdir()
 
 
-@task(retries=RETRIES, retry_delay_seconds=5, task_run_name="experiment {name}")
+def unless_stopping(task, task_run, state) -> bool:
+    """Retry a failed experiment, unless the sweep is stopping (interrupted: it stopped the experiment itself)."""
+    return not stopping()
+
+
+@task(retries=RETRIES, retry_delay_seconds=5, retry_condition_fn=unless_stopping, task_run_name="experiment {name}")
 def run_here(repo: str, baseline: str, name: str, overrides: list[str], targets: list[str]) -> str:
     return run_one(repo, baseline, name, overrides, targets, get_run_logger().info)
 
@@ -226,6 +278,8 @@ def sweep(
     check_keys(repo, grid)
     if dirty := uncommitted(repo):
         raise SystemExit(f"commit first: the experiments run the last commit, and these files differ:\n{dirty}")
+    allow_commands()
+    remove_dead_clones(repo, print)
     baseline = git(repo, "rev-parse", "HEAD")
     experiments = plan(grid, seeds, targets)
     done = finished(repo, baseline)
@@ -235,15 +289,22 @@ def sweep(
         deploy(repo, pool)
     runner = run_on_pool if pool else run_here
     started = time.perf_counter()
-    futures = {e.name: runner.submit(repo, baseline, e.name, e.overrides, list(targets)) for e in todo}
     status = {}
-    for e in experiments:
-        if e.name in futures:
-            futures[e.name].wait()
-            state = futures[e.name].state
-            status[e.name] = {"status": "ran"} if state.is_completed() else {"status": "failed", "error": state.message}
-        else:
-            status[e.name] = {"status": "reused"}
+    try:
+        futures = {e.name: runner.submit(repo, baseline, e.name, e.overrides, list(targets)) for e in todo}
+        for e in experiments:
+            if e.name in futures:
+                futures[e.name].wait()
+                state = futures[e.name].state
+                failed = {"status": "failed", "error": state.message}
+                status[e.name] = {"status": "ran"} if state.is_completed() else failed
+            else:
+                status[e.name] = {"status": "reused"}
+    finally:  # also when interrupted: what runs here stops, and no clone of this process stays behind
+        if len(status) < len(experiments):
+            stop_commands()
+        shutil.rmtree(clones_dir(repo), ignore_errors=True)
+        remove_dead_clones(repo, print)
     wall = time.perf_counter() - started
     summary = summarize_sweep(repo, baseline, experiments, status, command, wall)
     publish(repo, name or "-".join(grid) or "seeds", summary)

@@ -2,8 +2,12 @@
 
 import json
 import math
+import os
+import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -184,3 +188,156 @@ def test_a_sweep_on_a_work_pool_with_two_workers(dag, server, tmp_path):  # noqa
             worker.terminate()
             worker.wait(timeout=30)
         dag.run("git", "clean", "-q", "-d", "--force", "results")
+
+
+STEP = '''"""A stage of the little sweep project: `python step.py NAME` (first -> second; other beside them)."""
+import json, os, sys, time
+from pathlib import Path
+from ruamel.yaml import YAML
+
+name, params = sys.argv[1], YAML(typ="safe").load(Path("params.yaml").read_text())
+Path("metrics").mkdir(exist_ok=True)
+if name == "first":
+    Path("data").mkdir(exist_ok=True)
+    Path("data/first.txt").write_text(str(10 * params["a"] + params["seed"]))
+    value = 10 * params["a"] + params["seed"]
+elif name == "second":
+    if params["sleep"]:  # a long experiment: its process id in $PROBE_DIR/second.tries, then it sleeps
+        with (Path(os.environ["PROBE_DIR"]) / "second.tries").open("a") as log:
+            log.write(f"{os.getpid()}\\n")
+        time.sleep(params["sleep"])
+    value = int(Path("data/first.txt").read_text()) + 1
+else:
+    value = 111
+Path(f"metrics/{name}.json").write_text(json.dumps({"value": value}))
+'''
+
+LITTLE_DVC_YAML = """stages:
+  first:
+    cmd: python step.py first
+    params: [seed, a]
+    outs: [data/first.txt]
+    metrics:
+      - metrics/first.json:
+          cache: false
+  second:
+    cmd: python step.py second
+    deps: [data/first.txt]
+    params: [sleep]
+    metrics:
+      - metrics/second.json:
+          cache: false
+  other:
+    cmd: python step.py other
+    params: [a]
+    metrics:
+      - metrics/other.json:
+          cache: false
+"""
+
+
+@pytest.fixture(scope="module")
+def little(tmp_path_factory):
+    """A small git + DVC project, reproduced and committed, and a real Prefect server: sweeps of it take seconds."""
+    from tests.dag import ROOT, environment
+    from tests.test_flows import prefect_server
+
+    root, home = tmp_path_factory.mktemp("little"), tmp_path_factory.mktemp("home")
+    env = environment(home)
+    (root / "params.yaml").write_text("seed: 0\na: 1\nsleep: 0\n")
+    (root / "dvc.yaml").write_text(LITTLE_DVC_YAML)
+    (root / "step.py").write_text(STEP)
+    for command in (["git", "init", "-q", "-b", "main"], ["dvc", "init", "-q"], ["dvc", "repro"], ["git", "add", "-A"]):
+        subprocess.run(command, cwd=root, env=env, check=True, capture_output=True)
+    subprocess.run(["git", "commit", "-qm", "little"], cwd=root, env=env, check=True, capture_output=True)
+    with prefect_server(env, tmp_path_factory.mktemp("prefect")) as env:
+
+        def sweep(*args, probe_dir=None, background=False):
+            """`python -m flows.sweep --repo <little> --local --seeds 1 ...` (from this checkout)."""
+            command = [sys.executable, "-m", "flows.sweep", "--repo", str(root), "--local", "--seeds", "1", *args]
+            run_env = {**env, "PROBE_DIR": str(probe_dir or home)}
+            if background:  # its own session: the test can kill it with everything it started
+                log = (Path(probe_dir) / f"sweep-{time.time_ns()}.log").open("w")
+                return subprocess.Popen(
+                    command, cwd=ROOT, env=run_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            return subprocess.run(command, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=600)
+
+        yield root, sweep
+
+
+@pytest.mark.slow
+def test_the_summary_leaves_out_metrics_of_stages_the_sweep_did_not_run(little):
+    root, sweep = little
+    result = sweep("-S", "a=2,3", "--targets", "second", "--name", "marks")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((root / "results/sweeps/marks/summary.json").read_text())
+    # first and second ran (second is the target, first feeds it): their numbers are this sweep's results
+    means = {(r["config"]["a"], r["metric"]): r["mean"] for r in summary["rows"]}
+    assert means == {
+        ("2", "metrics/first.json:value"): 20,
+        ("2", "metrics/second.json:value"): 21,
+        ("3", "metrics/first.json:value"): 30,
+        ("3", "metrics/second.json:value"): 31,
+    }
+    # other never ran: its metrics file holds the baseline's number (111), which no setting of the sweep produced
+    assert summary["not_run"] == {"metrics/other.json": "other"}
+    text = (root / "results/sweeps/marks/sweep.md").read_text()
+    assert "`metrics/other.json` (stage `other`)" in text
+
+
+def _clones(root: Path, prefix: str) -> list[Path]:
+    """The sweep's clones of experiments whose name starts with `prefix`, wherever under .dvc/tmp/sweep."""
+    return [p for p in (root / ".dvc/tmp/sweep").rglob(f"{prefix}*") if (p / ".git").exists()]
+
+
+@pytest.mark.slow
+def test_clones_of_a_killed_sweep_are_removed_and_a_running_sweeps_are_kept(little, tmp_path):
+    root, sweep = little
+    killed = sweep("-S", "sleep=300", "--targets", "second", "--name", "killed", probe_dir=tmp_path, background=True)
+    running = sweep("-S", "sleep=301", "--targets", "second", "--name", "running", probe_dir=tmp_path, background=True)
+    try:
+        deadline = time.time() + 240
+        while len(_stage_pids(tmp_path)) < 2:  # both experiments are in their long stage
+            assert killed.poll() is None and running.poll() is None and time.time() < deadline, _logs(tmp_path)
+            time.sleep(0.5)
+        assert _clones(root, "sleep300") and _clones(root, "sleep301")
+        os.killpg(killed.pid, signal.SIGKILL)  # kill -9 of the sweep and all it started: its clone stays behind
+        killed.wait(timeout=30)
+        assert _clones(root, "sleep300")
+
+        result = sweep("-S", "a=4", "--targets", "second", "--name", "after")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert _clones(root, "sleep300") == []  # its owner is dead: removed when the next sweep started
+        assert _clones(root, "sleep301"), "a running sweep's clone was removed"
+        assert _clones(root, "a4") == []  # the sweep that ended took its own clone with it
+
+        running.send_signal(signal.SIGTERM)  # a sweep that fails (here: is stopped) removes its clones too
+        running.wait(timeout=120)
+        assert _clones(root, "sleep301") == []
+        assert not [p for p in _stage_pids(tmp_path) if _alive(p)], "a stopped sweep left its stage running"
+    finally:
+        for process in (killed, running):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+        for pid in _stage_pids(tmp_path):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _stage_pids(probe_dir: Path) -> list[int]:
+    file = probe_dir / "second.tries"
+    return [int(pid) for pid in file.read_text().split()] if file.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _logs(probe_dir: Path) -> str:
+    return "\n".join(log.read_text()[-2000:] for log in probe_dir.glob("sweep-*.log"))
