@@ -1,13 +1,26 @@
 """Attention surgery: edit attention projections in place, and undo the edit bit for bit.
 
 `attention_targets(model, layers, projections)` finds the q/k/v/o projections of chosen decoder
-blocks with their head layout, for the Llama / Qwen2 layout (separate `q_proj`, `k_proj`, `v_proj`,
-`o_proj` Linear layers, `weight` of shape `(out, in)`) and GPT-2's (one fused `c_attn` Conv1D whose
-`weight` is `(in, 3 * H)` holding q | k | v side by side, and `c_proj` `(H, H)` Conv1D).
+blocks with their head layout. Layouts (`weight` of nn.Linear is `(out, in)`, of GPT-2's Conv1D `(in, out)`):
+- Llama / Qwen2 / Qwen3 / Mistral: separate `q_proj`, `k_proj`, `v_proj` (GQA: fewer k/v heads) and `o_proj`
+  (or `dense` / `out_proj`);
+- Phi-3: one fused `qkv_proj` Linear whose output features are `[q (heads) | k (kv heads) | v (kv heads)]`;
+- GPT-NeoX and BLOOM: one fused `query_key_value` Linear interleaved per head, `[h0 q, k, v | h1 q, k, v | ...]`
+  (their forward views it as `(heads, 3 * head_dim)`), and `dense`;
+- Falcon: `query_key_value` in each of its three layouts (multi-query `[q | k | v]` with one k/v head; the old
+  layout interleaved per head as GPT-NeoX; the new decoder architecture grouped per k/v head,
+  `[g0 q.. k v | g1 q.. k v | ...]`), and `dense`;
+- GPT-2: one fused `c_attn` Conv1D, `weight` `(in, 3 * H)` holding q | k | v side by side (columns, not rows),
+  and `c_proj` `(H, H)` Conv1D.
+A projection the attention normalises after it (Qwen3's per-head `q_norm` / `k_norm`, OLMo-2's, Phi's
+`q_layernorm`, a `v_norm`) is refused with an error naming the norm: a head's scale there is normalised away
+(a per-head norm: the logits move by < 1e-6) or spread over every head (a norm over the whole projection), so
+the surgeon would believe it edits while it does not. Its norm weight is one vector shared by the heads, so
+no per-head edit exists there either; v and o of such a model are edited as usual.
 
 `SurgicalTheater(model, targets)` is the context manager that makes an edit cheap to try: on entry it
-copies only the targeted tensors (never the model), the body edits them in place, and on exit they
-are copied back exactly, also when the body raises. `theater.commit()` keeps the edit instead.
+copies only the targeted tensors (never the model; a fused tensor once, whole), the body edits them in place,
+and on exit they are copied back exactly, also when the body raises. `theater.commit()` keeps the edit instead.
 
     with SurgicalTheater(model, targets) as theater:
         scale_heads(targets, factors)     # a bounded nudge, see below
@@ -36,26 +49,51 @@ from latentlab.lm.capture import decoder_blocks
 Projection = Literal["q", "k", "v", "o"]
 PROJECTIONS: tuple[Projection, ...] = ("q", "k", "v", "o")
 
+# norms an attention module applies to a projection's output before attending, by the names transformers uses
+_NORMS: dict[str, tuple[str, ...]] = {
+    "q": ("q_norm", "q_layernorm", "query_layernorm"),
+    "k": ("k_norm", "k_layernorm", "key_layernorm"),
+    "v": ("v_norm",),
+}
+_OUTPUTS = ("o_proj", "dense", "out_proj")  # o of the separate and query_key_value layouts
+_INTERLEAVED = ("GPTNeoXAttention", "GPTNeoXJapaneseAttention", "BloomAttention")  # query_key_value per head
+
 
 @dataclass(frozen=True)
 class AttentionTarget:
-    """One projection of one block: which slice of which tensors belongs to which head.
+    """One projection of one block: which slices of which tensors belong to which head.
 
     `weight` (and `bias` if any) are the module's parameters; `feature_dim` is the dimension of
-    `weight` along which the heads are laid out and `offset` where this projection's features start
-    on it (non-zero only inside GPT-2's fused c_attn). Head h owns features
-    `offset + h * head_dim ... offset + (h + 1) * head_dim`. `bias` is laid out on its only dimension
-    and is scaled with the features only for q/k/v (o's bias is added after the heads are summed).
+    `weight` along which the heads are laid out, and head h owns features `starts[h] ... starts[h] + head_dim`
+    on it (`starts[h] = h * head_dim` for a separate projection; inside a fused q/k/v weight they are the
+    places the model's forward reads that head from). `bias` is laid out on its only dimension and is scaled
+    with the features only for q/k/v (o's bias is added after the heads are summed).
     """
 
     name: str  # e.g. "layers.2.q"
     weight: nn.Parameter
     bias: nn.Parameter | None
     feature_dim: int
-    offset: int
-    heads: int
+    starts: tuple[int, ...]
     head_dim: int
     projection: Projection
+
+    @property
+    def heads(self) -> int:
+        return len(self.starts)
+
+    @property
+    def offset(self) -> int:
+        """Where head 0's features start (non-zero only inside a fused weight)."""
+        return self.starts[0]
+
+    @property
+    def features(self) -> slice | torch.Tensor:
+        """Every feature of this projection, head after head: a slice when they are contiguous, else indices."""
+        first = self.starts[0]
+        if self.starts == tuple(range(first, first + self.heads * self.head_dim, self.head_dim)):
+            return slice(first, first + self.heads * self.head_dim)
+        return torch.tensor([s + i for s in self.starts for i in range(self.head_dim)])
 
     @property
     def parameters(self) -> list[nn.Parameter]:
@@ -71,11 +109,79 @@ def _head_layout(model) -> tuple[int, int, int]:
     return heads, kv_heads, head_dim
 
 
+def _runs(first: int, heads: int, step: int) -> tuple[int, ...]:
+    """Head h starts at `first + h * step`."""
+    return tuple(first + h * step for h in range(heads))
+
+
+def _refuse_normalised(attention: nn.Module, index: int, p: Projection, head_dim: int) -> None:
+    """A ValueError naming the norm if `attention` normalises projection `p`'s output."""
+    for name in _NORMS.get(p, ()):
+        norm = getattr(attention, name, None)
+        if not isinstance(norm, nn.Module) or isinstance(norm, nn.Identity):
+            continue
+        weight = getattr(norm, "weight", None)
+        size = None if weight is None else weight.numel()
+        if size == head_dim:
+            why = f"it normalises each head's {p} over its {head_dim} features, so a head's scale is normalised away"
+        else:
+            why = f"it normalises {p} after the projection, so a head's scale is not that head's alone"
+        raise ValueError(
+            f"block {index}: {p} targets are refused on {type(attention).__name__}: its {name} "
+            f"({type(norm).__name__}) follows {p}'s projection and {why}; edit "
+            + ("o instead (projections: [o])" if p == "v" else "v and o instead (projections: [v, o])")
+        )
+
+
+def _fused_qkv(attention: nn.Module, heads: int, kv_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
+    """Head starts of q, k and v inside a `query_key_value` weight's output features, as the model's forward
+    splits them; a TypeError for a module whose layout is not known."""
+    kind = type(attention).__name__
+    if hasattr(attention, "new_decoder_architecture"):  # Falcon: read its own sizes (multi_query: 1 k/v head)
+        heads, kv_heads, head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
+        if attention.new_decoder_architecture:  # per k/v group g: [q heads of g | k_g | v_g]
+            group = heads // kv_heads
+            q = tuple(((h // group) * (group + 2) + h % group) * head_dim for h in range(heads))
+            return {
+                "q": q,
+                "k": _runs(group * head_dim, kv_heads, (group + 2) * head_dim),
+                "v": _runs((group + 1) * head_dim, kv_heads, (group + 2) * head_dim),
+            }
+        if attention.multi_query:  # [q (heads) | k (1) | v (1)]
+            return {"q": _runs(0, heads, head_dim), "k": (heads * head_dim,), "v": ((heads + 1) * head_dim,)}
+    elif kind not in _INTERLEAVED:
+        raise TypeError(f"{kind}: a fused query_key_value of unknown layout (known: Falcon, {', '.join(_INTERLEAVED)})")
+    return {p: _runs(i * head_dim, heads, 3 * head_dim) for i, p in enumerate("qkv")}  # [h q, k, v | ...]
+
+
+def _locate(attention: nn.Module, p: Projection, heads: int, kv_heads: int, head_dim: int):
+    """(module, feature_dim, head starts) of projection `p` in one attention module, or None if unknown."""
+    if p == "o":
+        if hasattr(attention, "c_attn"):  # GPT-2's Conv1D c_proj: weight (in, out), the heads are its rows
+            return attention.c_proj, 0, _runs(0, heads, head_dim)
+        module = next((getattr(attention, n) for n in _OUTPUTS if hasattr(attention, n)), None)
+        return None if module is None else (module, 1, _runs(0, heads, head_dim))
+    n_heads = kv_heads if p in ("k", "v") else heads
+    if hasattr(attention, "q_proj"):  # Llama / Qwen2 / Qwen3: nn.Linear, weight (out, in)
+        return getattr(attention, f"{p}_proj"), 0, _runs(0, n_heads, head_dim)
+    if hasattr(attention, "c_attn"):  # GPT-2: Conv1D, weight (in, out); c_attn out = [q | k | v]
+        return attention.c_attn, 1, _runs("qkv".index(p) * heads * head_dim, heads, head_dim)
+    if hasattr(attention, "qkv_proj"):  # Phi-3: nn.Linear, out = [q (heads) | k (kv heads) | v (kv heads)]
+        first = {"q": 0, "k": heads * head_dim, "v": (heads + kv_heads) * head_dim}[p]
+        return attention.qkv_proj, 0, _runs(first, n_heads, head_dim)
+    if hasattr(attention, "query_key_value"):  # GPT-NeoX, BLOOM, Falcon: nn.Linear, weight (out, in)
+        return attention.query_key_value, 0, _fused_qkv(attention, heads, kv_heads, head_dim)[p]
+    return None
+
+
 def attention_targets(
     model, layers: Sequence[int] | None = None, projections: Sequence[Projection] = PROJECTIONS
 ) -> list[AttentionTarget]:
     """The chosen projections of the chosen blocks (`layers` index blocks 0..L-1, negatives allowed;
-    None: every block), in block order, then in the order of `projections`."""
+    None: every block), in block order, then in the order of `projections`.
+
+    A TypeError for an attention layout not listed in the module docstring; a ValueError for a q/k (or v)
+    projection the attention normalises afterwards (naming the norm)."""
     blocks, _ = decoder_blocks(model)
     n = len(blocks)
     chosen = list(range(n)) if layers is None else [i + n if i < 0 else i for i in layers]
@@ -87,22 +193,26 @@ def attention_targets(
         raise ValueError(f"unknown projections {sorted(unknown)}: choose among {PROJECTIONS}")
     targets = []
     for index in chosen:
-        attention = getattr(blocks[index], "self_attn", None) or getattr(blocks[index], "attn", None)
+        block = blocks[index]
+        attention = next(
+            (getattr(block, n) for n in ("self_attn", "attn", "attention", "self_attention") if hasattr(block, n)),
+            None,
+        )
         for p in projections:
-            n_heads = kv_heads if p in ("k", "v") else heads
-            if hasattr(attention, "q_proj"):  # Llama / Qwen2: nn.Linear, weight (out, in)
-                module = getattr(attention, f"{p}_proj")
-                feature_dim, offset = (1 if p == "o" else 0), 0
-            elif hasattr(attention, "c_attn"):  # GPT-2: Conv1D, weight (in, out); c_attn out = [q | k | v]
-                module = attention.c_proj if p == "o" else attention.c_attn
-                feature_dim = 0 if p == "o" else 1
-                offset = 0 if p == "o" else "qkv".index(p) * heads * head_dim
-            else:
-                raise TypeError(f"block {index}: no known attention layout in {type(attention).__name__}")
-            targets.append(
-                AttentionTarget(
-                    f"layers.{index}.{p}", module.weight, module.bias, feature_dim, offset, n_heads, head_dim, p
+            found = None if attention is None else _locate(attention, p, heads, kv_heads, head_dim)
+            if found is None:
+                kind = type(attention if attention is not None else block).__name__
+                raise TypeError(f"block {index}: no known attention layout for {p} in {kind}")
+            _refuse_normalised(attention, index, p, head_dim)
+            module, feature_dim, starts = found
+            size = module.weight.shape[feature_dim]
+            if max(starts) + head_dim > size:
+                raise TypeError(
+                    f"block {index}: {p} of {type(attention).__name__} needs features up to {max(starts) + head_dim} "
+                    f"but its weight has {size} along dimension {feature_dim}: an unexpected head layout"
                 )
+            targets.append(
+                AttentionTarget(f"layers.{index}.{p}", module.weight, module.bias, feature_dim, starts, head_dim, p)
             )
     return targets
 
@@ -114,9 +224,9 @@ def scale_heads(targets: Sequence[AttentionTarget], factors: torch.Tensor) -> No
     `factors` is `(len(targets), max heads)`; a target with fewer heads (GQA's k/v) uses the first columns.
     """
     for target, row in zip(targets, factors, strict=True):
-        # (heads,) -> (heads * head_dim,): one factor per feature of this projection
+        # (heads,) -> (heads * head_dim,): one factor per feature of this projection, in `features` order
         per_feature = row[: target.heads].repeat_interleave(target.head_dim).to(target.weight)
-        span = slice(target.offset, target.offset + per_feature.numel())
+        span = target.features
         if target.feature_dim == 0:
             target.weight[span, :] *= per_feature[:, None]
         else:

@@ -41,7 +41,9 @@ class SurgeonConfig(Config):
     layers: list[int] | None = None
     """Decoder blocks operated on (0..L-1, negatives count from the end; null: every block)."""
     projections: list[Projection] = Field(default_factory=lambda: list(PROJECTIONS), min_length=1)
-    """Attention projections edited, among q, k, v, o."""
+    """Attention projections edited, among q, k, v, o. Any layout `latentlab.lm.surgery` knows (separate or fused
+    q/k/v); on a model that normalises q/k per head after the projection (Qwen3's q_norm/k_norm) a q or k edit would
+    be normalised away, so q and k are refused there with an error naming the norm: choose [v, o]."""
     max_scale: float = Field(0.1, gt=0, lt=1)
     """Largest relative change of a head: factors lie in [1 - max_scale, 1 + max_scale]."""
     probe_size: int = Field(128, gt=0)
