@@ -167,3 +167,23 @@ def test_a_saved_injector_is_checked_before_it_is_loaded(tmp_path):
     _flip(tmp_path / "inject" / "injector.safetensors", -1)
     with pytest.raises(InputError, match=f"{tmp_path / 'inject'} does not match the content hash"):
         load_policy(tmp_path / "inject")
+
+
+def test_the_scratch_model_loads_and_prepares_unchanged(tmp_path, tiny_lm):
+    """The default model already has its pad token and <INJECT>: loading (and preparing, as `model.source: <its
+    directory>` would) changes no byte of its weights, config or vocabulary, and its one stop id is its eos."""
+    from latentlab.lm.modeling import stop_token_ids
+    from latentlab.lm.tokenizer import PAD
+
+    save_lm(*tiny_lm, tmp_path / "saved", source="scratch")
+    model, tokenizer = load_lm(tmp_path / "saved")
+    assert tokenizer.pad_token == PAD and model.config.pad_token_id == tokenizer.pad_token_id
+    assert stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id]
+    loaded = save_lm(model, tokenizer, tmp_path / "loaded", source="scratch")
+    vocabulary = dict(tokenizer.get_vocab())
+    prepare_pretrained(model, tokenizer)
+    assert tokenizer.get_vocab() == vocabulary and model.get_input_embeddings().num_embeddings == len(vocabulary)
+    # a load-and-save round trip adds transformers' own keys to tokenizer_config.json, with or without preparing
+    assert save_lm(model, tokenizer, tmp_path / "prepared", source="scratch") == loaded
+    for file in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json"):
+        assert (tmp_path / "prepared" / file).read_bytes() == (tmp_path / "saved" / file).read_bytes(), file

@@ -1,5 +1,6 @@
 import pytest
-from transformers import AutoTokenizer
+from tokenizers import AddedToken, Tokenizer, models
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from latentlab.lm.tokenizer import CHARACTERS, EOS, INJECT, PAD, build_char_tokenizer, token_ids
 
@@ -77,3 +78,43 @@ def test_token_ids_turn_off_what_the_wrapper_turns_off(make, leave):
     assert token_ids(tokenizer, TEXTS) == expected
     backend, twin_backend = tokenizer.backend_tokenizer, twin.backend_tokenizer
     assert (backend.padding, backend.truncation) == (twin_backend.padding, twin_backend.truncation) == (None, None)
+
+
+def test_a_tokenizer_without_pad_gets_a_spare_special_token_never_a_stop_token():
+    from latentlab.lm.tokenizer import ensure_pad_token, spare_pad_token
+
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "<|eot|>": 3, "a": 4}, unk_token="<unk>"))
+    reserved = [AddedToken(f"<|reserved_special_token_{i}|>", special=True) for i in range(2)]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.add_tokens([AddedToken("<|eot|>", special=True), *reserved], special_tokens=True)
+    assert tokenizer.pad_token is None
+    eot, first, second = tokenizer.convert_tokens_to_ids(["<|eot|>", reserved[0].content, reserved[1].content])
+    assert spare_pad_token(tokenizer, rows=first) is None  # no embedding row for the reserved ones
+    assert spare_pad_token(tokenizer, rows=10, avoid=[first]) == reserved[1].content
+    ensure_pad_token(tokenizer, rows=10, avoid=[2, eot])
+    assert tokenizer.pad_token_id == first
+    bare = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+    ensure_pad_token(bare, rows=10)  # nothing spare: eos, which masks make harmless
+    assert bare.pad_token == "</s>"
+
+
+def test_a_special_token_is_added_beside_the_tokenizers_own():
+    from latentlab.lm.tokenizer import add_special_token
+
+    tokenizer = bpe_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]}, replace_extra_special_tokens=False)
+    own = set(tokenizer.all_special_ids)
+    assert add_special_token(tokenizer, "<NEW>") and not add_special_token(tokenizer, "<NEW>")
+    assert set(tokenizer.all_special_ids) == own | {tokenizer.convert_tokens_to_ids("<NEW>")}
+
+
+def test_unk_is_unknown_only_when_it_is_not_also_eos_or_bos():
+    from latentlab.lm.tokenizer import unknown_token_id
+
+    char = build_char_tokenizer()
+    assert unknown_token_id(char) == char.unk_token_id
+    backend = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1}, unk_token="<|endoftext|>"))
+    gpt2_like = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
+    assert gpt2_like.unk_token_id == 0 and unknown_token_id(gpt2_like) is None

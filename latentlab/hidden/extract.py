@@ -31,7 +31,7 @@ from latentlab.common.runtime import to_device
 from latentlab.lm.capture import LayerCapture, decoder_blocks, resolve_layers
 from latentlab.lm.padding import pad_flat
 from latentlab.lm.sampling import SamplingConfig, positions_from_mask, sample
-from latentlab.lm.tokenizer import token_ids
+from latentlab.lm.tokenizer import token_ids, unknown_token_id
 
 POSITIONS = {
     "prompt": "the prompt's tokens",
@@ -216,7 +216,7 @@ class Extractor:
         else:
             extra = np.full(len(prompts), 0 if self.cfg.mode == "prompt" else self.cfg.tokens)
         checks = [(lengths == 0, lambda row: "the prompt is empty after tokenization")]
-        unk = self.tokenizer.unk_token_id
+        unk = unknown_token_id(self.tokenizer)  # None where unk is eos or bos (GPT-2): a real token, not unknown
         if unk is not None:  # a character the vocabulary lacks would be silently read as <unk>
             row_of_token = np.repeat(np.arange(len(prompts)), lengths)
             unknown = np.bincount(row_of_token[prompts.flat == unk], minlength=len(prompts))

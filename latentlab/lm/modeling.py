@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 from latentlab.common.config import Config
 from latentlab.common.errors import InputError
 from latentlab.common.inputs import missing_model_files
-from latentlab.lm.tokenizer import INJECT
+from latentlab.lm.tokenizer import INJECT, PAD, add_special_token, ensure_pad_token
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -78,7 +78,8 @@ def load_lm(
     revision: str | None = None,
     verify: bool = True,
 ):
-    """(model, tokenizer) from a Hugging Face id or directory; the tokenizer pads on the left.
+    """(model, tokenizer) from a Hugging Face id or directory; the tokenizer pads on the left, with a pad token
+    always (`ensure_pad`: a checkpoint without one, as Llama 3 and GPT-2, gets a spare special token or eos).
 
     A directory with a manifest is first checked against the content hash the manifest records
     (`verify_manifest`; `verify=False` or LATENTLAB_SKIP_VERIFY=1 skips it); a weight file safetensors
@@ -111,19 +112,65 @@ def load_lm(
         raise FileNotFoundError(
             f"{path}: no such directory, and not a Hugging Face hub id that could be loaded ({reason})"
         ) from None
+    ensure_pad(model, tokenizer)
     tokenizer.padding_side = "left"
     return model.to(device).eval(), tokenizer
 
 
+def stop_token_ids(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> list[int]:
+    """The ids that end a completion: the tokenizer's eos, then every id of the model's generation config's
+    `eos_token_id` (an int or a list: Qwen2.5-Instruct [151645, 151643], Llama 3 Instruct [128001, 128008,
+    128009], whose chat turns end in <|eot_id|>), each once, in that order."""
+    ids = [tokenizer.eos_token_id]
+    generation = getattr(model, "generation_config", None)
+    listed = getattr(generation, "eos_token_id", None)
+    ids += listed if isinstance(listed, list | tuple) else [listed]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def ensure_pad(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> None:
+    """A pad token for a tokenizer without one, never a token the model must emit where a spare special token
+    exists (`tokenizer.ensure_pad_token`), and the model's config told of it when it names none."""
+    rows = model.get_input_embeddings().num_embeddings
+    ensure_pad_token(tokenizer, rows, stop_token_ids(model, tokenizer))
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
 def prepare_pretrained(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> None:
-    """Give a hub model what the pipeline relies on: a pad token and the `<INJECT>` slot."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if INJECT not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [INJECT]})
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    """Give a hub model what the pipeline relies on: a pad token and the `<INJECT>` slot, its special tokens
+    kept (`add_special_token`) and its vocabulary never shrunk: a padded embedding matrix (Qwen's 151,936 rows
+    for 151,669 tokens) grows only when the tokenizer outgrows it; each new token's row (input embeddings, and
+    the lm_head where it is not tied) is the mean of the existing tokens' rows."""
+    ensure_pad(model, tokenizer)
+    if tokenizer.pad_token is None:  # no eos, bos or unk either: a pad token of its own
+        add_new_tokens(model, tokenizer, PAD)
+        tokenizer.pad_token = PAD
+    add_new_tokens(model, tokenizer, INJECT)
     model.config.pad_token_id = tokenizer.pad_token_id
     tokenizer.padding_side = "left"
+
+
+def add_new_tokens(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", *tokens: str) -> None:
+    """Add `tokens` as special tokens the tokenizer lacks; give each a row initialised to the mean of the rows
+    of the tokens before it (growing the embeddings only when len(tokenizer) exceeds their rows)."""
+    before = len(tokenizer)
+    for token in tokens:
+        add_special_token(tokenizer, token)
+    after = len(tokenizer)
+    if after == before:
+        return
+    rows = model.get_input_embeddings().num_embeddings
+    if after > rows:
+        model.resize_token_embeddings(after, mean_resizing=False)
+    used = min(before, rows)  # the rows of real tokens; a padded matrix's spare rows beyond them are not
+    matrices = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not matrices[0]:  # untied lm_head
+        matrices.append(output.weight)
+    with torch.no_grad():
+        for weight in matrices:
+            weight[used:after] = weight[:used].float().mean(0).to(weight.dtype)
 
 
 def hashed_files(directory: str | Path) -> list[Path]:

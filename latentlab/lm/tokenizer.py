@@ -1,12 +1,15 @@
-"""The character-level tokenizer of the scratch model, saved as a Hugging Face fast tokenizer; and
-`token_ids`, the batch encoder the labelling path reads ids with (any tokenizer).
+"""The character-level tokenizer of the scratch model, saved as a Hugging Face fast tokenizer;
+`token_ids`, the batch encoder the labelling path reads ids with (any tokenizer); and what a real
+checkpoint's tokenizer needs from us: a pad token, a special token added beside its own, and which id
+really means "unknown".
 
 One token per character, so arithmetic is spelled digit by digit; special tokens `<pad>`,
 `<eos>`, `<unk>` and `<INJECT>` (the slot where NLA places an activation vector).
 """
 
+import re
 import string
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -48,3 +51,57 @@ def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
         backend.no_truncation()
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets (tokenizers >= 0.20)
     return [encoding.ids for encoding in encode(list(texts), add_special_tokens=False)]
+
+
+# Special tokens a checkpoint holds but never has to emit, to pad with: named as padding
+# (Llama 3.1's <|finetune_right_pad_id|>, <pad>, [PAD]) first, then reserved ones (Llama 3's
+# <|reserved_special_token_N|>). Multimodal placeholders (<|vision_pad|>, <|image_pad|>) are not spare.
+_PAD_NAMES = re.compile(r"<\|?(pad|padding|finetune_right_pad_id)\|?>|\[PAD\]", re.IGNORECASE)
+_RESERVED_NAMES = re.compile(r"reserved", re.IGNORECASE)
+
+
+def spare_pad_token(tokenizer, rows: int, avoid: Collection[int] = ()) -> str | None:
+    """A special token of the tokenizer that nothing else uses, to pad with: not one of its named or additional
+    special tokens, not in `avoid` (the ids the model must emit: its stop ids), with an embedding row (id <
+    `rows`). None when there is none (GPT-2: then padding is eos, which masks make harmless)."""
+    taken = set(tokenizer.all_special_ids) | set(avoid)
+    spare = [
+        token.content
+        for index, token in sorted(tokenizer.added_tokens_decoder.items())
+        if token.special and index < rows and index not in taken and token.content != INJECT
+    ]
+    named = [content for content in spare if _PAD_NAMES.fullmatch(content)]
+    reserved = [content for content in spare if _RESERVED_NAMES.search(content)]
+    return (named + reserved + [None])[0]
+
+
+def ensure_pad_token(tokenizer, rows: int, avoid: Collection[int] = ()) -> None:
+    """Give a tokenizer without one a pad token: a spare special token (`spare_pad_token`), else eos (then
+    bos, unk). Padding is always handled by attention masks (`lm.padding`), never by the pad id's value, so a
+    pad equal to eos is harmless: eos tokens a row really holds keep their mask of 1."""
+    if tokenizer.pad_token is not None:
+        return
+    token = spare_pad_token(tokenizer, rows, avoid)
+    token = token or tokenizer.eos_token or tokenizer.bos_token or tokenizer.unk_token
+    if token is not None:
+        tokenizer.pad_token = token
+
+
+def add_special_token(tokenizer, token: str) -> bool:
+    """Add `token` as an additional special token beside the tokenizer's own (Qwen's 13 <|im_start|>...
+    stay special: a plain `add_special_tokens({"additional_special_tokens": [token]})` replaces them).
+    Returns whether it was new."""
+    if token in tokenizer.get_vocab():
+        return False
+    tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+    return True
+
+
+def unknown_token_id(tokenizer) -> int | None:
+    """The id that means "not in the vocabulary", or None when there is none: a tokenizer whose unk token is
+    also its eos or bos (GPT-2's <|endoftext|> is both) reads that id for the real token, which a prompt may
+    hold; its byte-level vocabulary has nothing unknown."""
+    unk = tokenizer.unk_token_id
+    if unk is None or unk in {tokenizer.eos_token_id, tokenizer.bos_token_id}:
+        return None
+    return unk
