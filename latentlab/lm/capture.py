@@ -11,15 +11,26 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+LAYOUTS = (("layers", "norm"), ("h", "ln_f"), ("layers", "final_layer_norm"))
+"""(blocks, final norm) attribute names of the decoder bodies supported: Llama/Qwen/Mistral/Phi-3, GPT-2/Falcon/BLOOM,
+GPT-NeoX."""
+
+
+def decoder_layout(model) -> tuple[nn.Module, str, str]:
+    """(the decoder body, the name of its blocks' ModuleList, the name of its final norm) of a Hugging Face
+    causal LM or of its decoder body itself (`LlamaModel`, `GPT2Model`, ...)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for blocks_name, norm_name in LAYOUTS:
+        blocks, norm = getattr(decoder, blocks_name, None), getattr(decoder, norm_name, None)
+        if isinstance(blocks, nn.ModuleList) and norm is not None:
+            return decoder, blocks_name, norm_name
+    raise TypeError(f"cannot find the decoder blocks of {type(model).__name__}")
+
 
 def decoder_blocks(model) -> tuple[nn.ModuleList, nn.Module]:
     """(the decoder blocks, the final norm) of a Hugging Face causal LM."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    for blocks_name, norm_name in (("layers", "norm"), ("h", "ln_f")):
-        blocks, norm = getattr(decoder, blocks_name, None), getattr(decoder, norm_name, None)
-        if isinstance(blocks, nn.ModuleList) and norm is not None:
-            return blocks, norm
-    raise TypeError(f"cannot find the decoder blocks of {type(model).__name__}")
+    decoder, blocks_name, norm_name = decoder_layout(model)
+    return getattr(decoder, blocks_name), getattr(decoder, norm_name)
 
 
 def resolve_layers(layers: Sequence[int], num_blocks: int) -> list[int]:
@@ -110,3 +121,34 @@ def edit_block_input(
         yield
     finally:
         handle.remove()
+
+
+class _Enough(Exception):
+    """Raised by a hook once every state asked for is held: the blocks after it are not run."""
+
+
+@torch.no_grad()
+def body_states(model, layers: Sequence[int], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list:
+    """The states `(B, T, H)` at `layers` (numbered as output_hidden_states, negative allowed) of one pass of
+    the decoder body alone: never the LM head (no logits), and no block after the highest layer asked for
+    is run (layer 0 alone runs the embedding only). Each equals `model(..., output_hidden_states=True)`'s
+    `hidden_states[layer]`."""
+    decoder, _, _ = decoder_layout(model)
+    blocks, _ = decoder_blocks(model)
+    last = max(resolve_layers(layers, len(blocks)))
+    with LayerCapture(model, layers) as capture:
+        handle = None
+        if last < len(blocks):  # stop at the input of block `last`, once LayerCapture's pre-hook has kept it
+
+            def enough(module, args, kwargs):
+                raise _Enough
+
+            handle = blocks[last].register_forward_pre_hook(enough, with_kwargs=True)
+        try:
+            decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _Enough:
+            pass
+        finally:
+            if handle is not None:
+                handle.remove()
+        return [capture.states[i] for i in capture.layers]

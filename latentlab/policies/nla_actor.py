@@ -31,7 +31,7 @@ from torch import nn
 
 from latentlab.common.config import Config
 from latentlab.common.distributed import Ranks, Synced, SyncedAll
-from latentlab.lm.capture import decoder_blocks, edit_block_input
+from latentlab.lm.capture import body_states, decoder_blocks, edit_block_input
 from latentlab.lm.modeling import load_lm, save_lm, save_weights, write_manifest
 from latentlab.lm.padding import pad_sequences
 from latentlab.lm.sampling import Completions
@@ -93,13 +93,23 @@ class VectorInjector(nn.Module):
 
 
 @torch.no_grad()
-def measure_scales(model, tokenizer, layers: list[int], texts: list[str]) -> list[float]:
-    """Mean L2 norm of the model's states at each layer over the real tokens of `texts`."""
-    ids, mask = pad_sequences(tokenizer(texts, add_special_tokens=False)["input_ids"], tokenizer.pad_token_id, False)
+def measure_scales(model, tokenizer, layers: list[int], texts: list[str], batch_size: int = 64) -> list[float]:
+    """Mean L2 norm of the model's states at each layer over the real tokens of `texts`.
+
+    `batch_size` texts per pass of the decoder body (lm/capture.py `body_states`: no LM head, no logits, no
+    block above the highest layer), so memory is bounded by one batch whatever the number of texts. Every
+    token's norm is kept (one float per token) and averaged once at the end: the same reduction as one pass
+    over every text."""
+    tokens = tokenizer(texts, add_special_tokens=False)["input_ids"]
     device = next(model.parameters()).device
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
-    real = mask.bool().to(device)
-    return [out.hidden_states[layer][real].float().norm(dim=-1).mean().item() for layer in layers]
+    norms: list[list[torch.Tensor]] = [[] for _ in layers]
+    for lo in range(0, len(tokens), batch_size):
+        ids, mask = pad_sequences(tokens[lo : lo + batch_size], tokenizer.pad_token_id, False)
+        real = mask.bool().to(device)
+        states = body_states(model, layers, ids.to(device), mask.to(device))
+        for kept, state in zip(norms, states, strict=True):
+            kept.append(state[real].float().norm(dim=-1))
+    return [torch.cat(kept).mean().item() for kept in norms]
 
 
 class NLAActor(LMPolicy):

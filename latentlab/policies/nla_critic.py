@@ -37,6 +37,7 @@ Metrics over a set of rows (held-out vectors in `evaluate`):
 
 import copy
 import json
+import tempfile
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -49,8 +50,8 @@ from torch import nn
 
 from latentlab.common.config import Config
 from latentlab.common.errors import InputError
-from latentlab.lm.capture import decoder_blocks, resolve_layers
-from latentlab.lm.modeling import save_weights, verify_manifest, write_manifest
+from latentlab.lm.capture import decoder_layout, resolve_layers
+from latentlab.lm.modeling import load_tokenizer, save_weights, verify_manifest, write_manifest
 from latentlab.lm.padding import pad_sequences
 
 WEIGHTS, CONFIG = "nla_critic.safetensors", "nla_critic.json"
@@ -214,16 +215,40 @@ def reconstruct(
     return Reconstruction(reconstruction_loss(pred, target, "mse"), F.cosine_similarity(pred, target, dim=-1, eps=1e-8))
 
 
+def truncate_config(config, k: int):
+    """`config` (a decoder's Hugging Face config, changed in place and returned) for its first `k` blocks: the
+    layer count (`num_hidden_layers`, GPT-2's `n_layer` behind it) and the per-layer `layer_types`."""
+    config.num_hidden_layers = k
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = list(config.layer_types[:k])
+    return config
+
+
 def truncated_encoder(model, layer: int) -> nn.Module:
-    """A copy of `model`'s decoder keeping blocks 0..K-1: its last_hidden_state is hidden state K."""
-    encoder = copy.deepcopy(model.get_decoder())
-    blocks, _ = decoder_blocks(model)
+    """A copy of `model`'s decoder body keeping blocks 0..K-1: its last_hidden_state is hidden state K. Only
+    the kept blocks (and the embeddings) are copied; the final norm only when K is the last layer (otherwise
+    an identity). Blocks in `layers` or `h`, final norm `norm` or `ln_f` (lm/capture.py `decoder_layout`)."""
+    decoder, blocks_name, norm_name = decoder_layout(model)
+    blocks, norm = getattr(decoder, blocks_name), getattr(decoder, norm_name)
     (k,) = resolve_layers([layer], len(blocks))
-    encoder.layers = encoder.layers[:k]
-    encoder.config.num_hidden_layers = k
-    if k < len(blocks):  # the final norm belongs to the last layer only
-        encoder.norm = nn.Identity()
+    keep_norm = k == len(blocks)  # the final norm belongs to the last layer only
+    # the copy sees the kept blocks alone: the decoder's own lists are put back at once (also on an exception)
+    setattr(decoder, blocks_name, nn.ModuleList(blocks[:k]))
+    if not keep_norm:
+        setattr(decoder, norm_name, nn.Identity())
+    try:
+        encoder = copy.deepcopy(decoder)
+    finally:
+        setattr(decoder, blocks_name, blocks)
+        setattr(decoder, norm_name, norm)
+    truncate_config(encoder.config, k)  # the copy's own config, which its blocks share
     return encoder
+
+
+def has_final_norm(encoder: nn.Module) -> bool:
+    """Whether a (truncated) decoder body ends in its final norm (not the identity of a middle layer)."""
+    _, _, norm_name = decoder_layout(encoder)
+    return not isinstance(getattr(encoder, norm_name), nn.Identity)
 
 
 def target_scale(vectors: np.ndarray, center: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,11 +265,67 @@ def target_scale(vectors: np.ndarray, center: bool) -> tuple[torch.Tensor, torch
 
 
 def build_critic(model, tokenizer, cfg: NLACriticConfig, vectors: np.ndarray) -> NLACritic:
+    """The critic on a truncated copy of `model` (blocks 0..cfg.layer-1), checked by `check_critic` before it
+    is returned: what would stop its save or load after training stops here."""
     if cfg.layer is None:
         raise ValueError("the critic's layer is not set: give the layer the vectors were read from")
     mean, scale = target_scale(vectors, cfg.center)
     critic = NLACritic(truncated_encoder(model, cfg.layer), tokenizer, cfg, vectors.shape[1], mean, scale)
+    check_critic(critic)
     return critic.to(next(model.parameters()).device)
+
+
+def rebuild_encoder(directory: Path, final_norm: bool) -> nn.Module:
+    """The (truncated) decoder body a critic directory's Hugging Face config describes, randomly initialised
+    (`LlamaModel`, `Qwen2Model`, `GPT2Model`, ...); the final norm an identity unless `final_norm`."""
+    from transformers import AutoConfig, AutoModel
+
+    encoder = AutoModel.from_config(AutoConfig.from_pretrained(directory))
+    if not final_norm:
+        _, _, norm_name = decoder_layout(encoder)
+        setattr(encoder, norm_name, nn.Identity())
+    return encoder
+
+
+PROBE = "The critic reads 12+7=19 and 40-9=31.\n  Then: x_1, y (z)!\n"
+"""A text the tokenizer round trip of `check_critic` must encode as before (digits, spaces, newlines)."""
+
+
+def check_critic(critic: NLACritic) -> None:
+    """A dry save/load round trip of all but the weights, in a temporary directory, in a second or so whatever
+    the model's size (the tokenizer's reload dominates: 1.2 s for Qwen3's on a 0.6B-shaped model): the
+    encoder's config and the tokenizer saved as `save_critic` saves them (a config that does not validate, as
+    a truncation that left `layer_types` behind, fails there), the encoder rebuilt from them as `load_critic`
+    rebuilds it (on the meta device: no memory, no weights; the random state is left as it was), the rebuilt
+    state's names and shapes compared to the critic's, and the reloaded tokenizer's ids of a probe text to the
+    critic's. A ValueError says what does not round-trip."""
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        try:
+            critic.encoder.config.save_pretrained(directory)
+            critic.tokenizer.save_pretrained(directory)
+            with torch.random.fork_rng(devices=[]), torch.device("meta"):
+                rebuilt = rebuild_encoder(directory, has_final_norm(critic.encoder)).state_dict()
+            tokenizer = load_tokenizer(directory)
+        except Exception as error:  # noqa: BLE001 (transformers validates with errors of its own classes)
+            raise ValueError(
+                f"the critic ({type(critic.encoder).__name__}, {critic.encoder.config.num_hidden_layers} blocks) "
+                f"could not be saved and loaded back: {error}"
+            ) from error
+    have = {name: tuple(value.shape) for name, value in critic.encoder.state_dict().items()}
+    again = {name: tuple(value.shape) for name, value in rebuilt.items()}
+    if have != again:
+        differ = sorted(name for name in have.keys() | again.keys() if have.get(name) != again.get(name))
+        raise ValueError(
+            f"the critic's encoder would not load back from its saved config: {len(differ)} weights differ "
+            f"in name or shape ({', '.join(differ[:5])}{', ...' if len(differ) > 5 else ''})"
+        )
+    ids, again_ids = (t(PROBE, add_special_tokens=False)["input_ids"] for t in (critic.tokenizer, tokenizer))
+    if ids != again_ids:
+        raise ValueError(
+            f"the critic's tokenizer ({type(critic.tokenizer).__name__}) loads back as {type(tokenizer).__name__}, "
+            f"which encodes {PROBE!r} otherwise: {ids} -> {again_ids}"
+        )
 
 
 def save_critic(critic: NLACritic, directory: Path, **provenance) -> str:
@@ -253,21 +334,16 @@ def save_critic(critic: NLACritic, directory: Path, **provenance) -> str:
     save_weights(critic, directory / WEIGHTS)
     critic.encoder.config.save_pretrained(directory)
     critic.tokenizer.save_pretrained(directory)
-    final_norm = not isinstance(critic.encoder.norm, nn.Identity)
-    config = {"dim": critic.dim, "final_norm": final_norm, "critic": critic.cfg.model_dump()}
+    config = {"dim": critic.dim, "final_norm": has_final_norm(critic.encoder), "critic": critic.cfg.model_dump()}
     (directory / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return write_manifest(directory, **provenance)
 
 
 def load_critic(directory: str | Path, device: torch.device | str = "cpu") -> NLACritic:
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
     directory = Path(directory)
     verify_manifest(directory)  # a damaged or changed file stops here, named (LATENTLAB_SKIP_VERIFY=1 skips)
     config = json.loads((directory / CONFIG).read_text())
-    encoder = AutoModel.from_config(AutoConfig.from_pretrained(directory))
-    if not config["final_norm"]:
-        encoder.norm = nn.Identity()
+    encoder = rebuild_encoder(directory, config["final_norm"])
     state = load_file(directory / WEIGHTS)
     if "scale" not in state:  # saved before issue 25: trained on unit-normalised targets, no sigma to recover
         raise InputError(
@@ -277,7 +353,7 @@ def load_critic(directory: str | Path, device: torch.device | str = "cpu") -> NL
         )
     critic = NLACritic(
         encoder,
-        AutoTokenizer.from_pretrained(directory),
+        load_tokenizer(directory),
         NLACriticConfig.model_validate(config["critic"]),
         config["dim"],
         state["mean"],
