@@ -187,3 +187,17 @@ def test_the_scratch_model_loads_and_prepares_unchanged(tmp_path, tiny_lm):
     assert save_lm(model, tokenizer, tmp_path / "prepared", source="scratch") == loaded
     for file in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json"):
         assert (tmp_path / "prepared" / file).read_bytes() == (tmp_path / "saved" / file).read_bytes(), file
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_saved_scratch_model_reloads_with_its_own_tokenizer(tmp_path, arch):
+    """AutoTokenizer on a directory whose config.json says qwen2 returns Qwen2Tokenizer, which drops the character
+    tokenizer's newlines: load_lm loads the tokenizer class the directory names, so the ids round-trip."""
+    from latentlab.lm.modeling import TinyLMConfig, build_tiny_lm, load_lm, save_lm
+
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_lm(TinyLMConfig(arch=arch, hidden_size=16, layers=1, heads=2, intermediate_size=32), tokenizer)
+    save_lm(model, tokenizer, tmp_path / "m")
+    _, reloaded = load_lm(tmp_path / "m")
+    text = "1+1=2\n3"
+    assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"]

@@ -263,3 +263,17 @@ def test_the_actor_critic_names_diverged_weights_too():
     for greedy in (False, True):
         with pytest.raises(NonFiniteLogitsError, match="logits are not finite"):
             policy.act(image, greedy=greedy, generator=torch.Generator().manual_seed(0))
+
+
+def test_any_of_several_stop_ids_ends_a_row(tiny_lm):
+    """A checkpoint may list several stop ids (Llama 3's chat turns end in <|eot_id|>, not eos): a row ends at the
+    first of any of them; with eos alone the same greedy row runs on past that token."""
+    model, tokenizer = tiny_lm
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0)
+    ids, mask = tokenize_prompts(tokenizer, ["12+7="], "cpu")
+    embeds = model.get_input_embeddings()(ids)
+    free = sample(model, embeds, mask, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    first = int(free.ids[0, 0])
+    assert first != tokenizer.eos_token_id and free.lengths[0] > 1
+    stopped = sample(model, embeds, mask, cfg, [tokenizer.eos_token_id, first], tokenizer.pad_token_id)
+    assert stopped.lengths.tolist() == [1] and int(stopped.ids[0, 0]) == first

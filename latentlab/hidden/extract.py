@@ -29,6 +29,7 @@ from pydantic import Field
 from latentlab.common.config import Config
 from latentlab.common.runtime import to_device
 from latentlab.lm.capture import LayerCapture, decoder_blocks, resolve_layers
+from latentlab.lm.modeling import stop_token_ids
 from latentlab.lm.padding import pad_flat
 from latentlab.lm.sampling import SamplingConfig, positions_from_mask, sample
 from latentlab.lm.tokenizer import token_ids, unknown_token_id
@@ -314,12 +315,13 @@ class Extractor:
                 tokens[:, t] = states
 
         embeds = self.model.get_input_embeddings()(ids)
+        stop_ids = stop_token_ids(self.model, self.tokenizer)
         done = sample(
             self.model,
             embeds,
             mask,
             self.sampling,
-            self.tokenizer.eos_token_id,
+            stop_ids,
             self.tokenizer.pad_token_id,
             generator,
             capture=capture,
@@ -327,7 +329,8 @@ class Extractor:
         )
         counts = done.lengths
         # the last token is end-of-sequence (with stop_at_eos the only one; without, one may come earlier too)
-        ended = done.ids.gather(1, (counts - 1)[:, None]).squeeze(1) == self.tokenizer.eos_token_id
+        last = done.ids.gather(1, (counts - 1)[:, None]).squeeze(1)
+        ended = torch.isin(last, torch.tensor(stop_ids, device=last.device))
         return Extracted(
             pooled=(sums / counts[:, None, None]).cpu(),
             counts=counts.cpu(),

@@ -71,6 +71,20 @@ def build_tiny_lm(cfg: TinyLMConfig, tokenizer: "PreTrainedTokenizerBase") -> "P
     return AutoModelForCausalLM.from_config(config)
 
 
+def load_tokenizer(path: str | Path, revision: str | None = None):
+    """The tokenizer saved at `path` (a directory or a hub id), of the class its tokenizer_config.json names.
+    AutoTokenizer alone may pick the class of config.json's model type instead (transformers 5 does for `qwen2`:
+    Qwen2Tokenizer, whose own pipeline drops the scratch character tokenizer's newlines), so a generic fast
+    tokenizer is loaded as itself."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = Path(path) / "tokenizer_config.json"
+    named = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    if named in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, revision=revision)
+
+
 def load_lm(
     path: str | Path,
     device: torch.device | str = "cpu",
@@ -86,7 +100,7 @@ def load_lm(
     cannot read stops the load with an InputError naming it.
     """
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = str(path)
     if Path(path).exists():
@@ -96,7 +110,7 @@ def load_lm(
     elif path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise FileNotFoundError(f"{path}: no such model directory")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+        tokenizer = load_tokenizer(path, revision)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, revision=revision)
     except SafetensorError as error:
         damaged = damaged_safetensors(path) if Path(path).is_dir() else None

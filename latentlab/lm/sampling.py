@@ -143,7 +143,7 @@ def sample(
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor,
     cfg: SamplingConfig,
-    eos_id: int,
+    eos_id: int | list[int],
     pad_id: int,
     generator: torch.Generator | None = None,
     *,
@@ -157,6 +157,7 @@ def sample(
     The prefix is encoded once; every later step feeds only the newest token against the KV cache.
     Rows that have emitted end-of-sequence keep running (cheaper than re-packing the batch) but
     their further tokens are replaced by padding and masked out; the loop stops when all are done.
+    `eos_id`: the id, or ids, that end a row (a checkpoint may list several: `modeling.stop_token_ids`).
     With `cfg.stop_at_eos` false no row is ever done: every row gets `max_new_tokens` tokens.
 
     past_key_values: a cache that already holds the first columns of `attention_mask`; then
@@ -196,6 +197,8 @@ def sample(
     behaviour = None  # allocated at the first noisy draw
     mask = torch.zeros((batch, cfg.max_new_tokens), dtype=torch.bool, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    # every id that ends a completion: eos, or all of a checkpoint's (modeling.stop_token_ids: Llama 3's <|eot_id|>)
+    stop_ids = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
     steps = 0
     for t in range(cfg.max_new_tokens):
         tokens, token_logprobs, token_behaviour = choose_tokens(logits, cfg, generator)
@@ -209,7 +212,7 @@ def sample(
         if on_token is not None:
             on_token(t, capture.last_position(), alive)
         if cfg.stop_at_eos:
-            finished |= tokens == eos_id
+            finished |= torch.isin(tokens, stop_ids)
         steps = t + 1
         if finished.all() or t == cfg.max_new_tokens - 1:
             break

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from latentlab.lm.modeling import stop_token_ids
 from latentlab.lm.sampling import Completions, SamplingConfig, completion_logprobs, sample, tokenize_prompts
 
 
@@ -99,7 +100,7 @@ class LMPolicy:
             embeds,
             prefix_mask,
             sampling,
-            self.tokenizer.eos_token_id,
+            stop_token_ids(self.model, self.tokenizer),
             self.tokenizer.pad_token_id,
             generator,
             past_key_values=cache,
