@@ -10,7 +10,8 @@ a run takes minutes; the ratio per stage is what the script is for. Each stage's
 run (downstream stages read whichever mode ran last: their times do not depend on it): `outputs_differ` says whether the two modes gave different bytes on this machine (they do where it has
 AVX-512 and a kernel sums in another order).
 
-Prints one JSON object: per stage the seconds of each run, the median per mode, and native / portable.
+Prints one JSON object: per stage the wall and CPU seconds of each run, the median per mode, and native / portable
+(wall and CPU: on a shared machine the CPU ratio is the steadier one).
 """
 
 import argparse
@@ -18,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -86,30 +88,44 @@ def main() -> None:
             timed = name in args.stages and "numerics" in stages[name].get("params", [])
             modes = ["portable", "native"] if timed else ["portable"]
             seconds = {mode: [] for mode in modes}
+            cpu_seconds = {mode: [] for mode in modes}  # the stage's CPU time: less moved by other jobs than wall
             hashes = {}
             for repeat in range(args.repeats if timed else 1):
                 order = modes if (first + repeat) % 2 == 0 else modes[::-1]
                 for mode in order:
                     apply_param_overrides(params_file, {"numerics": mode})
                     print(f"{name} ({mode}, repeat {repeat})", file=sys.stderr, flush=True)
-                    start = time.perf_counter()
+                    start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
                     subprocess.run(
-                        [sys.executable, "-m", f"stages.{name}"], cwd=project.root, env=env, check=True, capture_output=True
+                        [sys.executable, "-m", f"stages.{name}"],
+                        cwd=project.root,
+                        env=env,
+                        check=True,
+                        capture_output=True,
                     )
                     seconds[mode].append(time.perf_counter() - start)
+                    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    cpu_seconds[mode].append(after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime)
                     hashes[mode] = tree_hash([project.root / out for out in stages[name].get("outs", [])])
             apply_param_overrides(params_file, {"numerics": "portable"})
             if timed:
                 first += 1
                 median = {mode: statistics.median(values) for mode, values in seconds.items()}
+                cpu_median = {mode: statistics.median(values) for mode, values in cpu_seconds.items()}
                 results[name] = {
                     "seconds": seconds,
+                    "cpu_seconds": cpu_seconds,
                     "median": median,
                     "native_over_portable": round(median["native"] / median["portable"], 3),
+                    "native_over_portable_cpu": round(cpu_median["native"] / cpu_median["portable"], 3),
                     "outputs_differ": hashes["native"] != hashes["portable"],
                 }
 
     totals = {mode: sum(r["median"][mode] for r in results.values()) for mode in ("portable", "native")}
+    cpu_totals = {
+        mode: sum(statistics.median(r["cpu_seconds"][mode]) for r in results.values())
+        for mode in ("portable", "native")
+    }
     print(
         json.dumps(
             {
@@ -121,6 +137,8 @@ def main() -> None:
                 "stages": results,
                 "total_seconds": totals,
                 "total_native_over_portable": round(totals["native"] / totals["portable"], 3),
+                "total_cpu_seconds": cpu_totals,
+                "total_native_over_portable_cpu": round(cpu_totals["native"] / cpu_totals["portable"], 3),
             },
             indent=2,
         )

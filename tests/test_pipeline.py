@@ -201,3 +201,27 @@ def test_base_from_a_local_hugging_face_directory(dag, tmp_path):
         assert (dag.root / "models/base/model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
     finally:
         dag.restore()
+
+
+def test_make_baseline_takes_heads_outputs_from_the_cache_or_rebuilds_them(dag, tmp_path):
+    """`make baseline` after an experiment: params and lock from git, outputs from the cache. In a fresh clone
+    where HEAD's outputs were never produced (no cache, no remote), it rebuilds them with `dvc repro` and, under
+    portable numerics, gets HEAD's dvc.lock byte for byte (the README's old `git checkout ... && dvc checkout`
+    exited 255 there and left the outputs missing)."""
+    make = ["make", "-o", "setup", "-o", ".venv/.installed", "baseline"]  # the test's venv, not a new one
+    dag.set_params({"grpo": {"even_bonus": 0.5}})
+    try:
+        out = dag.run(*make).stdout
+        assert "checked out from the DVC cache" in out
+        assert dag.run("git", "status", "--porcelain").stdout == ""
+        assert json.loads(dag.run("dvc", "status", "--json").stdout) == {}
+    finally:
+        dag.restore()
+
+    clone = tmp_path / "clone"
+    dag.run("git", "clone", "-q", str(dag.root), str(clone))
+    out = dag.run(*make, cwd=clone, timeout=1800).stdout
+    assert "rebuilding them with dvc repro" in out and "rebuilt, byte for byte as dvc.lock pins" in out, out
+    assert dag.run("git", "status", "--porcelain", cwd=clone).stdout == ""
+    for path in ("models/grpo/model.safetensors", "metrics/eval.json", "data/labels/nla.parquet"):
+        assert (clone / path).read_bytes() == (dag.root / path).read_bytes(), path
