@@ -18,12 +18,13 @@ splits it across N processes.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from latentlab.common.errors import InputError
+from latentlab.common.errors import describe_failure
 from latentlab.hidden import serve
 
 
@@ -327,15 +328,20 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.run(args)
     except ValidationError as error:  # an option out of bounds: name it, one line
+        if os.environ.get("LATENTLAB_DEBUG"):
+            raise
         print(
             "error: "
             + "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in error.errors()),
             file=sys.stderr,
         )
         sys.exit(2)
-    except (ValueError, FileNotFoundError, InputError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    except Exception as error:  # the one error boundary: one line naming the file or option, no traceback
+        if os.environ.get("LATENTLAB_DEBUG"):
+            raise
+        code, line = describe_failure(error)
+        print(f"error: {line}  (LATENTLAB_DEBUG=1 shows the traceback)", file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """What every stage shares: the DAG's paths, params loading, and clean failure."""
 
-import errno
 import functools
 import json
 import os
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from latentlab.common.atomic import atomic_output
-from latentlab.common.errors import InputError, NonFiniteLossError
+from latentlab.common.errors import UnwritableOutputError, describe_failure, os_problem
 from latentlab.common.tracking import StepLog, start_dvclive, start_wandb
 from stages.params import Params, ParamsError, load_params
 
@@ -27,11 +26,6 @@ MODELS = Path("models")
 METRICS = Path("metrics")
 PLOTS = Path("plots")
 REPORTS = Path("reports")
-
-
-class UnwritableOutputError(Exception):
-    """A stage output cannot be written (a read-only or full disk, a file where a directory should be): found
-    by `check_writable` before the stage does any work."""
 
 
 def stage(main=None, *, torchrun: bool = False):
@@ -84,62 +78,8 @@ def stage(main=None, *, torchrun: bool = False):
 
 
 def failure(error: Exception) -> tuple[int, str]:
-    """(exit code, message) of a stage's failure: our own errors say what and where themselves; an OSError
-    names its path, a damaged safetensors file its file; anything else is `<type>: <message>` on one line."""
-    if isinstance(error, ParamsError):
-        return 2, str(error)  # one line per bad key
-    if isinstance(error, (InputError, UnwritableOutputError, NonFiniteLossError, ValueError)):
-        return 1, _one_line(str(error))  # ValueError: the library's checks of values, worded for users
-    if type(error).__name__ == "SafetensorError":
-        return 1, _safetensors_problem(error)
-    if isinstance(error, OSError) and error.filename is None and error.errno is None:
-        return 1, _one_line(str(error))  # raised with a message of ours (FileNotFoundError("... no such model"))
-    if isinstance(error, OSError):
-        return 1, os_problem(error)
-    return 1, _one_line(f"{type(error).__name__}: {error}")
-
-
-def _one_line(message: str) -> str:
-    return " ".join(message.split())
-
-
-# what to do about an OSError, by its errno
-_OS_HINTS = {
-    errno.ENOSPC: "no space left on its disk: free some space and rerun",
-    errno.EDQUOT: "the disk quota is exceeded: free some space and rerun",
-    errno.EROFS: "the file system is read-only: make it writable (or run the stage in a writable copy of the project)"
-    " and rerun",
-    errno.EACCES: "permission denied: check the owner and mode of it and of its directory",
-    errno.EPERM: "operation not permitted: check the owner and mode of it and of its directory",
-    errno.ENOENT: "no such file or directory",
-    errno.ENOTDIR: "a part of the path is a file, not a directory: move that file away",
-    errno.EIO: "input/output error: the disk or network file system failed; check it and rerun",
-}
-
-
-def os_problem(error: OSError, path=None) -> str:
-    """`<path>: <what is wrong and what to do>` for an OSError (its own path unless `path` is given)."""
-    where = path if path is not None else error.filename
-    hint = _OS_HINTS.get(error.errno) or f"{error.strerror or error} ({errno.errorcode.get(error.errno, 'OSError')})"
-    return f"{os.fsdecode(where)}: {hint}" if where is not None else hint
-
-
-def _safetensors_problem(error: Exception) -> str:
-    """A safetensors error names no file: the innermost frame of the traceback that held a *.safetensors path
-    (safetensors' load_file / save_file, transformers' loader) does."""
-    file, trace = None, error.__traceback__
-    while trace is not None:
-        for value in trace.tb_frame.f_locals.values():
-            if isinstance(value, str | os.PathLike) and os.fspath(value).endswith(".safetensors"):
-                file = os.fspath(value)
-        trace = trace.tb_next
-    file = file or "a safetensors file"
-    text = _one_line(str(error))
-    if "serializ" in text and "deserializ" not in text:  # writing
-        if "os error 28" in text:
-            return f"{file}: {_OS_HINTS[errno.ENOSPC]} ({text})"
-        return f"{file} cannot be written ({text})"
-    return f"{file}: the file is damaged ({text}): rerun the stage that wrote it, or restore it with `dvc checkout`"
+    """(exit code, one line) of a stage's failure: 2 for a params error, the library's rules for the rest."""
+    return describe_failure(error, usage_errors=(ParamsError,))
 
 
 def check_writable(*paths: str | Path, need_bytes: int = 0) -> None:

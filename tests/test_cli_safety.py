@@ -187,3 +187,19 @@ def test_npz_export_and_import_refuse_to_lose_inputs_and_other_files(model_dir, 
     cli([*into, str(store), "--table", str(table)])  # over a store and table of its own kind: replaced
     assert open_store(store).attrs["mode"] == "imported"
     assert tree_bytes(tmp_path / "dir.npz") == {"keep.txt": b"keep"}
+
+
+def test_any_failure_of_a_command_is_one_line(model_dir, capsys, monkeypatch):
+    """The CLI's error boundary is the stages': an error no check foresaw (here `serve` on a port another socket
+    holds: an OSError) is one line, exit 1, no traceback; LATENTLAB_DEBUG=1 shows the traceback instead."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = str(holder.getsockname()[1])
+        command = ["serve", "--model", str(model_dir), "--layers", "-1", "--port", port, "--device", "cpu"]
+        refused(capsys, lambda: cli(command), "in use")
+        monkeypatch.setenv("LATENTLAB_DEBUG", "1")
+        with pytest.raises(OSError):
+            cli(command)
