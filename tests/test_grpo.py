@@ -181,3 +181,65 @@ def test_a_diverged_update_is_named_with_its_step():
     trainer.step(0, ["1+2=", "30-4="], [0, 0])
     with pytest.raises(NonFiniteLogitsError, match="step 1.*logits are not finite.*weights have diverged"):
         trainer.step(1, ["1+2=", "30-4="], [0, 0])
+
+
+def _scoring_passes(trainer, monkeypatch) -> list[bool]:
+    """Record, per call of the policy's teacher-forced scoring, whether gradients were on."""
+    calls, score = [], trainer.policy.logprobs
+
+    def counted(rollout, temperature):
+        calls.append(torch.is_grad_enabled())
+        return score(rollout, temperature)
+
+    monkeypatch.setattr(trainer.policy, "logprobs", counted)
+    return calls
+
+
+def test_pi_old_is_recomputed_only_with_several_iterations_and_its_first_ratio_is_one(tiny_lm, monkeypatch):
+    """iterations 1 (the DAG's): no extra pass (the detached loss log-probs are pi_old). iterations 2: one
+    no-grad teacher-forced pass recomputes pi_old before the first update, so in float32 the first ratio is
+    exactly 1 (the sampler's KV-cached log-probs differ from it in rounding)."""
+    import latentlab.rl.grpo as grpo
+
+    model, tokenizer = tiny_lm
+    prompts = ["1+2=", "30-4="]
+    seen = []
+
+    def recording(logprobs, old, *args, **kwargs):
+        seen.append((logprobs.detach().clone(), old.clone()))
+        return grpo_loss(logprobs, old, *args, **kwargs)
+
+    monkeypatch.setattr(grpo, "grpo_loss", recording)
+    for iterations, expected in ((1, [True]), (2, [False, True, True])):
+        cfg = GRPOConfig(steps=1, prompts_per_step=2, group_size=4, max_new_tokens=5, lr=1e-2, iterations=iterations)
+        trainer = GRPOTrainer(LMPolicy(copy.deepcopy(model), tokenizer), _varied, cfg, torch.Generator().manual_seed(0))
+        calls = _scoring_passes(trainer, monkeypatch)
+        seen.clear()
+        trainer.step(0, prompts, [0, 0])
+        assert calls == expected
+    (first, old), (second, _) = seen
+    assert torch.equal(first, old)  # ratio exactly 1 at the first iteration
+    assert not torch.equal(second, old)  # the update moved pi_theta away from pi_old
+
+
+def test_top_p_samples_are_importance_corrected_by_the_renormalised_nucleus(tiny_lm):
+    """top_p < 1 draws from q = pi renormalised on the nucleus: the sampler returns log q (log pi minus the
+    log of the nucleus mass) and GRPO uses it as the old policy, as for exploration noise."""
+    from latentlab.lm.logprobs import tempered_logprobs
+    from latentlab.lm.sampling import _nucleus, teacher_forced_logits
+
+    model, tokenizer = tiny_lm
+    policy = LMPolicy(model, tokenizer)
+    cfg = GRPOConfig(steps=1, prompts_per_step=2, group_size=4, max_new_tokens=5, lr=1e-3, top_p=0.7)
+    trainer = GRPOTrainer(policy, _varied, cfg, torch.Generator().manual_seed(0))
+    part = trainer.sample(["1+2=", "30-4="], [0, 0], trainer.generators[0])
+    completions = part.rollout.completions
+    assert part.old_logprobs is completions.behaviour_logprobs is not None
+    with torch.no_grad():
+        rollout = part.rollout
+        logits = teacher_forced_logits(model, *policy.prefix(rollout), completions)
+        nucleus = torch.log_softmax(_nucleus(tempered_logprobs(logits, 1.0), 0.7), -1)
+        expected = nucleus.gather(-1, completions.ids[..., None]).squeeze(-1)[completions.mask]
+    torch.testing.assert_close(completions.behaviour_logprobs[completions.mask], expected, atol=1e-4, rtol=1e-4)
+    gap = (completions.behaviour_logprobs - completions.logprobs)[completions.mask]
+    assert (gap >= -1e-6).all() and gap.max() > 0.05  # q >= pi on the nucleus, > where it cut mass

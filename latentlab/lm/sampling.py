@@ -16,8 +16,9 @@ G-fold; what each completion attends to is the same keys and values, so the resu
 one up to float rounding. With gradients, the expanded cache is part of the graph
 (`repeat_interleave` sums the G rows' gradients back onto their prefix row).
 
-Exploration noise (`logit_noise` > 0) draws each token from q = softmax(logits / T + noise), not from pi: the
-sampler then also returns log q of each drawn token (q given the noise it drew), which a trainer uses as the
+Exploration noise (`logit_noise` > 0) draws each token from q = softmax(logits / T + noise), and top-p < 1 from
+q = pi renormalised on the nucleus, not from pi: the sampler then also returns log q of each drawn token (q given
+the noise it drew), which a trainer uses as the
 behaviour policy of an importance ratio pi / q. Diverged weights (NaN or inf logits) raise
 `NonFiniteLogitsError` at the end of the generation, never an error (or a CUDA device-side assert) inside
 torch.multinomial, and without a host sync per token.
@@ -33,6 +34,7 @@ from pydantic import Field
 from latentlab.common.config import Config
 from latentlab.common.errors import NonFiniteLogitsError
 from latentlab.lm.capture import LayerCapture
+from latentlab.lm.logprobs import forward_logprobs, selected_logprobs, tempered_logprobs
 from latentlab.lm.padding import pad_sequences
 
 
@@ -42,7 +44,9 @@ class SamplingConfig(Config):
     temperature: float = Field(1.0, ge=0)
     """Softmax temperature; 0 means greedy decoding."""
     top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling: sample among the most likely tokens holding this much probability."""
+    """Nucleus sampling: sample among the most likely tokens holding this much probability. Below 1 tokens come
+    from q = pi renormalised on the nucleus, not pi: `behaviour_logprobs` hold log q (the log of the renormalised
+    probability) for an importance ratio pi / q, as with `logit_noise`. 1: nothing extra is computed."""
     logit_noise: float = Field(0.0, ge=0)
     """Exploration noise: std of Gaussian noise added to the tempered logits when choosing a token. Tokens then
     come from q = softmax(logits / T + noise), not pi: `logprobs` stay log pi, `behaviour_logprobs` hold log q
@@ -57,8 +61,9 @@ class Completions:
     ids: torch.Tensor  # (B, T) sampled tokens, pad after end-of-sequence
     mask: torch.Tensor  # (B, T) bool: generated tokens up to and including end-of-sequence
     logprobs: torch.Tensor  # (B, T) log pi(token) under softmax(logits / temperature); 0 where masked
-    # (B, T) log q(token) of the distribution the token was drawn from when it is not pi (logit_noise > 0:
-    # q = softmax(logits / T + the drawn noise), top-p applied); 0 where masked. None: drawn from pi (or greedy)
+    # (B, T) log q(token) of the distribution the token was drawn from when it is not pi (top_p < 1: pi
+    # renormalised on the nucleus; logit_noise > 0: q = softmax(logits / T + the drawn noise), top-p applied
+    # first); 0 where masked. None: drawn from pi (or greedy)
     behaviour_logprobs: torch.Tensor | None = None
 
     @property
@@ -81,10 +86,6 @@ def tokenize_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tenso
             raise ValueError(f"prompt {row} tokenizes to nothing: {prompts[row]!r}")
     ids, mask = pad_sequences(ids, tokenizer.pad_token_id, left=True)
     return ids.to(device), mask.to(device)
-
-
-def _tempered_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)
 
 
 def _nucleus(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -115,13 +116,14 @@ def choose_tokens(
     logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Pick one token per row; returns (tokens, their log-prob under pi = softmax(logits / T), their log-prob
-    under the distribution they were drawn from when that is not pi (logit_noise > 0), else None).
+    under the distribution q they were drawn from when that is not pi (top_p < 1: the renormalised nucleus;
+    logit_noise > 0: given the drawn noise), else None).
 
     Diverged weights: NaN or +inf logits make a row's log-probs NaN (softmax then NaN everywhere in the row).
     Such a row draws uniformly instead of reaching torch.multinomial, whose input check is a device-side assert
     on CUDA in recent torch (it kills the CUDA context); its recorded log-prob is NaN or -inf, which `sample`
     turns into `NonFiniteLogitsError` with one check per generation, not a host sync per token."""
-    logprobs = _tempered_logprobs(logits, cfg.temperature)
+    logprobs = tempered_logprobs(logits, cfg.temperature)
     behaviour = None
     if cfg.temperature == 0:
         tokens = logprobs.argmax(-1)
@@ -132,7 +134,7 @@ def choose_tokens(
             scores = scores + cfg.logit_noise * noise  # q = softmax(scores), given this noise
         probs = torch.softmax(scores, -1).nan_to_num(nan=1.0)  # a NaN row (diverged) draws uniformly; see above
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        if cfg.logit_noise > 0:
+        if cfg.logit_noise > 0 or cfg.top_p < 1:  # q is not pi: log q, the renormalised nucleus (and noise)
             behaviour = torch.log_softmax(scores, -1).gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1), behaviour
 
@@ -241,13 +243,52 @@ def completion_logprobs(
     completions: Completions,
     temperature: float = 1.0,
     group_size: int = 1,
+    rows: int | None = None,
 ) -> torch.Tensor:
-    """log pi(token) of every sampled completion token `(B, T)`, with gradients (`teacher_forced_logits`).
+    """log pi(token) of every sampled completion token `(B, T)`, with gradients, in the one teacher-forced pass
+    of `teacher_forced_logits` (with group_size G > 1 its two passes) but without its `(B, T, V)` logits: the
+    selected tokens' log-probs come `rows` positions at a time from the final hidden states (lm/logprobs.py),
+    bitwise those of the full log_softmax.
 
     Positions after end-of-sequence are masked (zero).
     """
-    logits = teacher_forced_logits(model, prefix_embeds, prefix_mask, completions, group_size)
-    logprobs = _tempered_logprobs(logits, temperature).gather(-1, completions.ids[..., None]).squeeze(-1)
+    if group_size > 1:
+        return _grouped_logprobs(model, prefix_embeds, prefix_mask, completions, group_size, temperature, rows)
+    prefix_len, length = prefix_embeds.shape[1], completions.ids.shape[1]
+    assert prefix_len > 0
+    embeds = torch.cat([prefix_embeds, model.get_input_embeddings()(completions.ids)], dim=1)
+    mask = torch.cat([prefix_mask, completions.mask.long()], dim=1)
+    # the positions prefix_len-1 .. prefix_len+length-1 (logits_to_keep=length + 1); the last one predicts nothing
+    logprobs = forward_logprobs(
+        model,
+        completions.ids,
+        length + 1,
+        temperature,
+        rows,
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=positions_from_mask(mask),
+    )
+    return logprobs * completions.mask
+
+
+def _grouped_logprobs(
+    model,
+    prefix_embeds: torch.Tensor,
+    prefix_mask: torch.Tensor,
+    completions: Completions,
+    group_size: int,
+    temperature: float,
+    rows: int | None,
+) -> torch.Tensor:
+    """`completion_logprobs` with a shared prefix: the two passes of `_grouped_logits`, log-probs in chunks."""
+    first_logits, rest = _shared_prefix(model, prefix_embeds, prefix_mask, completions, group_size)
+    logprobs = selected_logprobs(first_logits, completions.ids[:, :1], temperature, rows)
+    if rest is not None:
+        fed = completions.ids.shape[1] - 1
+        logprobs = torch.cat(
+            [logprobs, forward_logprobs(model, completions.ids[:, 1:], fed, temperature, rows, **rest)], dim=1
+        )
     return logprobs * completions.mask
 
 
@@ -287,6 +328,17 @@ def _grouped_logits(
     pass 2 (P * G rows): completion tokens 0..T-2    -> logits that score tokens 1..T-1
     The positions and attention mask are those of the one-pass version, so each score is the same.
     """
+    first_logits, rest = _shared_prefix(model, prefix_embeds, prefix_mask, completions, group_size)
+    if rest is None:
+        return first_logits
+    return torch.cat([first_logits, model(**rest).logits], dim=1)  # (P * G, T, V)
+
+
+def _shared_prefix(
+    model, prefix_embeds: torch.Tensor, prefix_mask: torch.Tensor, completions: Completions, group_size: int
+) -> tuple[torch.Tensor, dict | None]:
+    """Pass 1 of `_grouped_logits` and its expansion: ((P * G, 1, V) logits that score completion token 0, the
+    inputs of pass 2 over completion tokens 0..T-2 against the expanded cache, or None when T = 1)."""
     rows, length = prefix_embeds.shape[0], completions.ids.shape[1]
     if completions.ids.shape[0] != rows * group_size:
         raise ValueError(f"{completions.ids.shape[0]} completions are not {rows} prefixes x {group_size}")
@@ -298,17 +350,16 @@ def _grouped_logits(
         logits_to_keep=1,
     )
     logits = first.logits.repeat_interleave(group_size, dim=0)  # (P * G, 1, V): scores completion token 0
-    if length > 1:
-        cache = first.past_key_values
-        cache.batch_repeat_interleave(group_size)  # (P, heads, L, d) -> (P * G, heads, L, d) in every layer
-        mask = torch.cat([prefix_mask.repeat_interleave(group_size, dim=0), completions.mask.long()], dim=1)
-        fed = length - 1  # the last completion token predicts nothing
-        rest = model(
-            input_ids=completions.ids[:, :fed],
-            attention_mask=mask[:, : prefix_mask.shape[1] + fed],
-            position_ids=positions_from_mask(mask)[:, prefix_mask.shape[1] : prefix_mask.shape[1] + fed],
-            past_key_values=cache,
-            use_cache=True,
-        ).logits
-        logits = torch.cat([logits, rest], dim=1)  # (P * G, T, V)
-    return logits
+    if length == 1:
+        return logits, None
+    cache = first.past_key_values
+    cache.batch_repeat_interleave(group_size)  # (P, heads, L, d) -> (P * G, heads, L, d) in every layer
+    mask = torch.cat([prefix_mask.repeat_interleave(group_size, dim=0), completions.mask.long()], dim=1)
+    fed, start = length - 1, prefix_mask.shape[1]  # the last completion token predicts nothing
+    return logits, {
+        "input_ids": completions.ids[:, :fed],
+        "attention_mask": mask[:, : start + fed],
+        "position_ids": positions_from_mask(mask)[:, start : start + fed],
+        "past_key_values": cache,
+        "use_cache": True,
+    }

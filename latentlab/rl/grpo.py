@@ -17,8 +17,10 @@ Differentiated as a loss term (tokens fixed), its expected gradient is (1 - pi_r
 i.e. the gradient of KL(pi_ref || pi_theta): a pull toward the reference that agrees with the reverse KL's
 to second order near pi_ref, as in the paper.
 
-Exploration noise draws tokens from q = softmax(logits / T + noise) instead of pi_old: the ratio is then
-pi_theta / q (q given the drawn noise, the sampler's behaviour log-probs), clipped the same way, which
+pi_old, with several iterations, is recomputed by a no-grad teacher-forced pass before the first update (not
+the sampler's KV-cached log-probs, which differ in rounding). Exploration noise draws tokens from
+q = softmax(logits / T + noise), and top-p < 1 from pi renormalised on the nucleus, instead of pi_old: the ratio is
+then pi_theta / q (q given the drawn noise, the sampler's behaviour log-probs), clipped the same way, which
 importance-corrects the surrogate's gradient to that of pi's own samples at the first iteration. The KL
 term is not reweighted: with noise and beta > 0 it is estimated on q's tokens (biased).
 
@@ -60,7 +62,9 @@ class GRPOSettings(Config):
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature; log-probs in the loss use the same temperature."""
     top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling threshold."""
+    """Nucleus sampling threshold. Below 1 tokens come from q = pi renormalised on the nucleus, not pi: the
+    ratio's old policy is q (the sampler's behaviour log-probs, log of the renormalised probability), rho =
+    pi_theta / q, clipped, as with exploration noise. 1: plain temperature sampling, nothing extra computed."""
     exploration_noise: float = Field(0.0, ge=0)
     """Std of Gaussian noise on the tempered logits while sampling (exploration; not part of pi). Tokens come
     from q = softmax(logits / T + noise), so the ratio's old policy is q: rho = pi_theta / q, clipped (an
@@ -74,7 +78,11 @@ class GRPOSettings(Config):
     scale_rewards: bool = True
     """Divide advantages by the group's reward std (False: mean-centring only, as in Dr. GRPO)."""
     iterations: int = Field(1, gt=0)
-    """mu: gradient steps on each batch of rollouts."""
+    """mu: gradient steps on each batch of rollouts. 1: pi_old is pi_theta itself, the loss pass's detached
+    log-probs (no extra pass, at any precision). Above 1: pi_old's log-probs of the sampled tokens come from a
+    no-grad teacher-forced pass before the first step (the loss pass's arithmetic, in chunks: the first ratio is
+    exactly 1 in float32), not from the sampler's KV-cached ones, which differ in rounding (in bf16 up to a few
+    percent). Tokens drawn from q != pi (top_p < 1, exploration noise) keep q as the old policy at any value."""
     loss_aggregation: Literal["sequence", "token"] = "sequence"
     """'sequence': mean over each completion's tokens, then over completions (the paper);
     'token': one mean over every token of the batch (no bias toward short completions)."""
@@ -149,7 +157,8 @@ class _Sampled:
     rollout: Rollout
     rewards: torch.Tensor  # (B,)
     advantages: torch.Tensor  # (B,)
-    old_logprobs: torch.Tensor | None  # (B, T) pi_old, or log q (noise); None: the detached current log-probs
+    old_logprobs: torch.Tensor | None  # (B, T) log q (noise, top-p), or pi_old once `step` recomputed it; None:
+    # the detached current log-probs (one iteration)
     ref_logprobs: torch.Tensor | None  # (B, T)
 
 
@@ -210,14 +219,9 @@ class GRPOTrainer:
         )
         advantages = group_advantages(rewards, G, cfg.scale_rewards)
         # pi_old: with one gradient step per batch, pi_old = pi_theta and the detached current log-probs
-        # serve; with several, the sampler's own log-probs are pi_old (the same policy in the same eval mode,
-        # same temperature, before any update; they differ from a teacher-forced pass in float rounding only).
-        # Tokens drawn with exploration noise come from q, not pi_old: the ratio is pi_theta / q.
-        completions = rollout.completions
-        if completions.behaviour_logprobs is not None:
-            old_logprobs = completions.behaviour_logprobs
-        else:
-            old_logprobs = completions.logprobs if cfg.iterations > 1 else None
+        # serve; with several, `step` recomputes them in a no-grad teacher-forced pass (`_old_logprobs`).
+        # Tokens drawn from q != pi (exploration noise, top_p < 1) come from q: the ratio is pi_theta / q.
+        old_logprobs = rollout.completions.behaviour_logprobs
         with torch.no_grad(), autocast():
             ref_logprobs = self.ref_policy.logprobs(rollout, cfg.temperature) if self.ref_policy else None
         return _Sampled(rollout, rewards, advantages, old_logprobs, ref_logprobs)
@@ -245,6 +249,11 @@ class GRPOTrainer:
             return shards.weight(mask.shape[0], n_rows)
 
         self.policy.train(True)
+        if cfg.iterations > 1:  # pi_old before the first update, in the loss pass's mode and arithmetic
+            for part in parts:
+                if part.old_logprobs is None:
+                    with torch.no_grad(), autocast():
+                        part.old_logprobs = self.policy.logprobs(part.rollout, cfg.temperature)
         for _ in range(cfg.iterations):
             self.optimizer.zero_grad(set_to_none=True)
             shard_losses: list[_ShardLoss] = []
