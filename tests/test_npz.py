@@ -129,7 +129,8 @@ def test_cli_npz_import_names_the_file_and_what_is_wrong(case, tmp_path, capsys)
 def test_cli_npz_import_of_a_missing_file_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(["npz", "import", str(tmp_path / "nope.npz"), str(tmp_path / "out.zarr")])
-    assert capsys.readouterr().err == f"error: {tmp_path / 'nope.npz'} does not exist\n"
+    hint = "  (LATENTLAB_DEBUG=1 shows the traceback)"
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nope.npz'} does not exist{hint}\n"
 
 
 @pytest.fixture(scope="module")
