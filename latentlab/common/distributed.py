@@ -106,6 +106,11 @@ class Shards:
         size = len(items) // self.count
         return [items[k * size : (k + 1) * size] for k in self.local]
 
+    def map(self, fn, prompts: Sequence, targets: Sequence, generators: Sequence, key: str) -> list:
+        """`fn(prompts, targets, generator)` on each local shard of the global batch (prompts and targets cut
+        alike by `split`, one sampling stream per shard), in shard order."""
+        return [fn(p, t, g) for p, t, g in zip(self.split(prompts, key), self.split(targets, key), generators)]
+
     def generators(self, seed: int, device) -> list[torch.Generator]:
         """One sampling stream per local shard, seeded `shard_seed(seed, k)`."""
         return [torch.Generator(device=device).manual_seed(shard_seed(seed, k)) for k in self.local]

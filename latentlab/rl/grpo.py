@@ -231,14 +231,7 @@ class GRPOTrainer:
         cfg, G, shards = self.cfg, self.cfg.group_size, self.shards
         started = time.perf_counter()
         with naming_step(step):  # diverged weights: the sampler's error names this step
-            parts = [
-                self.sample(p, t, generator)
-                for p, t, generator in zip(
-                    shards.split(prompts, "prompts_per_step"),
-                    shards.split(targets, "prompts_per_step"),
-                    self.generators,
-                )
-            ]
+            parts = shards.map(self.sample, prompts, targets, self.generators, "prompts_per_step")
         masks = [part.rollout.completions.mask for part in parts]
         n_tokens = int(shards.sum(sum(mask.sum() for mask in masks)))  # the global batch's completion tokens
         n_rows = len(prompts) * G

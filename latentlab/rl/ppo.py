@@ -201,14 +201,7 @@ class PPOTrainer:
         cfg, shards = self.cfg, self.shards
         started = time.perf_counter()
         with naming_step(step):  # diverged weights: the sampler's error names this step
-            parts = [
-                self.sample(p, t, generator)
-                for p, t, generator in zip(
-                    shards.split(prompts, "rollouts_per_step"),
-                    shards.split(targets, "rollouts_per_step"),
-                    self.generators,
-                )
-            ]
+            parts = shards.map(self.sample, prompts, targets, self.generators, "rollouts_per_step")
         n_tokens = shards.sum(sum(part.mask.sum() for part in parts))  # the global batch's completion tokens
         if cfg.normalize_advantages:  # whiten over the global batch's tokens: masked means of all-reduced sums
             with torch.no_grad():
