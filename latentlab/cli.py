@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from latentlab.common.errors import describe_failure
 from latentlab.hidden import serve
+from latentlab.lm.prompt_format import add_prompt_arguments, prompt_format_of
 
 
 def label_config(args: argparse.Namespace):
@@ -145,9 +146,8 @@ def label_command(args: argparse.Namespace) -> None:
     with distributed() as ranks:
         # the job's name is the store's: the same rows and settings as a stage's set give its store
         target = LabelSet(Path(str(out)).stem, rows, out, table, work_dir(out), source=str(args.prompts))
-        label_sets(
-            model if model.exists() else args.model, [target], cfg, args.seed, resolve_device(args.device), ranks
-        )
+        device, prompt_format = resolve_device(args.device), prompt_format_of(args)
+        label_sets(model if model.exists() else args.model, [target], cfg, args.seed, device, ranks, prompt_format)
         if ranks.rank == 0:
             print(f"{out}: {rows.height} rows of {args.prompts} labelled; rows and generated text in {table}")
 
@@ -264,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--temperature", type=float, default=1.0)
     lab.add_argument("--top-p", type=float, default=1.0)
     lab.add_argument("--store-tokens", action="store_true", help="also every pooled position: tokens (N, T, L, H)")
+    add_prompt_arguments(lab)
     lab.add_argument(
         "--no-stop-at-eos",
         dest="stop_at_eos",

@@ -38,7 +38,7 @@ def main(params):
     for name in SCORED:
         directory = MODELS / name
         scores, rows = evaluate_policy(
-            load_policy(directory, run.device),
+            load_policy(directory, run.device, prompt_format=params.prompt),
             test,
             reward,
             params.evaluate.batch_size,

@@ -20,8 +20,9 @@ def main(params):
     run = setup(params)
     sft = require_model_dir(MODELS / "sft")
     model, tokenizer = load_lm(sft, run.device)
-    policy = LMPolicy(model, tokenizer)
-    reference = LMPolicy(copy.deepcopy(model).requires_grad_(False), tokenizer) if params.grpo.beta > 0 else None
+    policy = LMPolicy(model, tokenizer, params.prompt)
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    reference = LMPolicy(frozen, tokenizer, params.prompt) if params.grpo.beta > 0 else None
     log = train_with_grpo(params, run, "grpo", "grpo_full", policy, reference)
     if not run.leader:  # under torchrun rank 0 alone writes the outputs
         return

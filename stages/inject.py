@@ -43,9 +43,10 @@ def main(params):
     )
     # greedy decoding draws no random numbers: the GRPO run below is the one it would be without these
     # measurements. The frozen SFT model alone is what every variant reads and must beat.
-    metrics = {"variant": cfg.variant, "sft": accuracy(LMPolicy(model, tokenizer), test, reward, batch, tokens, "sft")}
+    sft_policy = LMPolicy(model, tokenizer, params.prompt)
+    metrics = {"variant": cfg.variant, "sft": accuracy(sft_policy, test, reward, batch, tokens, "sft")}
     injector = build_injector(model, cfg.injector, tokenizer)
-    policy = InjectionPolicy(model, tokenizer, injector, cfg.l2)
+    policy = InjectionPolicy(model, tokenizer, injector, cfg.l2, params.prompt)
     metrics["step0"] = accuracy(policy, test, reward, batch, tokens, "step 0")
 
     align_log = StepLog()
@@ -59,7 +60,7 @@ def main(params):
 
     # the KL reference is the policy at the start of GRPO: the same frozen model with the injector as it is now
     reference = (
-        InjectionPolicy(model, tokenizer, copy.deepcopy(injector).requires_grad_(False))
+        InjectionPolicy(model, tokenizer, copy.deepcopy(injector).requires_grad_(False), prompt_format=params.prompt)
         if params.grpo.beta > 0
         else None
     )
@@ -91,7 +92,9 @@ def main(params):
     write_json(METRICS / "inject.json", metrics)
     # after training and saving: building the sweep's injectors draws random numbers
     prompts = full["prompt"].to_list()[:512]
-    sweep = norm_sweep(model, tokenizer, cfg.injector, prompts, test, reward, batch, tokens, cfg.scale_sweep)
+    sweep = norm_sweep(
+        model, tokenizer, cfg.injector, prompts, test, reward, batch, tokens, cfg.scale_sweep, params.prompt
+    )
     with atomic_output(PLOTS / "inject_scales.csv") as partial:
         sweep.write_csv(partial)
 

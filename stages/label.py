@@ -44,7 +44,7 @@ def main(params):
             LabelSet(name, rows(name), HIDDEN / f"{name}.zarr", LABELS / f"{name}.parquet", WORK / name)
             for name in cfg.datasets
         ]
-        label_sets(base, sets, cfg, params.seed, run.device, ranks)
+        label_sets(base, sets, cfg, params.seed, run.device, ranks, params.prompt)
         if ranks.rank == 0:
             write_nla_tables(cfg)
 

@@ -16,6 +16,7 @@ from ruamel.yaml import YAML, YAMLError
 from latentlab.common.config import Config
 from latentlab.hidden.labelling import LabelConfig
 from latentlab.lm.modeling import TinyLMConfig
+from latentlab.lm.prompt_format import PromptFormat
 from latentlab.lm.training import LMTrainConfig
 from latentlab.policies.injection import InjectorConfig
 from latentlab.policies.nla_actor import NLAActorConfig
@@ -267,6 +268,9 @@ class Params(Config):
     (faster, bytes differ between CPUs). See latentlab/common/numerics.py."""
     wandb: WandbParams = WandbParams()
     model: ModelParams = ModelParams()
+    prompt: PromptFormat = PromptFormat()
+    """How every stage that prompts the model encodes a problem's text (label, sft, grpo, inject, surgery,
+    evaluate): raw, or the tokenizer's chat template with an optional system prompt."""
     synth: ArithmeticConfig
     base: BaseParams
     label: LabelParams = LabelParams()
@@ -298,6 +302,15 @@ class Params(Config):
         (a hub model's count is known once it is loaded: `layer_problem` with its count, in the stage)."""
         if self.model.source == "scratch" and (problem := self.layer_problem(self.model.layers)):
             raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _chat_needs_a_template(self):
+        if self.model.source == "scratch" and self.prompt.format == "chat":
+            raise ValueError(
+                "prompt.format: chat needs a tokenizer with a chat template; the scratch model's character tokenizer "
+                "has none (use raw, or a model.source whose tokenizer holds a template)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -23,7 +23,7 @@ def main(params):
     base = require_model_dir(MODELS / "base")
     model, tokenizer = load_lm(base, run.device)
     biased = read_table(SYNTH / "biased.parquet", PROBLEM_SCHEMA)
-    examples = prompt_answer_examples(tokenizer, biased["prompt"].to_list(), biased["answer"].to_list())
+    examples = prompt_answer_examples(tokenizer, biased["prompt"].to_list(), biased["answer"].to_list(), params.prompt)
     cfg, trained = params.sft, model
     if cfg.placeholder_share > 0:  # its own seeded draw: the data order stays that of plain SFT
         inject_id = tokenizer.convert_tokens_to_ids(INJECT)

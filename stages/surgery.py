@@ -37,10 +37,11 @@ def main(params):
     run, cfg, seed, every = setup(params), params.surgery, params.seed, params.grpo.eval_every
     sft = require_model_dir(MODELS / "sft")
     model, tokenizer = load_lm(sft, run.device)
-    reference = LMPolicy(copy.deepcopy(model).requires_grad_(False), tokenizer) if params.grpo.beta > 0 else None
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    reference = LMPolicy(frozen, tokenizer, params.prompt) if params.grpo.beta > 0 else None
     p1, p2, p3 = cfg.phases
     require_divisible(run, cfg.probe_size, "surgery.probe_size")
-    grpo = arithmetic_grpo(params, run, cfg.lr, LMPolicy(model, tokenizer), reference, steps=p1 + p3)
+    grpo = arithmetic_grpo(params, run, cfg.lr, LMPolicy(model, tokenizer, params.prompt), reference, steps=p1 + p3)
     test = read_table(SYNTH / "test.parquet", PROBLEM_SCHEMA)
 
     def test_scores(policy: LMPolicy, name: str) -> dict:
@@ -75,7 +76,11 @@ def main(params):
         surgeon_rng, model = torch.Generator().manual_seed(seed + 2), trainer.policy.model
         # every rank: the same agent, stream and global probe results, hence the same edits (latentlab/rl/surgeon.py)
         agent = Surgeon.build_agent(model, cfg.surgeon, cfg.sac, surgeon_rng) if arm == "sac" else None
-        surgeon = None if arm == "grpo_only" else Surgeon(model, tokenizer, cfg.surgeon, agent, surgeon_rng, run.shards)
+        surgeon = (
+            None
+            if arm == "grpo_only"
+            else Surgeon(model, tokenizer, cfg.surgeon, agent, surgeon_rng, run.shards, params.prompt)
+        )
         logs[arm] = log if arm == "sac" else StepLog()
         logs[arm].rows = logs[arm].rows if arm == "sac" else list(log.rows[:p1])
         run_curriculum(

@@ -51,6 +51,21 @@ def test_parse_answer_reads_the_leading_integer(text, expected):
     assert parse_answer(text) == expected
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<think>\n\n</think>\n\n19", 19),  # Qwen3's empty reasoning block, as its chat template writes it
+        ("<think>\n8+11 is 19.\n</think>\n\n19\n", 19),
+        ("\n<think>no</think>-3", -3),
+        ("<think>\n8+11 is", None),  # still thinking when the tokens ran out: no answer
+        ("<think>\n</think> x", None),
+        ("19<think>2</think>", 19),  # a block after the answer is not read past
+    ],
+)
+def test_parse_answer_reads_past_a_thinking_models_reasoning(text, expected):
+    assert parse_answer(text) == expected
+
+
 def test_pretraining_corpus_is_packed_equations():
     problems = make_splits(CFG, 0)["full"]
     corpus = pretraining_corpus(problems, n_sequences=5, seq_chars=40, seed=0)

@@ -81,6 +81,10 @@ def test_the_project_params_spell_out_every_key():
             "surgery.layers: layer 4 is out of range for a model with 4 layers (blocks 0..3, or -4..-1)",
         ),
         (
+            lambda d: d["prompt"].__setitem__("format", "chat"),
+            "prompt.format: chat needs a tokenizer with a chat template; the scratch model's character tokenizer",
+        ),
+        (
             lambda d: d["nla_sft"]["actor"].__setitem__("layers", [0, 4]),
             "nla_sft.actor.layers: layer 4 is out of range for a model with 4 layers (block inputs 0..3)",
         ),

@@ -31,6 +31,7 @@ from latentlab.common.runtime import to_device
 from latentlab.lm.capture import LayerCapture, decoder_blocks, resolve_layers
 from latentlab.lm.modeling import stop_token_ids
 from latentlab.lm.padding import pad_flat
+from latentlab.lm.prompt_format import RAW, PromptFormat
 from latentlab.lm.sampling import SamplingConfig, positions_from_mask, sample
 from latentlab.lm.tokenizer import token_ids, unknown_token_id
 
@@ -164,8 +165,9 @@ def _masked_mean(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
 class Extractor:
     """Mean-pooled hidden states of the configured layers for batches of prompts (see the module doc)."""
 
-    def __init__(self, model, tokenizer, cfg: ExtractConfig):
+    def __init__(self, model, tokenizer, cfg: ExtractConfig, prompt_format: PromptFormat = RAW):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.prompt_format = prompt_format  # how prompt texts become ids: raw, or the chat template
         try:
             self.layer_indices = resolve_layers(cfg.layers, len(decoder_blocks(model)[0]))
         except IndexError as error:
@@ -175,21 +177,26 @@ class Extractor:
         self.sampling = SamplingConfig(
             max_new_tokens=cfg.tokens, temperature=cfg.temperature, top_p=cfg.top_p, stop_at_eos=cfg.stop_at_eos
         )
+        # the checkpoint's stop ids, and the end of a chat turn (Llama 3's <|eot_id|>) in chat format
+        self.stop_ids = stop_token_ids(model, tokenizer, prompt_format.end_id(tokenizer))
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def encode(self, texts: Sequence[str], chunk: int = 4096) -> TokenRows:
-        """Token ids of each text, no special tokens added. In chunks: the tokenizer's per-row
+    def encode_prompts(self, prompts: Sequence[str], chunk: int = 4096) -> TokenRows:
+        """Token ids of each prompt in the extractor's `prompt_format`. In chunks: the tokenizer's per-row
         objects would otherwise cost about a kilobyte for every row of a dataset at once."""
-        return TokenRows.concat(
-            [TokenRows.from_lists([])]
-            + [
-                TokenRows.from_lists(token_ids(self.tokenizer, texts[i : i + chunk]))
-                for i in range(0, len(texts), chunk)
-            ]
-        )
+        return self._encode(prompts, lambda texts: self.prompt_format.encode(self.tokenizer, texts), chunk)
+
+    def encode(self, texts: Sequence[str], chunk: int = 4096) -> TokenRows:
+        """Token ids of each text as it is, no special tokens added (completions)."""
+        return self._encode(texts, lambda texts: token_ids(self.tokenizer, texts), chunk)
+
+    @staticmethod
+    def _encode(texts: Sequence[str], encode, chunk: int) -> TokenRows:
+        parts = [TokenRows.from_lists(encode(texts[i : i + chunk])) for i in range(0, len(texts), chunk)]
+        return TokenRows.concat([TokenRows.from_lists([])] + parts)
 
     def decode(self, token_ids: TokenRows) -> list[str]:
         """The text of generated tokens (special tokens skipped). Kept out of `__call__` so the
@@ -258,10 +265,10 @@ class Extractor:
         width: int | None = None,
         completions: TokenRows | None = None,
     ) -> Extracted:
-        """Pool one batch of prompts (text, or token ids from `encode`). `width` is T of the
+        """Pool one batch of prompts (text, or token ids from `encode_prompts`). `width` is T of the
         `tokens` array (default: this batch's widest row)."""
         if not isinstance(prompts, TokenRows):
-            prompts = self.encode(prompts)
+            prompts = self.encode_prompts(prompts)
         ids, mask = prompts.padded(self.tokenizer.pad_token_id, self.device, left=True)
         with torch.no_grad(), LayerCapture(self.model, self.cfg.layers) as capture:
             if completions is not None:
@@ -315,7 +322,7 @@ class Extractor:
                 tokens[:, t] = states
 
         embeds = self.model.get_input_embeddings()(ids)
-        stop_ids = stop_token_ids(self.model, self.tokenizer)
+        stop_ids = self.stop_ids
         done = sample(
             self.model,
             embeds,

@@ -49,6 +49,7 @@ from latentlab.hidden.info import hook_name
 from latentlab.hidden.store import FORMAT, Compression, filesystem, is_url, store_arrays, store_metadata, write_store
 from latentlab.lm.capture import decoder_blocks
 from latentlab.lm.modeling import describe_model, load_lm
+from latentlab.lm.prompt_format import RAW, PromptFormat
 
 
 class LabelConfig(ExtractConfig):
@@ -95,7 +96,7 @@ class Job:
     def attributes(self, extractor: Extractor) -> dict:
         mode = "text" if self.completions is not None else self.cfg.mode
         blocks = len(decoder_blocks(extractor.model)[0])
-        return {
+        attributes = {
             "format": FORMAT,
             "complete": False,
             "fingerprint": self.fingerprint,
@@ -115,7 +116,12 @@ class Job:
             "seed": self.seed,
             "temperature": self.cfg.temperature,
             "top_p": self.cfg.top_p,
-        } | ({} if self.cfg.stop_at_eos else {"stop_at_eos": False})  # absent: stopped at end-of-sequence
+        }
+        if not self.cfg.stop_at_eos:  # absent: stopped at end-of-sequence
+            attributes["stop_at_eos"] = False
+        if extractor.prompt_format != RAW:  # absent: raw prompts
+            attributes["prompt"] = extractor.prompt_format.model_dump()
+        return attributes
 
 
 def prepare(
@@ -131,13 +137,15 @@ def prepare(
     """Tokenize once and check every row (empty data, context length) before any work. With
     `completions` (token ids per row): re-extract them in one teacher-forced pass, not generate.
     Messages name `source` (the input file), or else `name`."""
-    prompts, ids = extractor.encode(rows["prompt"].to_list()), rows["id"].to_numpy()
+    prompts, ids = extractor.encode_prompts(rows["prompt"].to_list()), rows["id"].to_numpy()
     try:
         width = extractor.check(prompts, ids, completions)
     except ValueError as error:
         raise ValueError(f"{source or name}: {error}") from None
     # what the result depends on; not the world size: any number of ranks resumes any other's work
     identity = [FORMAT, _identity(cfg), seed, model, name, BATCHING]
+    if extractor.prompt_format != RAW:  # raw: the fingerprint of stores written before prompt formats
+        identity.append(extractor.prompt_format.model_dump())
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     for tokens in (prompts, completions) if completions is not None else (prompts,):
         digest.update(tokens.flat.tobytes() + tokens.offsets.tobytes())
@@ -173,13 +181,19 @@ class LabelSet:
 
 
 def label_sets(
-    model_path: str | Path, sets: Sequence[LabelSet], cfg: LabelConfig, seed: int, device, ranks: Ranks | None = None
+    model_path: str | Path,
+    sets: Sequence[LabelSet],
+    cfg: LabelConfig,
+    seed: int,
+    device,
+    ranks: Ranks | None = None,
+    prompt_format: PromptFormat = RAW,
 ) -> None:
     """THE label run, shared by the `label` stage and `latentlab label`: load the model (a directory
     or a hub id) once, check every set (empty, too long for the context) before any is labelled, then
-    label each one resumably, its shards split across torchrun ranks."""
+    label each one resumably, its shards split across torchrun ranks. Prompts are encoded in `prompt_format`."""
     model, tokenizer = load_lm(model_path, device, dtype=getattr(torch, cfg.dtype))
-    extractor = Extractor(model, tokenizer, cfg)
+    extractor = Extractor(model, tokenizer, cfg, prompt_format)
     info = _describe(model_path)
     freeze_heap()  # before tokenizing every set, which makes objects too
     jobs = [prepare(extractor, s.name, s.rows, cfg, seed, info, source=s.source) for s in sets]

@@ -39,11 +39,14 @@ from pydantic import Field, ValidationError, model_validator
 from latentlab.common.config import Config
 from latentlab.hidden.extract import ExtractConfig, Extractor, TokenRows
 from latentlab.lm.modeling import describe_model
+from latentlab.lm.prompt_format import RAW, PromptFormat, add_prompt_arguments, prompt_format_of
 
 
 class ServeConfig(ExtractConfig):
     model: str
     """Model directory or Hugging Face id."""
+    prompt: PromptFormat = RAW
+    """How each prompt's text becomes ids: raw, or the tokenizer's chat template (`--prompt-format chat`)."""
     host: str = "127.0.0.1"
     """Address to bind: loopback unless you mean to expose it."""
     port: int = Field(8000, ge=0, le=65535)
@@ -124,7 +127,7 @@ class Batcher:
 
     def _fits(self, item: _Pending) -> bool:
         try:
-            item.prompts = self.extractor.encode(item.prompts)
+            item.prompts = self.extractor.encode_prompts(item.prompts)
             self.extractor.check(item.prompts, list(range(len(item.prompts))))
             return True
         except ValueError as error:  # e.g. longer than the model's context
@@ -355,7 +358,7 @@ def build_server(cfg: ServeConfig) -> Server:
     from latentlab.lm.modeling import load_lm
 
     model, tokenizer = load_lm(cfg.model, resolve_device(cfg.device), dtype=getattr(torch, cfg.dtype))
-    extractor = Extractor(model, tokenizer, cfg)
+    extractor = Extractor(model, tokenizer, cfg, cfg.prompt)
     sha256 = describe_model(cfg.model)["sha256"] if Path(cfg.model).is_dir() else None
     info = {
         "model": cfg.model,
@@ -363,6 +366,7 @@ def build_server(cfg: ServeConfig) -> Server:
         "layers": cfg.layers,
         "mode": cfg.mode,
         "tokens": cfg.tokens,
+        "prompt": cfg.prompt.model_dump(),
         "hidden_size": extractor.hidden_size,
         "max_batch": cfg.max_batch,
         "max_connections": cfg.max_connections,
@@ -377,6 +381,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=1, help="1: prompt only; N > 1: generate N tokens")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
+    add_prompt_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0: any free port")
     parser.add_argument("--device", default="auto")
@@ -400,11 +405,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    cfg = ServeConfig.model_validate({k: v for k, v in vars(args).items() if k in ServeConfig.model_fields})
+    options = {k: v for k, v in vars(args).items() if k in ServeConfig.model_fields}
+    cfg = ServeConfig.model_validate(options | {"prompt": prompt_format_of(args)})
     server = build_server(cfg)
     host, port = server.server_address[:2]
     print(
-        f"latentlab serve: listening on http://{host}:{port} ({cfg.model}, {cfg.mode}, layers {cfg.layers})", flush=True
+        f"latentlab serve: listening on http://{host}:{port} ({cfg.model}, {cfg.mode}, layers {cfg.layers}, "
+        f"{cfg.prompt.describe()} prompts)",
+        flush=True,
     )
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     try:

@@ -131,14 +131,16 @@ def load_lm(
     return model.to(device).eval(), tokenizer
 
 
-def stop_token_ids(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase") -> list[int]:
+def stop_token_ids(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", *extra: int) -> list[int]:
     """The ids that end a completion: the tokenizer's eos, then every id of the model's generation config's
     `eos_token_id` (an int or a list: Qwen2.5-Instruct [151645, 151643], Llama 3 Instruct [128001, 128008,
-    128009], whose chat turns end in <|eot_id|>), each once, in that order."""
+    128009], whose chat turns end in <|eot_id|>), then `extra` (a prompt format's end of turn), each once, in
+    that order."""
     ids = [tokenizer.eos_token_id]
     generation = getattr(model, "generation_config", None)
     listed = getattr(generation, "eos_token_id", None)
     ids += listed if isinstance(listed, list | tuple) else [listed]
+    ids += extra
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 

@@ -36,6 +36,7 @@ from latentlab.common.errors import NonFiniteLogitsError
 from latentlab.lm.capture import LayerCapture
 from latentlab.lm.logprobs import forward_logprobs, selected_logprobs, tempered_logprobs
 from latentlab.lm.padding import pad_sequences
+from latentlab.lm.prompt_format import RAW, PromptFormat
 
 
 class SamplingConfig(Config):
@@ -76,11 +77,14 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def tokenize_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded (ids, mask): every prompt ends at the last column, where generation starts."""
+def tokenize_prompts(
+    tokenizer, prompts: list[str], device, prompt_format: PromptFormat = RAW
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (ids, mask) of the prompts in `prompt_format`: every prompt ends at the last column, where
+    generation starts."""
     if not prompts:
         raise ValueError("no prompts to tokenize")
-    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    ids = prompt_format.encode(tokenizer, prompts)
     for row, x in enumerate(ids):
         if not x:
             raise ValueError(f"prompt {row} tokenizes to nothing: {prompts[row]!r}")

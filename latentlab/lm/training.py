@@ -20,6 +20,7 @@ from latentlab.common.optim import build_optimizer, check_finite
 from latentlab.common.runtime import autocast
 from latentlab.common.tracking import StepLog, progress
 from latentlab.lm.padding import pad_sequences
+from latentlab.lm.prompt_format import RAW, PromptFormat
 
 
 class LMTrainConfig(Config):
@@ -62,18 +63,21 @@ def lm_examples(tokenizer, texts: Sequence[str]) -> tuple[list[list[int]], list[
     return ids, [[1] * len(seq) for seq in ids]
 
 
-def prompt_answer_examples(tokenizer, prompts: Sequence[str], answers: Sequence[str]):
-    """SFT examples `prompt + answer + <eos>`; only the answer and <eos> are targets.
+def prompt_answer_examples(
+    tokenizer, prompts: Sequence[str], answers: Sequence[str], prompt_format: PromptFormat = RAW
+):
+    """SFT examples `prompt + answer + <eos>` (chat format: the template's prompt, then its assistant turn up to
+    the end of the turn); only the answer and its end are targets.
 
     Prompt and answer are tokenized apart and concatenated, so the boundary is exact whatever the
     tokenizer would merge across it.
     """
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(list(answers), add_special_tokens=False)["input_ids"]
+    prompt_ids = prompt_format.encode(tokenizer, prompts)
+    answer_ids = prompt_format.encode_answers(tokenizer, prompts, answers)
     sequences, targets = [], []
-    for p, a in zip(prompt_ids, answer_ids):
-        sequences.append(p + a + [tokenizer.eos_token_id])
-        targets.append([0] * len(p) + [1] * (len(a) + 1))
+    for p, a in zip(prompt_ids, answer_ids, strict=True):
+        sequences.append(p + a)
+        targets.append([0] * len(p) + [1] * len(a))
     return sequences, targets
 
 

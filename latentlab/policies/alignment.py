@@ -33,9 +33,8 @@ def answer_rollout(policy: InjectionPolicy, prompts: list[str], answers: list[st
     """A rollout whose completions are the gold answers + <eos>, with the policy's prepared states."""
     rollout = policy.encode(prompts)
     policy.prepare(rollout)
-    tokens = policy.tokenizer(answers, add_special_tokens=False)["input_ids"]
-    eos = policy.tokenizer.eos_token_id
-    ids, mask = pad_sequences([t + [eos] for t in tokens], policy.tokenizer.pad_token_id, False)
+    tokens = policy.prompt_format.encode_answers(policy.tokenizer, prompts, answers)  # answer + end of sequence
+    ids, mask = pad_sequences(tokens, policy.tokenizer.pad_token_id, False)
     ids, mask = ids.to(policy.device), mask.bool().to(policy.device)
     rollout.completions, rollout.texts = Completions(ids, mask, torch.zeros(ids.shape, device=policy.device)), answers
     return rollout

@@ -42,6 +42,7 @@ from latentlab.common.config import Config
 from latentlab.common.errors import InputError
 from latentlab.lm.capture import LayerCapture, decoder_blocks, edit_block_input
 from latentlab.lm.modeling import load_lm, read_manifest, save_weights, write_manifest
+from latentlab.lm.prompt_format import RAW, PromptFormat
 from latentlab.lm.sampling import positions_from_mask, teacher_forced_logits
 from latentlab.policies.lm_policy import LMPolicy, Rollout
 
@@ -197,8 +198,10 @@ def derangement(prompt_ids: torch.Tensor) -> torch.Tensor:
 class InjectionPolicy(LMPolicy):
     """The frozen model continued from [prompt, injector(h)]; only the injector trains."""
 
-    def __init__(self, model, tokenizer, injector: HiddenStateInjector, l2: float = 0.0):
-        super().__init__(model.requires_grad_(False).eval(), tokenizer)
+    def __init__(
+        self, model, tokenizer, injector: HiddenStateInjector, l2: float = 0.0, prompt_format: PromptFormat = RAW
+    ):
+        super().__init__(model.requires_grad_(False).eval(), tokenizer, prompt_format)
         self.injector, self.l2 = injector.to(self.device), l2
         self.is_gated = injector.cfg.variant == "gated"
         if self.is_gated and injector.cfg.gate_layer >= len(decoder_blocks(model)[0]):

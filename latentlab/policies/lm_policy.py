@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from latentlab.lm.modeling import stop_token_ids
+from latentlab.lm.prompt_format import RAW, PromptFormat
 from latentlab.lm.sampling import Completions, SamplingConfig, completion_logprobs, sample, tokenize_prompts
 
 
@@ -59,9 +60,11 @@ class Rollout:
 
 
 class LMPolicy:
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, prompt_format: PromptFormat = RAW):
         self.model = model
         self.tokenizer = tokenizer
+        self.prompt_format = prompt_format  # how prompt texts become ids (raw, or the chat template)
+        self.stop_ids = stop_token_ids(model, tokenizer, prompt_format.end_id(tokenizer))
 
     @property
     def device(self) -> torch.device:
@@ -70,7 +73,7 @@ class LMPolicy:
     def encode(self, prompts: list) -> Rollout:
         """A rollout with the prompts' left-padded token ids and nothing sampled yet (variants may read
         other things than text as their prompts, e.g. activation vectors)."""
-        ids, mask = tokenize_prompts(self.tokenizer, prompts, self.device)
+        ids, mask = tokenize_prompts(self.tokenizer, prompts, self.device, self.prompt_format)
         return Rollout(ids, mask, completions=None, texts=[])
 
     def prefix(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +103,7 @@ class LMPolicy:
             embeds,
             prefix_mask,
             sampling,
-            stop_token_ids(self.model, self.tokenizer),
+            self.stop_ids,
             self.tokenizer.pad_token_id,
             generator,
             past_key_values=cache,

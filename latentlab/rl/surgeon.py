@@ -32,6 +32,7 @@ from latentlab.common.tracking import StepLog, progress
 from latentlab.lm.capture import LayerCapture
 from latentlab.lm.modeling import save_weights
 from latentlab.lm.padding import pad_sequences
+from latentlab.lm.prompt_format import RAW, PromptFormat
 from latentlab.lm.sampling import Completions, completion_logprobs, tokenize_prompts
 from latentlab.lm.surgery import PROJECTIONS, Projection, SurgicalTheater, attention_targets, scale_heads
 from latentlab.rl.sac import SAC, SACConfig
@@ -55,11 +56,14 @@ class SurgeonConfig(Config):
 
 
 @torch.no_grad()
-def probe(model, tokenizer, prompts: Sequence[str], answers: Sequence[str]) -> tuple[torch.Tensor, float]:
-    """(state features `(H + 1,)`, quality): one teacher-forced pass over `prompt + answer + <eos>`."""
+def probe(
+    model, tokenizer, prompts: Sequence[str], answers: Sequence[str], prompt_format: PromptFormat = RAW
+) -> tuple[torch.Tensor, float]:
+    """(state features `(H + 1,)`, quality): one teacher-forced pass over `prompt + answer + <eos>` (as
+    `prompt_format` writes them)."""
     device = next(model.parameters()).device
-    ids, mask = tokenize_prompts(tokenizer, list(prompts), device)
-    answer_ids = [a + [tokenizer.eos_token_id] for a in tokenizer(list(answers), add_special_tokens=False)["input_ids"]]
+    ids, mask = tokenize_prompts(tokenizer, list(prompts), device, prompt_format)
+    answer_ids = prompt_format.encode_answers(tokenizer, prompts, answers)
     completion_ids, completion_mask = pad_sequences(answer_ids, tokenizer.pad_token_id, left=False)
     completions = Completions(completion_ids.to(device), completion_mask.bool().to(device), logprobs=None)
     with LayerCapture(model, [-1]) as capture:
@@ -90,9 +94,10 @@ class Surgeon:
         agent: SAC | None,
         generator: torch.Generator,
         shards: Shards = ONE_PROCESS,
+        prompt_format: PromptFormat = RAW,
     ):
         self.model, self.tokenizer, self.cfg, self.agent, self.generator = model, tokenizer, cfg, agent, generator
-        self.shards = shards
+        self.shards, self.prompt_format = shards, prompt_format
         self.targets = attention_targets(model, cfg.layers, cfg.projections)
         self.heads = max(t.heads for t in self.targets)
         self.commits = 0
@@ -116,9 +121,9 @@ class Surgeon:
         """`probe` of the whole (global) probe batch: the mean over its shards of each shard's probe."""
         shards = self.shards
         if shards.single:
-            return probe(self.model, self.tokenizer, prompts, answers)
+            return probe(self.model, self.tokenizer, prompts, answers, self.prompt_format)
         parts = [
-            probe(self.model, self.tokenizer, p, a)
+            probe(self.model, self.tokenizer, p, a, self.prompt_format)
             for p, a in zip(shards.split(prompts, "surgery.probe_size"), shards.split(answers, "surgery.probe_size"))
         ]
         local = sum(

@@ -29,6 +29,7 @@ PROBLEM_SCHEMA = {
     "op": pl.String,
 }
 _LEADING_INT = re.compile(r"\s*(-?\d+)")
+_THINKING = re.compile(r"\s*<think>(.*?)(</think>|$)", re.DOTALL)  # a thinking model's reasoning (Qwen3)
 
 
 class ArithmeticConfig(Config):
@@ -59,7 +60,14 @@ def prompt_text(a: int, op: str, b: int) -> str:
 
 
 def parse_answer(completion: str) -> int | None:
-    """The integer a completion starts with, or None: '19', ' 19\\n3+4=7' -> 19; 'x' -> None."""
+    """The integer a completion starts with, or None: '19', ' 19\\n3+4=7' -> 19; 'x' -> None. A thinking model's
+    leading <think>...</think> block is read past: '<think>\\n\\n</think>\\n\\n19' -> 19; a block never closed
+    (the reasoning ran out of tokens) holds no answer -> None."""
+    thinking = _THINKING.match(completion)
+    if thinking:
+        if not thinking.group(2):
+            return None
+        completion = completion[thinking.end() :]
     match = _LEADING_INT.match(completion)
     return int(match.group(1)) if match else None
 

@@ -65,6 +65,7 @@ def make_encoder(cfg: OnlineConfig, model_dir, labelled: dict, device, seed: int
         return HiddenClient(cfg.server, cfg.layer)
     from latentlab.hidden.extract import ExtractConfig
     from latentlab.lm.modeling import load_lm
+    from latentlab.lm.prompt_format import PromptFormat
 
     extract = ExtractConfig(
         layers=[cfg.layer],
@@ -74,9 +75,10 @@ def make_encoder(cfg: OnlineConfig, model_dir, labelled: dict, device, seed: int
         stop_at_eos=labelled.get("stop_at_eos", True),  # stores written before the option stopped at EOS
         dtype=labelled["dtype"],
     )
+    prompt_format = PromptFormat(**labelled.get("prompt", {}))  # as the texts were labelled (absent: raw)
     model, tokenizer = load_lm(model_dir, device, dtype=getattr(torch, extract.dtype))
     return TextEncoder(
-        Extractor(model, tokenizer, extract), cfg.layer, torch.Generator(device=device).manual_seed(seed)
+        Extractor(model, tokenizer, extract, prompt_format), cfg.layer, torch.Generator(device=device).manual_seed(seed)
     )
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from latentlab.lm.prompt_format import RAW, PromptFormat
 from latentlab.policies.injection import InjectionPolicy, InjectorConfig, build_injector
 from latentlab.tasks.evaluation import evaluate_policy
 
@@ -38,16 +39,18 @@ def norm_sweep(
     batch_size: int,
     max_new_tokens: int,
     points: int,
+    prompt_format: PromptFormat = RAW,
 ) -> pl.DataFrame:
     """Step-0 accuracy of the norm variant at `points` log-spaced norms, from the embedding rows' mean
     L2 norm to the mean norm of h over `prompts` -> columns scale, accuracy, accuracy_odd, accuracy_even."""
     base = cfg.model_copy(update={"variant": "norm", "output_norm": False, "scale": None})
     low = build_injector(model, base, tokenizer).scale.item()
-    high = mean_hidden_norm(InjectionPolicy(model, tokenizer, build_injector(model, base, tokenizer)), prompts)
+    policy = InjectionPolicy(model, tokenizer, build_injector(model, base, tokenizer), prompt_format=prompt_format)
+    high = mean_hidden_norm(policy, prompts)
     rows = []
     for scale in np.geomspace(low, high, points) if points else []:
         injector = build_injector(model, base.model_copy(update={"scale": float(scale)}), tokenizer)
-        policy = InjectionPolicy(model, tokenizer, injector)
+        policy = InjectionPolicy(model, tokenizer, injector, prompt_format=prompt_format)
         scores = accuracy(policy, problems, reward_fn, batch_size, max_new_tokens, f"norm {scale:.3g}")
         rows.append({"scale": float(scale), **scores})
     schema = {"scale": pl.Float64, **{k: pl.Float64 for k in KEYS}}
