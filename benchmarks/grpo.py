@@ -95,9 +95,36 @@ def main() -> None:
     batches = problem_batches(problems, P, torch.Generator().manual_seed(args.seed))
     plan = [next(batches) for _ in range(args.steps)]  # the prompts of every step, the same for ours and TRL
 
-    model, tokenizer = load_lm(args.model)
-    ours = GRPOTrainer(LMPolicy(model, tokenizer), reward, cfg, torch.Generator().manual_seed(args.seed))
-    floor_model, _ = load_lm(args.model)
+    trl_result, times, curves = interleaved(args.model, cfg, plan, reward, args.seed, trl=not args.no_trl)
+    result = {
+        "benchmark": "grpo_step",
+        "settings": {
+            "model": args.model,
+            "prompts_per_step": P,
+            "group_size": G,
+            "max_new_tokens": cfg.max_new_tokens,
+            "lr": cfg.lr,
+            "steps": args.steps,
+            "timed_steps": args.steps - args.warmup,
+            "seed": args.seed,
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        },
+        "trl": trl_result,
+        **timing_report(times, curves, args.warmup),
+    }
+    print(json.dumps(result, indent=2))
+
+
+def interleaved(model_dir, cfg, plan, reward, seed: int, trl: bool = True) -> tuple[str | dict, dict, dict]:
+    """Ours, TRL (when installed and `trl`) and the floor on the model in `model_dir`, one step each per batch of
+    `plan` (len(plan) steps), interleaved: (TRL's settings or why it was left out, seconds per step of each side,
+    mean reward per step of ours and TRL)."""
+    G = cfg.group_size
+    model, tokenizer = load_lm(model_dir)
+    ours = GRPOTrainer(LMPolicy(model, tokenizer), reward, cfg, torch.Generator().manual_seed(seed))
+    floor_model, _ = load_lm(model_dir)
     floor_model.train()
     times = {"ours": [], "trl": [], "floor": []}
     curves = {"ours": [], "trl": []}
@@ -115,35 +142,20 @@ def main() -> None:
         times["floor"].append(time.perf_counter() - started)
 
     try:
-        import trl
+        import trl as installed
     except ImportError:
-        trl = None
-    if trl is None or args.no_trl:
-        for step in range(args.steps):
+        installed = None
+    if installed is None or not trl:
+        for step in range(len(plan)):
             ours_and_floor(step)
-        trl_result = "not installed" if trl is None else "skipped (--no-trl)"
-    else:
-        trl_result = run_trl(args, cfg, plan, reward, ours_and_floor, times, curves)
+        return ("not installed" if installed is None else "skipped (--no-trl)"), times, curves
+    return run_trl(model_dir, seed, cfg, plan, reward, ours_and_floor, times, curves), times, curves
 
-    timed = {name: values[args.warmup :] for name, values in times.items() if values}
-    result = {
-        "benchmark": "grpo_step",
-        "settings": {
-            "model": args.model,
-            "prompts_per_step": P,
-            "group_size": G,
-            "max_new_tokens": cfg.max_new_tokens,
-            "lr": cfg.lr,
-            "steps": args.steps,
-            "timed_steps": args.steps - args.warmup,
-            "seed": args.seed,
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        },
-        "trl": trl_result,
-        "seconds_per_step": {name: summary(values) for name, values in timed.items()},
-    }
+
+def timing_report(times: dict, curves: dict, warmup: int) -> dict:
+    """Seconds per step of each side after `warmup` steps, their ratios and the reward curves, as JSON."""
+    timed = {name: values[warmup:] for name, values in times.items() if values}
+    result = {"seconds_per_step": {name: summary(values) for name, values in timed.items()}}
     med = {name: s["median"] for name, s in result["seconds_per_step"].items()}
     ratios = {"ours_over_floor": med["ours"] / med["floor"]}
     # per-step pairs share the same moment of the machine: their median ratio is the less noisy one
@@ -156,11 +168,12 @@ def main() -> None:
     result["reward_mean_last_10"] = {
         name: statistics.fmean(values[-10:]) for name, values in result["reward_curves"].items()
     }
-    print(json.dumps(result, indent=2))
+    return result
 
 
-def run_trl(args, cfg, plan, reward, ours_and_floor, times, curves) -> dict:
-    """TRL's GRPOTrainer on the same prompts, in the same order; one step of ours and one floor pass after each."""
+def run_trl(model_dir, seed: int, cfg, plan, reward, ours_and_floor, times, curves) -> dict:
+    """TRL's GRPOTrainer on the same prompts, in the same order (len(plan) steps); `ours_and_floor(step)` after each
+    of its steps (one step of ours and one floor pass)."""
     import datasets
     import trl
     from transformers import TrainerCallback
@@ -183,7 +196,7 @@ def run_trl(args, cfg, plan, reward, ours_and_floor, times, curves) -> dict:
             times["trl"].append(time.perf_counter() - self.started)
             ours_and_floor(state.global_step - 1)
 
-    model, tokenizer = load_lm(args.model)
+    model, tokenizer = load_lm(model_dir)
     # the same optimizer and schedule as ours (AdamW, linear warm-up, cosine to 10%), built the same way
     optimizer, schedule = build_optimizer(model.parameters(), cfg.lr, cfg.steps, cfg.warmup_steps)
     config = trl.GRPOConfig(
@@ -193,8 +206,8 @@ def run_trl(args, cfg, plan, reward, ours_and_floor, times, curves) -> dict:
         fp16=False,
         gradient_checkpointing=False,
         use_vllm=False,
-        seed=args.seed,
-        max_steps=args.steps,
+        seed=seed,
+        max_steps=len(plan),
         per_device_train_batch_size=cfg.prompts_per_step * G,  # completions per step
         gradient_accumulation_steps=1,
         steps_per_generation=1,

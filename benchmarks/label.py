@@ -273,14 +273,70 @@ def build_model(directory: Path, hidden: int, layers: int) -> str:
     return save_lm(build_tiny_lm(cfg, tokenizer), tokenizer, directory, source="scratch")
 
 
-def compare(cell: dict, rows: int, args) -> dict:
+def build_qwen2(directory: Path, hidden: int, layers: int, intermediate: int) -> str:
+    """A random Qwen2-shaped checkpoint in `directory`: tests/families.py's `qwen2` (the real Qwen tokenizer and
+    padded 151,936-row vocabulary, 14 query / 2 key-value heads, qkv bias, tied embeddings, the real eos ids) at
+    `hidden` width, `layers` layers and an MLP of `intermediate` (Qwen2.5-0.5B: 896, 24, 4864)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from tests.families import build_family, config
+
+    build_family("qwen2", directory)  # the tokenizer files and generation_config.json; its tiny weights replaced
+    family = config("qwen2")
+    shape = {"hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": intermediate}
+    # rebuilt, not edited: the config derives per-layer fields (layer_types) from the layer count when built
+    cfg = type(family).from_dict({k: v for k, v in family.to_dict().items() if k != "layer_types"} | shape)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.generation_config = GenerationConfig.from_pretrained(directory)
+    model.save_pretrained(directory)
+    return str(directory)
+
+
+def add_qwen2_arguments(parser) -> None:
+    """--hidden, --intermediate, --layers: build_qwen2's shape (defaults: Qwen2.5-0.5B's width, 4 layers)."""
+    parser.add_argument("--hidden", type=int, default=896, help="width (Qwen2.5-0.5B: 896; a multiple of 14)")
+    parser.add_argument("--intermediate", type=int, default=4864, help="MLP width (Qwen2.5-0.5B: 4864)")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers (Qwen2.5-0.5B: 24)")
+
+
+def qwen2_shape(directory: str) -> dict:
+    """What a build_qwen2 checkpoint is, for a benchmark's JSON."""
+    from transformers import AutoConfig
+
+    shape = AutoConfig.from_pretrained(directory)
+    return {
+        "family": "qwen2 (tests/families.py, random weights; Qwen2.5-0.5B is hidden 896, MLP 4864, 24 layers)",
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.intermediate_size,
+        "layers": shape.num_hidden_layers,
+        "heads": shape.num_attention_heads,
+        "kv_heads": shape.num_key_value_heads,
+        "vocab_size": shape.vocab_size,
+        "tied_embeddings": shape.tie_word_embeddings,
+    }
+
+
+def emit(report: dict, out: Path | None) -> None:
+    """The report as JSON on stdout, and also in the file `out` (the committed results/*.json) unless None."""
+    text = json.dumps(report, indent=2)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    print(text)
+
+
+def compare(cell: dict, rows: int, args, approaches: tuple[str, ...] = APPROACHES) -> dict:
     """Every approach `repeats` times, interleaved, the order rotated each round (a, b, b', c; b, b',
     c, a; ...) so that a noisy neighbour slows them alike and none always runs first. Reported: the
     best time and the largest peak of each, and each ratio twice: of the best times, and the median
-    over rounds of the ratio within a round (the two runs minutes apart never pair)."""
-    runs = {approach: [] for approach in APPROACHES}
+    over rounds of the ratio within a round (the two runs minutes apart never pair). `approaches`: a
+    subset of APPROACHES (the ratios and byte ratios of the ones present)."""
+    runs = {approach: [] for approach in approaches}
     for round_ in range(args.repeats):
-        for approach in APPROACHES[round_ % 4 :] + APPROACHES[: round_ % 4]:
+        shift = round_ % len(approaches)
+        for approach in approaches[shift:] + approaches[:shift]:
             runs[approach].append(in_fresh_process(child, approach, cell, rows, args))
     summary = {}
     for approach, results in runs.items():
@@ -297,17 +353,24 @@ def compare(cell: dict, rows: int, args) -> dict:
         best, paired = speedup([r["seconds"] for r in runs[y]], [r["seconds"] for r in runs[x]], 2)
         return {"best": best, "paired_median": paired}
 
+    pairs = {
+        "b_over_a": ("label", "reference"),
+        "b_over_c": ("label", "bare"),
+        "b_pooled_over_a": ("label_pooled", "reference"),
+        "b_pooled_over_c": ("label_pooled", "bare"),
+    }
+    sizes = {}  # the whole store (pooled float32 included) and the pooled-only store
+    if "reference" in summary:
+        npz = summary["reference"]["bytes"]
+        if "label" in summary:
+            sizes["store_with_tokens"] = round(summary["label"]["bytes"] / npz, 3)
+        if "label_pooled" in summary:
+            sizes["store_pooled_only"] = round(summary["label_pooled"]["bytes"] / npz, 4)
     return {
         "rows": rows,
         **summary,
-        "b_over_a": ratios("label", "reference"),
-        "b_over_c": ratios("label", "bare"),
-        "b_pooled_over_a": ratios("label_pooled", "reference"),
-        "b_pooled_over_c": ratios("label_pooled", "bare"),
-        "bytes_over_npz": {  # the whole store (pooled float32 included) and the pooled-only store
-            "store_with_tokens": round(summary["label"]["bytes"] / summary["reference"]["bytes"], 3),
-            "store_pooled_only": round(summary["label_pooled"]["bytes"] / summary["reference"]["bytes"], 4),
-        },
+        **{name: ratios(x, y) for name, (x, y) in pairs.items() if x in runs and y in runs},
+        "bytes_over_npz": sizes,
     }
 
 
@@ -535,8 +598,10 @@ def label_phases(cell: dict, rows: int, args) -> dict:
     }
 
 
-def memory_growth(cell: dict, sizes: list[int], args) -> dict:
-    """Peak RSS over the loaded model (MB) and seconds of one run of each approach at each row count, in
+def memory_growth(
+    cell: dict, sizes: list[int], args, approaches: tuple[str, ...] = ("reference", "label", "bare")
+) -> dict:
+    """Peak RSS over the loaded model (MB) and seconds of one run of each of `approaches` at each row count, in
     fresh processes: `label` holds at most two shards, the reference everything."""
     return {
         approach: {
@@ -544,8 +609,26 @@ def memory_growth(cell: dict, sizes: list[int], args) -> dict:
             for rows in sizes
             for r in [in_fresh_process(child, approach, cell, rows, args)]
         }
-        for approach in ("reference", "label", "bare")
+        for approach in approaches
     }
+
+
+def import_for_children(*architectures: str) -> None:
+    """Import here, compute only in children: what every child needs is loaded once, the transformers modeling
+    module of each of `architectures` (e.g. "llama") too (lazy: each child would import it again)."""
+    import importlib
+
+    import polars  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    import transformers.generation.utils  # noqa: F401
+    import zarr  # noqa: F401
+
+    import latentlab.hidden.labelling  # noqa: F401
+    import latentlab.lm.modeling  # noqa: F401
+
+    for name in architectures:
+        importlib.import_module(f"transformers.models.{name}.modeling_{name}")
 
 
 def main() -> None:
@@ -573,16 +656,8 @@ def main() -> None:
         args.rows, args.tokens, args.batch_size, args.deep_layers, args.repeats = 64, 4, 32, 8, 1
         args.wide, args.wide_rows, args.deep_rows = [256, 8, 16], 16, 64
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch starts: the children inherit it
-    # import here, compute only in children: what every child needs is loaded once
-    import polars  # noqa: F401
+    import_for_children("llama")
     import torch
-    import transformers  # noqa: F401
-    import transformers.generation.utils  # noqa: F401
-    import transformers.models.llama.modeling_llama  # noqa: F401  (lazy: each child would import it again)
-    import zarr  # noqa: F401
-
-    import latentlab.hidden.labelling  # noqa: F401
-    import latentlab.lm.modeling  # noqa: F401
 
     wide_hidden, wide_layers, wide_tokens = args.wide
     with tempfile.TemporaryDirectory() as tmp:

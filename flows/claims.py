@@ -146,8 +146,31 @@ def stale_claims(claims: dict) -> dict[str, str]:
     }
 
 
-def update_claims(path: str | Path, ids: list[str], summary: dict) -> dict:
-    """Rewrite the entries `ids` of the claims file from a sweep `summary`; other entries stay as they are."""
+# Claims written before claims named their model were all swept on the default scratch model of that time
+EARLIER_MODEL = {
+    "source": "scratch", "arch": "llama", "hidden_size": 64, "layers": 4, "heads": 4, "kv_heads": None,
+    "intermediate_size": 256, "max_positions": 64,
+}  # fmt: skip
+
+
+def model_identity(model: dict) -> dict:
+    """What a claim's numbers are for, from params.yaml's `model` section: the scratch model's architecture and
+    sizes, or a hub id / local directory and its revision."""
+    if model.get("source", "scratch") == "scratch":
+        return {"source": "scratch"} | {k: v for k, v in model.items() if k not in ("source", "revision")}
+    return {"source": model["source"], "revision": model.get("revision")}
+
+
+def claims_of_another_model(claims: dict, model: dict) -> list[str]:
+    """The claims whose sweep ran on another model than `model` (params.yaml's `model` section): a report of this
+    model leaves their numbers out."""
+    this = model_identity(model)
+    return [k for k, claim in claims.get("claims", {}).items() if claim.get("model", EARLIER_MODEL) != this]
+
+
+def update_claims(path: str | Path, ids: list[str], summary: dict, model: dict) -> dict:
+    """Rewrite the entries `ids` of the claims file from a sweep `summary` of `model` (params.yaml's `model`
+    section, recorded as `model_identity`); other entries stay as they are."""
     unknown = [i for i in ids if i not in CLAIMS]
     if unknown:
         raise KeyError(f"unknown claim(s) {unknown}; known: {sorted(CLAIMS)}")
@@ -165,6 +188,7 @@ def update_claims(path: str | Path, ids: list[str], summary: dict) -> dict:
             )
         claims["claims"][claim_id] = {
             **CLAIMS[claim_id],
+            "model": model_identity(model),
             "sweep": {k: summary[k] for k in ("command", "baseline", "keys", "seeds", "targets", "interval", "counts")},
             "rows": rows,
         }

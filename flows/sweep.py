@@ -44,6 +44,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
+from ruamel.yaml import YAML
 
 from flows.dvc import CommandError, allow_commands, param_node, run_streaming, stop_commands, stopping
 
@@ -309,7 +310,8 @@ def sweep(
     summary = summarize_sweep(repo, baseline, experiments, status, command, wall)
     publish(repo, name or "-".join(grid) or "seeds", summary)
     if claims:
-        update_claims(Path(repo) / "results" / "claims.json", claims, summary)
+        model = YAML(typ="safe").load((Path(repo) / "params.yaml").read_text()).get("model", {})
+        update_claims(Path(repo) / "results" / "claims.json", claims, summary, model)
     if push_at_end:
         ok = [e.name for e in experiments if status[e.name]["status"] != "failed"]
         push(repo, ok, get_run_logger().info)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import polars as pl
 
-from flows.claims import INJECT, difference_name, stale_claims
+from flows.claims import INJECT, claims_of_another_model, difference_name, stale_claims
 from latentlab.common.atomic import atomic_output
 from latentlab.common.inputs import InputError
 from latentlab.figures import (
@@ -17,7 +17,7 @@ from latentlab.figures import (
     provenance_lines,
     summary_table,
 )
-from stages.common import METRICS, PLOTS, REPORTS, stage
+from stages.common import METRICS, MODELS, PLOTS, REPORTS, stage
 
 CURVES = {  # training log -> columns drawn
     "base": ["loss"],
@@ -25,6 +25,7 @@ CURVES = {  # training log -> columns drawn
     "grpo": ["reward_mean", "heldout_accuracy", "heldout_accuracy_even"],
     "inject": ["reward_mean", "heldout_accuracy", "heldout_accuracy_even"],
 }
+SOURCE = MODELS / "source.json"  # what models/base was made from (stages/source.py)
 CLAIMS = Path("results/claims.json")  # committed; written only by `python -m flows.sweep --claims ...`
 EFFICIENCY = ["sft", "grpo", "inject"]  # what training which parameters buys
 EFFICIENCY_COLUMNS = {
@@ -132,12 +133,11 @@ def nla_section(nla: dict, out) -> str:
     )
 
 
-def claims_section() -> str:
-    """Every claim with its interval over seeds, from the committed sweep result file; a claim whose metrics changed
-    meaning since its sweep ran is named, not shown."""
+def claims_section(claims: dict, model: dict) -> str:
+    """Every claim of this run's model with its interval over seeds, from the committed sweep result file; a claim
+    whose metrics changed meaning since its sweep ran is named, not shown; claims of another model are counted."""
     if not CLAIMS.exists():
         return f"No claims: {CLAIMS} does not exist (run the claims sweep: README, *Sweeps and seeds*)."
-    claims = json.loads(CLAIMS.read_text())
     stale = stale_claims(claims)
     current = {"claims": {k: c for k, c in claims.get("claims", {}).items() if k not in stale}}
     notes = [
@@ -145,7 +145,37 @@ def claims_section() -> str:
         f"with `--claims {k}` (README, *Sweeps and seeds*)."
         for k, why in stale.items()
     ]
+    if not claims.get("claims"):
+        return f"No claims of this model in {CLAIMS}: run the claims sweep on it (README, *Sweeps and seeds*)."
     return "\n\n".join([claims_markdown(current), *notes])
+
+
+def this_models_claims(model: dict) -> tuple[dict, str]:
+    """The claims file's entries swept on this run's model (`params.model`), and a note naming how many of
+    another model are left out ('' when none)."""
+    claims = json.loads(CLAIMS.read_text()) if CLAIMS.exists() else {"claims": {}}
+    other = claims_of_another_model(claims, model)
+    kept = {"claims": {k: c for k, c in claims["claims"].items() if k not in other}}
+    note = (
+        f"{len(other)} claim(s) of {CLAIMS} were swept on another model than this run's and are not shown here "
+        f"({', '.join(f'`{k}`' for k in other)}).\n\n"
+        if other
+        else ""
+    )
+    return kept, note
+
+
+def model_line(params) -> str:
+    """Which model this report's numbers are for: the scratch model's shape, or the source and its content hash."""
+    m = params.model
+    if m.source == "scratch":
+        return (
+            f"the scratch {m.arch} model built by `base` ({m.layers} layers, hidden {m.hidden_size}, {m.heads} heads"
+            f", {m.kv_heads or m.heads} key-value heads, MLP {m.intermediate_size}, context {m.max_positions})"
+        )
+    source = json.loads(SOURCE.read_text()) if SOURCE.exists() else {}
+    pinned = f", sha256 {source['sha256'][:12]}" if "sha256" in source else f", revision {m.revision or 'latest'}"
+    return f"`{m.source}`{pinned}"
 
 
 INJECTION_CLAIMS = ("inject_variants", "inject_align", "inject_placeholder", "inject_shuffled")
@@ -253,9 +283,12 @@ def main(params):
         efficiency = {name: metrics[name] for name in EFFICIENCY}
         plot_parameters_vs_accuracy(efficiency, out / "parameters_vs_accuracy.png")
         g = params.grpo
+        model = params.model.model_dump()
+        claims, other_model_note = this_models_claims(model)
         (out / "report.md").write_text(
             "# latentlab report\n\n"
-            f"Seed {params.seed}; model `{params.model.source}`; GRPO: {g.steps} steps × {g.prompts_per_step} prompts "
+            f"Every number below is for {model_line(params)}; prompts {params.prompt.describe()}.\n\n"
+            f"Seed {params.seed}; GRPO: {g.steps} steps × {g.prompts_per_step} prompts "
             f"× G={g.group_size}, even_bonus={g.even_bonus}, temperature={g.temperature}, beta={g.beta}.\n\n"
             "## Held-out accuracy\n\n"
             f"{comparison_table(metrics)}\n\n"
@@ -267,14 +300,14 @@ def main(params):
             "on the frozen SFT model with grpo's reward, sampler, prompts, groups and steps.\n\n"
             f"{comparison_table(efficiency, EFFICIENCY_COLUMNS)}\n\n"
             "![trainable parameters vs accuracy](parameters_vs_accuracy.png)\n\n"
-            + injection_section(json.loads(CLAIMS.read_text()) if CLAIMS.exists() else {})
+            + injection_section(claims)
             + f"{surgery_section(params, out)}"
             + nla_section(json.loads((METRICS / "nla.json").read_text()), out)
             + policy_section(METRICS / "policy.json")
             + "## Training\n\n![training curves](training.png)\n\n"
             "## Claims\n\nThe same comparisons over several seeds, each with its interval (from a sweep of DVC "
             f"experiments, `{CLAIMS}`); the tables above are the single seed {params.seed} of this run.\n\n"
-            f"{claims_section()}\n"
+            f"{other_model_note}{claims_section(claims, model)}\n"
         )
     print((REPORTS / "report.md").read_text())
 

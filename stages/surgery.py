@@ -21,6 +21,7 @@ from latentlab.common.distributed import Synced
 from latentlab.common.inputs import read_table, require_model_dir
 from latentlab.common.tracking import StepLog, write_side_by_side
 from latentlab.lm.modeling import load_lm, read_manifest, save_lm
+from latentlab.lm.surgery import attention_targets
 from latentlab.policies.lm_policy import LMPolicy
 from latentlab.rl.surgeon import Surgeon, run_curriculum, save_surgeon
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
@@ -37,6 +38,10 @@ def main(params):
     run, cfg, seed, every = setup(params), params.surgery, params.seed, params.grpo.eval_every
     sft = require_model_dir(MODELS / "sft")
     model, tokenizer = load_lm(sft, run.device)
+    try:  # the surgeon's targets on this layout, before any training (Qwen3's q_norm/k_norm refuse q and k)
+        attention_targets(model, cfg.surgeon.layers, cfg.surgeon.projections)
+    except ValueError as error:
+        raise ValueError(f"surgery: {error}") from None
     frozen = copy.deepcopy(model).requires_grad_(False)
     reference = LMPolicy(frozen, tokenizer, params.prompt) if params.grpo.beta > 0 else None
     p1, p2, p3 = cfg.phases

@@ -1,5 +1,6 @@
 """A throwaway copy of the project as its own git + DVC repo, with tiny params, for end-to-end tests."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -80,6 +81,14 @@ class Project:
                 f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
             )
         return result
+
+    def status(self, *options: str, cwd: Path | None = None) -> dict:
+        """`dvc status --json`, less the `source` stage's standing "always changed" (stages/source.py: it looks at
+        model.source again on every repro) when that is all it says."""
+        status = json.loads(self.run("dvc", "status", "--json", *options, cwd=cwd).stdout)
+        if status.get("source") == ["always changed"]:
+            del status["source"]
+        return status
 
     def restore(self) -> None:
         """Back to the last commit: params, dvc.lock (also if DVC auto-staged it) and the outputs they pin."""

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytestmark = pytest.mark.slow
 STAGES = [
+    "source",
     "synth",
     "grid",
     "base",
@@ -55,6 +56,9 @@ def test_repro_runs_every_stage_and_writes_every_output(dag):
         assert {"accuracy", "accuracy_odd", "accuracy_even", "mae", "reward"} <= set(scores)
     report = (root / "reports/report.md").read_text()
     assert "| sft |" in report and "![training curves](training.png)" in report
+    # the report names its model; the committed claims (the default 4-layer model's) are not printed under it
+    assert "for the scratch llama model built by `base` (2 layers, hidden 32, 4 heads" in report
+    assert "were swept on another model than this run's and are not shown here" in report
     surgery = json.loads((root / "metrics/surgery.json").read_text())
     assert {"sac", "random", "grpo_only"} <= set(surgery) and surgery["grpo_only"]["commits"] == 0
     assert "## Attention surgery" in report and (root / "reports/surgery.png").stat().st_size > 1000
@@ -85,30 +89,32 @@ def test_every_claim_names_metrics_the_dag_writes(dag):
 def test_repro_with_nothing_changed_runs_nothing(dag):
     started = time.perf_counter()
     result = dag.run("dvc", "repro")
-    assert "Running stage" not in result.stdout
-    assert "Data and pipelines are up to date" in result.stdout
+    # `source` alone runs (always_changed: it looks at model.source again) and finds nothing new
+    assert [line for line in result.stdout.splitlines() if line.startswith("Running stage")] == [
+        "Running stage 'source':"
+    ]
+    assert "didn't change, skipping" in result.stdout and "Stage 'base' didn't change" in result.stdout
     assert time.perf_counter() - started < 30
 
 
 def test_a_param_change_reruns_only_what_depends_on_it(dag):
     dag.set_params({"grpo_full": {"lr": 2e-4}})
     try:
-        status = dag.run("dvc", "status", "--json").stdout
-        assert set(json.loads(status)) == {"grpo"}  # evaluate/report change only once grpo's output does
+        assert set(dag.status()) == {"grpo"}  # evaluate/report change only once grpo's output does
         result = dag.run("dvc", "repro", "grpo")
         assert "Running stage 'grpo'" in result.stdout
         for upstream in ("synth", "base", "sft"):
             assert f"Running stage '{upstream}'" not in result.stdout
     finally:
         dag.restore()
-    assert json.loads(dag.run("dvc", "status", "--json").stdout) == {}
+    assert dag.status() == {}
 
 
 def test_same_seed_same_outputs(dag):
     before = _lock_hash(dag, "grpo", "models/grpo")
     dag.run("dvc", "repro", "--force", "--single-item", "grpo")
     assert _lock_hash(dag, "grpo", "models/grpo") == before
-    assert json.loads(dag.run("dvc", "status", "--json").stdout) == {}
+    assert dag.status() == {}
     assert dag.run("git", "status", "--porcelain").stdout == ""  # dvc.lock unchanged: timings are not hashed
 
 
@@ -133,7 +139,7 @@ def test_experiment_with_a_param_override(dag, tmp_path):
         dag.run("dvc", "checkout")
         assert _lock_hash(dag, "grpo", "models/grpo") == baseline
         assert (dag.root / "metrics/eval.json").read_bytes() == baseline_metrics
-        assert json.loads(dag.run("dvc", "status", "--json").stdout) == {}
+        assert dag.status() == {}
         assert dag.run("git", "status", "--porcelain").stdout == ""
     finally:
         dag.restore()
@@ -148,8 +154,7 @@ def test_push_then_pull_into_a_fresh_clone(dag, tmp_path):
         dag.run("git", "clone", "-q", str(dag.root), str(clone))
         dag.run("dvc", "remote", "add", "--local", "-d", "storage", str(remote), cwd=clone)
         dag.run("dvc", "pull", cwd=clone)
-        status = dag.run("dvc", "status", "--json", cwd=clone).stdout
-        assert json.loads(status) == {}
+        assert dag.status(cwd=clone) == {}
         for path in ("models/grpo/model.safetensors", "data/synth/test.parquet", "metrics/eval.json"):
             assert (clone / path).read_bytes() == (dag.root / path).read_bytes()
     finally:
@@ -176,13 +181,13 @@ def test_a_stage_killed_half_way_leaves_nothing_valid(dag):
         os.killpg(process.pid, signal.SIGKILL)  # dvc and the stage's python process under it
         process.wait(timeout=30)
         assert not (dag.root / "models/sft").exists()  # DVC removed the old output, nothing new was moved in
-        assert "sft" in json.loads(dag.run("dvc", "status", "--json").stdout)
+        assert "sft" in dag.status()
     finally:
         dag.run("git", "checkout", "HEAD", "--", "params.yaml")
     # DVC reruns sft or, as its params are back to the committed ones, restores the output from its cache
     dag.run("dvc", "repro")
     assert (dag.root / "models/sft/model.safetensors").is_file()
-    assert json.loads(dag.run("dvc", "status", "--json").stdout) == {}
+    assert dag.status() == {}
     assert not list((dag.root / "models").glob(".sft.partial-*"))
     assert dag.run("git", "status", "--porcelain").stdout == ""  # same outputs as before: dvc.lock unchanged
 
@@ -194,10 +199,16 @@ def test_base_from_a_local_hugging_face_directory(dag, tmp_path):
     shutil.copytree(dag.root / "models/sft", source)  # any HF causal-LM directory
     dag.set_params({"model": {"source": str(source)}})
     try:
-        result = dag.run("dvc", "repro", "--single-item", "base")
+        result = dag.run("dvc", "repro", "base")
         assert "Running stage 'base'" in result.stdout
         manifest = json.loads((dag.root / "models/base/latentlab.json").read_text())
         assert manifest["source"] == str(source)
+        assert (dag.root / "models/base/model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
+        assert "Stage 'base' didn't change" in dag.run("dvc", "repro", "base").stdout  # the same files: nothing new
+        # new weights in the same directory (the issue: replacing them reran nothing) rerun base
+        shutil.copytree(dag.root / "models/grpo", source, dirs_exist_ok=True)
+        result = dag.run("dvc", "repro", "base")
+        assert "Running stage 'base'" in result.stdout
         assert (dag.root / "models/base/model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
     finally:
         dag.restore()
@@ -214,7 +225,7 @@ def test_make_baseline_takes_heads_outputs_from_the_cache_or_rebuilds_them(dag, 
         out = dag.run(*make).stdout
         assert "checked out from the DVC cache" in out
         assert dag.run("git", "status", "--porcelain").stdout == ""
-        assert json.loads(dag.run("dvc", "status", "--json").stdout) == {}
+        assert dag.status() == {}
     finally:
         dag.restore()
 

@@ -13,8 +13,8 @@ from tests.s3 import bucket_objects, first_stages_project, moto_server, s3_clien
 
 pytestmark = pytest.mark.slow
 BUCKET = "latentlab"
-STAGES = ["synth", "grid", "base"]
-OUTPUTS = ["data/synth", "data/grid", "models/base", "plots/base.csv", "dvclive/base"]
+STAGES = ["source", "synth", "grid", "base"]
+OUTPUTS = ["models/source.json", "data/synth", "data/grid", "models/base", "plots/base.csv", "dvclive/base"]
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +48,12 @@ def test_push_wipe_pull_gives_back_every_output(project, s3_endpoint):
     assert sum(stored.values()) >= sum(len(content) for content in set(before.values()))
 
     wipe_local(project, OUTPUTS)  # nothing local is left to restore from
-    status = ["dvc", "status", "--json"]
-    assert set(json.loads(project.run(*status).stdout)) == set(STAGES)  # the outputs are gone ...
+    assert set(project.status()) == set(STAGES)  # the outputs are gone ...
 
     project.run("dvc", "pull")
     assert tree_bytes(project.root, OUTPUTS) == before  # ... and back from S3, byte for byte
-    assert json.loads(project.run(*status).stdout) == {}
-    assert json.loads(project.run(*status, "--cloud").stdout) == {}  # remote and cache agree
+    assert project.status() == {}
+    assert project.status("--cloud") == {}  # remote and cache agree
 
 
 def test_experiment_push_and_pull_into_a_fresh_clone(project, s3_endpoint, tmp_path):
@@ -84,6 +83,6 @@ def test_experiment_push_and_pull_into_a_fresh_clone(project, s3_endpoint, tmp_p
     project.run("dvc", "exp", "pull", "origin", "fewer-tests", cwd=clone)  # git refs from origin, outputs from S3
     project.run("dvc", "exp", "apply", "fewer-tests", cwd=clone)
     assert tree_bytes(clone, OUTPUTS) == experiment
-    assert json.loads(project.run("dvc", "status", "--json", cwd=clone).stdout) == {}
+    assert project.status(cwd=clone) == {}
     diff = json.loads(project.run("dvc", "params", "diff", "main", "--json", cwd=clone).stdout)
     assert diff["params.yaml"]["synth.n_test"]["new"] == 30

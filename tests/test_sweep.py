@@ -10,12 +10,15 @@ import time
 from pathlib import Path
 
 import pytest
+from ruamel.yaml import YAML
 
 from flows.claims import CLAIMS, update_claims
 from flows.stats import summarize, t_quantile, t_two_sided_probability
 from flows.sweep import parse_grid, plan, uncommitted
 from latentlab.figures import claims_markdown
 from tests.test_flows import _post, server  # noqa: F401  (the module-scoped Prefect server fixture)
+
+SCRATCH = YAML(typ="safe").load((Path(__file__).parents[1] / "params.yaml").read_text())["model"]
 
 
 @pytest.mark.parametrize(
@@ -88,8 +91,8 @@ def test_the_injection_table_has_a_row_per_configuration_with_its_interval(tmp_p
     path = tmp_path / "claims.json"
     summary = {"command": "c", "baseline": "abcdef0", "keys": [], "seeds": [0, 1, 2], "targets": ["inject"]}
     summary |= {"interval": "t", "counts": {"total": 3, "ran": 3, "reused": 0, "failed": 0}}
-    update_claims(path, ["inject_variants"], {**summary, "rows": variants})
-    claims = update_claims(path, ["inject_shuffled"], {**summary, "rows": shuffled})
+    update_claims(path, ["inject_variants"], {**summary, "rows": variants}, SCRATCH)
+    claims = update_claims(path, ["inject_shuffled"], {**summary, "rows": shuffled}, SCRATCH)
 
     table = injection_section(claims)
     lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
@@ -107,7 +110,7 @@ def test_a_claim_whose_metrics_no_experiment_reports_is_refused(tmp_path):
     summary = {"command": "c", "baseline": "abcdef0", "keys": [], "seeds": [0, 1], "targets": [], "interval": "t"}
     summary |= {"counts": {"total": 2, "ran": 2, "reused": 0, "failed": 0}, "rows": [row]}
     with pytest.raises(KeyError, match="inject_variants"):
-        update_claims(tmp_path / "claims.json", ["inject_variants"], summary)
+        update_claims(tmp_path / "claims.json", ["inject_variants"], summary, SCRATCH)
     assert not (tmp_path / "claims.json").exists()
 
 
@@ -117,13 +120,49 @@ def test_claims_file_rewrites_its_own_entries_and_keeps_the_others(tmp_path):
     row = {"config": {"grpo.even_bonus": "0.1"}, "n": 2, "mean": 0.5, "std": 0.1, "low": 0.4, "high": 0.6}
     rows = [{**row, "metric": m, "seeds": [0, 1], "experiments": ["a", "b"]} for m in ("grpo.accuracy", "x.y")]
     sweep = {"command": "c", "baseline": "abcdef0", "keys": [], "seeds": [0, 1], "targets": [], "interval": "t"}
-    update_claims(path, ["inject_vs_grpo"], {**sweep, "counts": {"total": 2, "failed": 0}, "rows": rows})
+    update_claims(path, ["inject_vs_grpo"], {**sweep, "counts": {"total": 2, "failed": 0}, "rows": rows}, SCRATCH)
     claims = json.loads(path.read_text())["claims"]
     assert claims["later_stage"]["title"] == "kept"
     assert [r["metric"] for r in claims["inject_vs_grpo"]["rows"]] == ["grpo.accuracy"]  # only the claim's metrics
     text = claims_markdown({"claims": {"inject_vs_grpo": claims["inject_vs_grpo"]}})
     assert CLAIMS["inject_vs_grpo"]["title"] in text and "[0.400, 0.600]" in text and "a, b" in text
     assert "no claims yet" in claims_markdown({"claims": {}})
+
+
+def test_claims_name_their_model_and_a_report_of_another_model_leaves_them_out(tmp_path, monkeypatch):
+    """The issue's report: a run on another model printed the scratch model's committed claims under its heading."""
+    from flows.claims import claims_of_another_model
+    from stages import report
+
+    row = {
+        "config": {},
+        "n": 2,
+        "mean": 0.5,
+        "std": 0.1,
+        "low": 0.4,
+        "high": 0.6,
+        "seeds": [0, 1],
+        "experiments": ["a"],
+    }
+    sweep = {"command": "c", "baseline": "abcdef0", "keys": [], "seeds": [0, 1], "targets": [], "interval": "t"}
+    path = tmp_path / "claims.json"
+    path.write_text(json.dumps({"claims": {"earlier": {"title": "swept before claims named a model", "rows": []}}}))
+    qwen = {"source": "/models/qwen2.5-0.5b", "revision": None}
+    summary = {**sweep, "counts": {"total": 2, "failed": 0}, "rows": [{**row, "metric": "grpo.accuracy"}]}
+    claims = update_claims(path, ["inject_vs_grpo"], summary, qwen)
+    assert claims["claims"]["inject_vs_grpo"]["model"] == qwen
+    # an entry without a model is the default scratch model's (every claim before models were recorded)
+    assert claims_of_another_model(claims, SCRATCH) == ["inject_vs_grpo"]
+    assert claims_of_another_model(claims, qwen) == ["earlier"]
+    assert claims_of_another_model(claims, {**SCRATCH, "hidden_size": 128}) == ["earlier", "inject_vs_grpo"]
+
+    monkeypatch.setattr(report, "CLAIMS", path)
+    kept, note = report.this_models_claims(SCRATCH)
+    assert list(kept["claims"]) == ["earlier"] and "`inject_vs_grpo`" in note
+    kept, note = report.this_models_claims(qwen)
+    assert list(kept["claims"]) == ["inject_vs_grpo"] and "`earlier`" in note
+    assert CLAIMS["inject_vs_grpo"]["title"] in report.claims_section(kept, qwen)
+    assert "No claims of this model" in report.claims_section({"claims": {}}, qwen)
 
 
 @pytest.mark.slow

@@ -198,13 +198,14 @@ def hashed_files(directory: str | Path) -> list[Path]:
     ]
 
 
-def content_hash(directory: str | Path) -> str:
-    """sha256 over the model directory's weight and config files, in name order: each file's name, then its bytes."""
+def content_hash(directory: str | Path, files: list[Path] | None = None) -> str:
+    """sha256 over the model directory's weight and config files (or `files` of it), in name order: each file's
+    name (its path in the directory), then its bytes."""
     digest = hashlib.sha256()
     buffer = bytearray(1 << 22)  # read in 4 MiB pieces into one buffer: no whole file in memory, no new allocations
     view = memoryview(buffer)
-    for file in hashed_files(directory):
-        digest.update(file.name.encode())
+    for file in hashed_files(directory) if files is None else files:
+        digest.update(file.relative_to(directory).as_posix().encode())
         with file.open("rb", buffering=0) as handle:
             while read := handle.readinto(buffer):
                 digest.update(view[:read])
