@@ -11,6 +11,7 @@ Llama 3's is read from ../shared/fixtures/tokenizers/llama3, and `require_family
 
 import lzma
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,22 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 VENDORED = REPO / "tests" / "fixtures" / "tokenizers"
-SHARED = REPO.parent / "shared" / "fixtures" / "tokenizers"
+
+
+def shared_tokenizers() -> Path:
+    """../shared/fixtures/tokenizers beside the checkout; in a git worktree that lies elsewhere, beside the main
+    checkout whose .git it shares (where ../shared is)."""
+    beside = REPO.parent / "shared" / "fixtures" / "tokenizers"
+    if beside.exists():
+        return beside
+    common = subprocess.run(
+        ["git", "rev-parse", "--path-format=absolute", "--git-common-dir"], cwd=REPO, capture_output=True, text=True
+    )
+    main = Path(common.stdout.strip()).parent if common.returncode == 0 else REPO
+    return main.parent / "shared" / "fixtures" / "tokenizers"
+
+
+SHARED = shared_tokenizers()
 
 
 @dataclass(frozen=True)
