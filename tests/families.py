@@ -99,9 +99,11 @@ def copy_tokenizer(source: Path, directory: Path) -> None:
             shutil.copyfileobj(packed, out)
 
 
-def build_family(name: str, directory: Path, seed: int = 0) -> Path:
+def build_family(name: str, directory: Path, seed: int = 0, max_shard_size: str | int | None = None) -> Path:
     """A random-weight checkpoint of the family `name` saved in `directory` (created), as the hub has it:
-    config.json, model.safetensors, generation_config.json and the real tokenizer files. Returns `directory`."""
+    config.json, model.safetensors, generation_config.json and the real tokenizer files. Returns `directory`.
+    With `max_shard_size` (say "4MB") the weights are sharded as large hub checkpoints are:
+    model-0000i-of-0000n.safetensors and model.safetensors.index.json."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     family = require_family(name)
@@ -113,6 +115,8 @@ def build_family(name: str, directory: Path, seed: int = 0) -> Path:
     model.generation_config = GenerationConfig(
         bos_token_id=family.bos_id, eos_token_id=stops if len(stops) > 1 else stops[0], pad_token_id=family.pad_id
     )
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    if max_shard_size and not (directory / "model.safetensors.index.json").exists():
+        raise ValueError(f"{name}: max_shard_size {max_shard_size} left one shard; give a smaller size")
     copy_tokenizer(family.tokenizer, directory)
     return directory
