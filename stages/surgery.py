@@ -25,7 +25,18 @@ from latentlab.policies.lm_policy import LMPolicy
 from latentlab.rl.surgeon import Surgeon, run_curriculum, save_surgeon
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
 from latentlab.tasks.evaluation import evaluate_policy
-from stages.common import METRICS, MODELS, PLOTS, SYNTH, require_divisible, setup, stage, step_log, write_json
+from stages.common import (
+    METRICS,
+    MODELS,
+    PLOTS,
+    SYNTH,
+    check_layers,
+    require_divisible,
+    setup,
+    stage,
+    step_log,
+    write_json,
+)
 from stages.recipes import arithmetic_grpo
 
 ARMS = ("sac", "random", "grpo_only")  # the method, then its controls
@@ -36,6 +47,7 @@ SIDE_BY_SIDE = ["phase", "heldout_accuracy", "reward_mean", "surgery_reward", "c
 def main(params):
     run, cfg, seed, every = setup(params), params.surgery, params.seed, params.grpo.eval_every
     sft = require_model_dir(MODELS / "sft")
+    check_layers(params, sft, ("surgery.layers",))
     model, tokenizer = load_lm(sft, run.device)
     frozen = copy.deepcopy(model).requires_grad_(False)
     reference = LMPolicy(frozen, tokenizer, params.prompt) if params.grpo.beta > 0 else None
