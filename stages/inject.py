@@ -26,7 +26,7 @@ from latentlab.policies.lm_policy import LMPolicy
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA, problem_batches
 from latentlab.tasks.injection_eval import accuracy, norm_sweep
 from latentlab.tasks.rewards import ArithmeticReward
-from stages.common import METRICS, MODELS, PLOTS, SYNTH, setup, stage, write_json
+from stages.common import METRICS, MODELS, PLOTS, SYNTH, check_layers, setup, stage, write_json
 from stages.recipes import train_with_grpo
 
 
@@ -34,6 +34,7 @@ from stages.recipes import train_with_grpo
 def main(params):
     run, cfg = setup(params), params.inject
     sft = require_model_dir(MODELS / "sft")
+    check_layers(params, sft, ("inject.layer", "inject.gate_layer"))
     model, tokenizer = load_lm(sft, run.device)
     full, test = read_table(SYNTH / "full.parquet", PROBLEM_SCHEMA), read_table(SYNTH / "test.parquet", PROBLEM_SCHEMA)
     reward, batch, tokens = (

@@ -18,7 +18,7 @@ from latentlab.lm.modeling import load_lm, read_manifest
 from latentlab.policies.nla_actor import build_actor, save_actor
 from latentlab.policies.nla_critic import build_critic, save_critic
 from latentlab.rl.nla import train_sft
-from stages.common import MODELS, PLOTS, lm_shards, setup, stage, step_log
+from stages.common import MODELS, PLOTS, check_layers, lm_shards, setup, stage, step_log
 
 NLA = "data/labels/nla.parquet"
 
@@ -27,6 +27,7 @@ NLA = "data/labels/nla.parquet"
 def main(params):
     run, cfg = setup(params), params.nla_sft
     base = require_model_dir(MODELS / "base")
+    check_layers(params, base, ("nla_sft.actor.layers",))
     table, vectors = read_nla_table(NLA)
     texts = table.column("response").to_pylist()
     model, tokenizer = load_lm(base, run.device)

@@ -14,13 +14,14 @@ from latentlab.lm.tokenizer import INJECT
 from latentlab.lm.training import prompt_answer_examples, shuffled_batches, train_lm
 from latentlab.policies.placeholder import PlaceholderLM, add_placeholders
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
-from stages.common import MODELS, PLOTS, SYNTH, lm_shards, setup, stage, step_log
+from stages.common import MODELS, PLOTS, SYNTH, check_layers, lm_shards, setup, stage, step_log
 
 
 @stage(torchrun=True)
 def main(params):
     run = setup(params)
     base = require_model_dir(MODELS / "base")
+    check_layers(params, base, ("sft.placeholder_layer",))
     model, tokenizer = load_lm(base, run.device)
     biased = read_table(SYNTH / "biased.parquet", PROBLEM_SCHEMA)
     examples = prompt_answer_examples(tokenizer, biased["prompt"].to_list(), biased["answer"].to_list(), params.prompt)

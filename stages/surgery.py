@@ -26,7 +26,18 @@ from latentlab.policies.lm_policy import LMPolicy
 from latentlab.rl.surgeon import Surgeon, run_curriculum, save_surgeon
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
 from latentlab.tasks.evaluation import evaluate_policy
-from stages.common import METRICS, MODELS, PLOTS, SYNTH, require_divisible, setup, stage, step_log, write_json
+from stages.common import (
+    METRICS,
+    MODELS,
+    PLOTS,
+    SYNTH,
+    check_layers,
+    require_divisible,
+    setup,
+    stage,
+    step_log,
+    write_json,
+)
 from stages.recipes import arithmetic_grpo
 
 ARMS = ("sac", "random", "grpo_only")  # the method, then its controls
@@ -37,6 +48,7 @@ SIDE_BY_SIDE = ["phase", "heldout_accuracy", "reward_mean", "surgery_reward", "c
 def main(params):
     run, cfg, seed, every = setup(params), params.surgery, params.seed, params.grpo.eval_every
     sft = require_model_dir(MODELS / "sft")
+    check_layers(params, sft, ("surgery.layers",))
     model, tokenizer = load_lm(sft, run.device)
     try:  # the surgeon's targets on this layout, before any training (Qwen3's q_norm/k_norm refuse q and k)
         attention_targets(model, cfg.surgeon.layers, cfg.surgeon.projections)

@@ -11,6 +11,7 @@ Llama 3's is read from ../shared/fixtures/tokenizers/llama3, and `require_family
 
 import lzma
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,22 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 VENDORED = REPO / "tests" / "fixtures" / "tokenizers"
-SHARED = REPO.parent / "shared" / "fixtures" / "tokenizers"
+
+
+def shared_tokenizers() -> Path:
+    """../shared/fixtures/tokenizers beside the checkout; in a git worktree that lies elsewhere, beside the main
+    checkout whose .git it shares (where ../shared is)."""
+    beside = REPO.parent / "shared" / "fixtures" / "tokenizers"
+    if beside.exists():
+        return beside
+    common = subprocess.run(
+        ["git", "rev-parse", "--path-format=absolute", "--git-common-dir"], cwd=REPO, capture_output=True, text=True
+    )
+    main = Path(common.stdout.strip()).parent if common.returncode == 0 else REPO
+    return main.parent / "shared" / "fixtures" / "tokenizers"
+
+
+SHARED = shared_tokenizers()
 
 
 @dataclass(frozen=True)
@@ -83,9 +99,11 @@ def copy_tokenizer(source: Path, directory: Path) -> None:
             shutil.copyfileobj(packed, out)
 
 
-def build_family(name: str, directory: Path, seed: int = 0) -> Path:
+def build_family(name: str, directory: Path, seed: int = 0, max_shard_size: str | int | None = None) -> Path:
     """A random-weight checkpoint of the family `name` saved in `directory` (created), as the hub has it:
-    config.json, model.safetensors, generation_config.json and the real tokenizer files. Returns `directory`."""
+    config.json, model.safetensors, generation_config.json and the real tokenizer files. Returns `directory`.
+    With `max_shard_size` (say "4MB") the weights are sharded as large hub checkpoints are:
+    model-0000i-of-0000n.safetensors and model.safetensors.index.json."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     family = require_family(name)
@@ -97,6 +115,8 @@ def build_family(name: str, directory: Path, seed: int = 0) -> Path:
     model.generation_config = GenerationConfig(
         bos_token_id=family.bos_id, eos_token_id=stops if len(stops) > 1 else stops[0], pad_token_id=family.pad_id
     )
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    if max_shard_size and not (directory / "model.safetensors.index.json").exists():
+        raise ValueError(f"{name}: max_shard_size {max_shard_size} left one shard; give a smaller size")
     copy_tokenizer(family.tokenizer, directory)
     return directory

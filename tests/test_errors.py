@@ -256,3 +256,28 @@ def test_a_hub_models_layer_count_is_checked_when_the_stage_first_sees_it(tmp_pa
         "error: params.yaml: label.layers: layer 30 is out of range for a model with 2 layers "
         "(hidden states 0..2, or -3..-1)"
     )
+
+
+ACTOR = {**TINY["nla_sft"]["actor"], "layers": [0, 2]}  # the default [0, 2] of a 4-block model
+
+
+@pytest.mark.parametrize(
+    ("name", "model", "params", "message"),
+    [
+        ("sft", "base", {"sft": {"placeholder_layer": 5}}, "sft.placeholder_layer: layer 5"),
+        ("inject", "sft", {"inject": {"gate_layer": 3}}, "inject.gate_layer: layer 3"),
+        ("surgery", "sft", {"surgery": {"layers": [-3]}}, "surgery.layers: layer -3"),
+        ("nla_sft", "base", {"nla_sft": {**TINY["nla_sft"], "actor": ACTOR}}, "nla_sft.actor.layers: layer 2"),
+    ],
+)
+def test_each_stage_checks_its_layer_keys_against_a_hub_models_layer_count(tmp_path, name, model, params, message):
+    """As label does: the stage that reads a layer key names it (exit 2) before any work. On a real checkpoint
+    surgery used to train its whole GRPO phase 1 and then fail with an IndexError; sft, inject and nla_sft failed
+    later, exit 1, naming no key (`injection layers [0, 2] must be below the number of blocks (2)`)."""
+    directory = _project(tmp_path, model={"source": "some/hub-model"}, **params)
+    saved = _save_base(directory)  # 2 blocks
+    if model != "base":
+        shutil.copytree(saved, directory / "models" / model)
+    result = _stage(directory, name)
+    assert result.returncode == 2, result.stderr
+    assert _one_line(result).startswith(f"error: params.yaml: {message} is out of range for a model with 2 layers")
