@@ -148,7 +148,7 @@ def test_the_whole_dag_runs_on_a_qwen2_checkpoint_through_dvc_repro(tmp_path):
     for stage in STAGES:
         assert f"Running stage '{stage}'" in result.stdout, stage
     check_outputs(project.root, "qwen2", source)
-    assert json.loads(project.run("dvc", "status", "--json").stdout) == {}
+    assert project.status() == {}  # the source stage's standing "always changed" aside
 
 
 CASES = {  # case -> (family, params over MICRO, build_family options, the model type stages see)
