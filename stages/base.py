@@ -14,7 +14,8 @@ from latentlab.lm.modeling import build_tiny_lm, load_lm, prepare_pretrained, sa
 from latentlab.lm.tokenizer import build_char_tokenizer
 from latentlab.lm.training import lm_examples, shuffled_batches, train_lm
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA, pretraining_corpus
-from stages.common import GRID, MODELS, PLOTS, SYNTH, lm_shards, setup, stage, step_log
+from stages.common import GRID, MODELS, PLOTS, SYNTH, setup, stage, step_log
+from stages.execution import supervised
 
 
 @stage(torchrun=True)
@@ -31,8 +32,10 @@ def main(params):
             problems, cfg.corpus_sequences, cfg.sequence_chars, params.seed, grid, cfg.grid_share
         )
         examples = lm_examples(tokenizer, corpus)
-        batches = shuffled_batches(examples, cfg.batch_size, tokenizer.pad_token_id, run.data_rng, lm_shards(run))
-        train_lm(model, batches, cfg, run.device, "base", log, lm_shards(run))
+        batches = shuffled_batches(
+            examples, cfg.batch_size, tokenizer.pad_token_id, run.data_rng, supervised(run).shards
+        )
+        train_lm(model, batches, cfg, log, "base", execution=supervised(run))
         provenance = {"source": "scratch", "arch": params.model.arch}
     else:
         model, tokenizer = load_lm(params.model.source, run.device, revision=params.model.revision)

@@ -239,13 +239,6 @@ def require_divisible(run: Run, value: int, key: str) -> None:
         )
 
 
-def lm_shards(run: Run) -> "Shards":
-    """Supervised training's shards: one per process (no sampling streams: one process is the reference)."""
-    from latentlab.common.distributed import Shards
-
-    return Shards(run.ranks.world, run.ranks)
-
-
 DVCLIVE = Path("dvclive")
 
 

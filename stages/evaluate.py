@@ -21,7 +21,7 @@ from latentlab.policies.nla_critic import load_critic
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
 from latentlab.tasks.evaluation import evaluate_policy
 from latentlab.tasks.grid_online import BehaviourAgent, PolicyAgent, RandomAgent, make_encoder, paired, rollout
-from latentlab.tasks.nla_eval import evaluate_nla
+from latentlab.tasks.nla_eval import NLAEvaluation, evaluate_nla
 from latentlab.tasks.rewards import ArithmeticReward
 from stages.common import METRICS, MODELS, PLOTS, SYNTH, setup, stage, write_json
 
@@ -72,13 +72,16 @@ def nla_metrics(params, run) -> dict:
         result[name] = evaluate_nla(
             {name: load_actor(MODELS / name / "actor", run.device)},
             load_critic(MODELS / name / "critic", run.device),
-            vectors,
-            table.column("response").to_pylist(),
-            table.column("prompt").to_pylist(),
-            (train_vectors, train.column("prompt").to_pylist()),
-            getattr(params.nla_rl, params.nla_rl.algo).max_new_tokens,
-            params.evaluate.batch_size,
-            params.seed,
+            NLAEvaluation(
+                vectors=vectors,
+                gold_texts=table.column("response").to_pylist(),
+                prompts=table.column("prompt").to_pylist(),
+                train_vectors=train_vectors,
+                train_prompts=train.column("prompt").to_pylist(),
+                max_new_tokens=getattr(params.nla_rl, params.nla_rl.algo).max_new_tokens,
+                batch=params.evaluate.batch_size,
+                seed=params.seed,
+            ),
         )
         scores = result[name]["actors"][name]
         print(

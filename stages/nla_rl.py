@@ -16,6 +16,7 @@ import copy
 
 from latentlab.common.atomic import atomic_output
 from latentlab.common.batches import epoch_batches
+from latentlab.common.execution import Loop
 from latentlab.common.inputs import require_model_dir
 from latentlab.hidden.nla_table import read_nla_table
 from latentlab.lm.modeling import read_manifest, save_weights
@@ -27,6 +28,7 @@ from latentlab.rl.nla import CriticReward, CriticTrainer, train_rl
 from latentlab.rl.ppo import PPOTrainer
 from latentlab.tasks.nla_eval import explain, reconstruction_scores
 from stages.common import MODELS, PLOTS, require_divisible, setup, stage, step_log
+from stages.execution import sampling
 
 
 @stage(torchrun=True)
@@ -46,18 +48,17 @@ def main(params):
     heldout = heldout[: cfg.eval_batch]
 
     reward = CriticReward(critic, cfg.reward)
-    synced = actor.synced(run.ranks)  # the actor's trainable modules under DDP for the gradient passes
     if cfg.algo == "grpo":
         algo = cfg.grpo
         reference = copy.deepcopy(actor) if algo.beta > 0 else None  # the SFT actor, frozen
         if reference is not None:
             reference.model.requires_grad_(False)
-        trainer = GRPOTrainer(actor, reward, algo, run.sample_rngs, reference, run.shards, synced)
+        trainer = GRPOTrainer(actor, reward, algo, run.sample_rngs, reference=reference, execution=sampling(run))
         value_head = None
     else:
         algo = cfg.ppo
         value_head = ValueHead(actor.model.config.hidden_size)
-        trainer = PPOTrainer(actor, value_head, reward, algo, run.sample_rngs, run.shards, synced)
+        trainer = PPOTrainer(actor, value_head, reward, algo, run.sample_rngs, execution=sampling(run))
     rows = epoch_batches(len(vectors), per_step, run.data_rng)
     batches = ([vectors[i] for i in batch] for batch in rows)
 
@@ -66,19 +67,9 @@ def main(params):
         return {f"heldout_{k}": v for k, v in reconstruction_scores(critic, texts, heldout).items()}
 
     log = step_log(params, "nla_rl", params.model_dump(include={"nla_rl", "seed"}))
-    critic_trainer = CriticTrainer(critic, cfg.critic, algo.steps, run.shards)
-    train_rl(
-        trainer,
-        reward,
-        critic_trainer,
-        batches,
-        algo.steps,
-        log,
-        f"nla_rl {cfg.algo}",
-        monitor,
-        cfg.eval_every,
-        run.shards,
-    )
+    critic_trainer = CriticTrainer(critic, cfg.critic, algo.steps, execution=sampling(run))
+    loop = Loop(log=log, desc=f"nla_rl {cfg.algo}", evaluate=monitor, eval_every=cfg.eval_every)
+    train_rl(trainer, reward, critic_trainer, batches, steps=algo.steps, loop=loop)
     if not run.leader:  # under torchrun rank 0 alone writes the outputs
         return
 

@@ -18,7 +18,8 @@ from latentlab.lm.modeling import load_lm, read_manifest
 from latentlab.policies.nla_actor import build_actor, save_actor
 from latentlab.policies.nla_critic import build_critic, save_critic
 from latentlab.rl.nla import train_sft
-from stages.common import MODELS, PLOTS, check_layers, lm_shards, setup, stage, step_log
+from stages.common import MODELS, PLOTS, check_layers, setup, stage, step_log
+from stages.execution import supervised
 
 NLA = "data/labels/nla.parquet"
 
@@ -48,7 +49,7 @@ def main(params):
         cfg,
         run.data_rng,
         log,
-        lm_shards(run),
+        execution=supervised(run),
     )
     if not run.leader:  # under torchrun rank 0 alone writes the outputs
         return

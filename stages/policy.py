@@ -17,7 +17,8 @@ from latentlab.hidden.store import open_store
 from latentlab.policies.actor_critic import ActorCritic, ActorCriticConfig, save_policy
 from latentlab.rl.awr import Batch, train_awr
 from latentlab.tasks.grid import read_transitions
-from stages.common import GRID, MODELS, PLOTS, lm_shards, setup, stage, step_log
+from stages.common import GRID, MODELS, PLOTS, setup, stage, step_log
+from stages.execution import supervised
 
 STORE = "data/hidden/grid.zarr"
 
@@ -49,7 +50,7 @@ def main(params):
             model.fit_hidden_scale(batch.hidden)
         logs[name] = step_log(params, f"policy-{name}", params.model_dump(include={"policy", "grid", "seed"}))
         generator = torch.Generator().manual_seed(params.seed)
-        train_awr(model, batch, cfg.awr, generator, logs[name], f"awr {name}", lm_shards(run))
+        train_awr(model, batch, cfg.awr, generator, logs[name], f"awr {name}", execution=supervised(run))
         logs[name].finish()
         policies[name] = model
     if not run.leader:  # under torchrun rank 0 alone writes the outputs

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import polars as pl
 import torch
 
-from latentlab.common.distributed import Synced
+from latentlab.common.execution import Loop
 from latentlab.common.inputs import read_table
 from latentlab.common.tracking import StepLog
 from latentlab.policies.lm_policy import LMPolicy
@@ -20,6 +20,7 @@ from latentlab.tasks.arithmetic import PROBLEM_SCHEMA, problem_batches
 from latentlab.tasks.evaluation import heldout_monitor
 from latentlab.tasks.rewards import ArithmeticReward
 from stages.common import SYNTH, Run, require_divisible, step_log
+from stages.execution import sampling
 from stages.params import Params
 
 
@@ -61,9 +62,9 @@ def arithmetic_grpo(
     test = read_table(SYNTH / "test.parquet", PROBLEM_SCHEMA)
     reward = ArithmeticReward(cfg.even_bonus)
     require_divisible(run, cfg.prompts_per_step, "grpo.prompts_per_step")
-    # the trainable module (the model for grpo, the injector for inject) under DDP for the gradient passes
-    synced = Synced(policy, "injector" if hasattr(policy, "injector") else "model", run.ranks)
-    trainer = GRPOTrainer(policy, reward, settings.with_lr(lr), run.sample_rngs, reference, run.shards, synced)
+    trainer = GRPOTrainer(
+        policy, reward, settings.with_lr(lr), run.sample_rngs, reference=reference, execution=sampling(run)
+    )
     batches = problem_batches(full, cfg.prompts_per_step, run.data_rng)
     heldout = test.sample(min(cfg.eval_batch, test.height), seed=params.seed)
     return ArithmeticGRPO(trainer, batches, reward, full, heldout, params.evaluate.max_new_tokens)
@@ -76,5 +77,6 @@ def train_with_grpo(
     rate of the stage's own params `section`; `name` labels the progress bar and the W&B run."""
     grpo = arithmetic_grpo(params, run, getattr(params, section).lr, policy, reference)
     log = step_log(params, name, params.model_dump(include={"grpo", section, "seed"}))
-    grpo.trainer.train(lambda: next(grpo.batches), log, name, grpo.monitor(policy), params.grpo.eval_every)
+    loop = Loop(log=log, desc=name, evaluate=grpo.monitor(policy), eval_every=params.grpo.eval_every)
+    grpo.trainer.train(lambda: next(grpo.batches), loop)
     return log

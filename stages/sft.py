@@ -14,7 +14,8 @@ from latentlab.lm.tokenizer import INJECT
 from latentlab.lm.training import prompt_answer_examples, shuffled_batches, train_lm
 from latentlab.policies.placeholder import PlaceholderLM, add_placeholders
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
-from stages.common import MODELS, PLOTS, SYNTH, check_layers, lm_shards, setup, stage, step_log
+from stages.common import MODELS, PLOTS, SYNTH, check_layers, setup, stage, step_log
+from stages.execution import supervised
 
 
 @stage(torchrun=True)
@@ -32,8 +33,8 @@ def main(params):
         examples = add_placeholders(examples, cfg.placeholder_share, inject_id, chooser)
         trained = PlaceholderLM(model, inject_id, cfg.placeholder, cfg.placeholder_layer)
     log = step_log(params, "sft", params.model_dump(include={"sft", "seed"}))
-    batches = shuffled_batches(examples, cfg.batch_size, tokenizer.pad_token_id, run.data_rng, lm_shards(run))
-    train_lm(trained, batches, cfg, run.device, "sft", log, lm_shards(run))
+    batches = shuffled_batches(examples, cfg.batch_size, tokenizer.pad_token_id, run.data_rng, supervised(run).shards)
+    train_lm(trained, batches, cfg, log, "sft", execution=supervised(run))
     if not run.leader:  # under torchrun rank 0 alone writes the outputs
         return
     with atomic_output(MODELS / "sft") as out:

@@ -17,13 +17,13 @@ import copy
 import torch
 
 from latentlab.common.atomic import atomic_output
-from latentlab.common.distributed import Synced
+from latentlab.common.execution import Loop
 from latentlab.common.inputs import read_table, require_model_dir
 from latentlab.common.tracking import StepLog, write_side_by_side
 from latentlab.lm.modeling import load_lm, read_manifest, save_lm
 from latentlab.lm.surgery import attention_targets
 from latentlab.policies.lm_policy import LMPolicy
-from latentlab.rl.surgeon import Surgeon, run_curriculum, save_surgeon
+from latentlab.rl.surgeon import Curriculum, Surgeon, run_curriculum, save_surgeon
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
 from latentlab.tasks.evaluation import evaluate_policy
 from stages.common import (
@@ -38,6 +38,7 @@ from stages.common import (
     step_log,
     write_json,
 )
+from stages.execution import sampling
 from stages.recipes import arithmetic_grpo
 
 ARMS = ("sac", "random", "grpo_only")  # the method, then its controls
@@ -65,52 +66,40 @@ def main(params):
         e = params.evaluate
         return evaluate_policy(policy, test, grpo.reward, e.batch_size, e.max_new_tokens, f"test {name}")[0]
 
-    def monitor(policy: LMPolicy):  # held-out curves: rank 0 alone (the others wait in the next collective)
-        return grpo.monitor(policy) if run.leader else None
+    def held_out(policy: LMPolicy) -> dict:  # a Loop's held-out curves: rank 0 alone (the others wait in a collective)
+        return {"evaluate": grpo.monitor(policy) if run.leader else None, "eval_every": every}
 
     log = step_log(params, "surgery", params.model_dump(include={"grpo", "surgery", "seed"}))
     bootstrap = grpo.trainer
-    run_curriculum(
-        [1] * p1,
-        0,
-        bootstrap,
-        None,
-        lambda: next(grpo.batches),
-        None,
-        log,
-        monitor(bootstrap.policy),
-        every,
-        "surgery phase 1",
-    )
+    phase_1 = Curriculum(phases=[1] * p1, next_batch=lambda: next(grpo.batches))
+    run_curriculum(bootstrap, None, phase_1, Loop(log=log, desc="surgery phase 1", **held_out(bootstrap.policy)))
     metrics, logs = {"phases": cfg.phases}, {}
     if run.leader:  # the test set is scored by rank 0 alone
         metrics["after_phase_1"] = test_scores(bootstrap.policy, "phase 1")
     for arm in ARMS:  # each from a copy of the phase-1 state (model, optimizer, schedule, sampler) and the same streams
         memo = {id(g): torch.Generator(run.device).set_state(g.get_state()) for g in bootstrap.generators}
-        memo |= {id(reference): reference, id(bootstrap.synced): None}  # DDP's wrapper is made anew, not copied
-        trainer = copy.deepcopy(bootstrap, memo)
-        trainer.synced = Synced(trainer.policy, "model", run.ranks)
+        memo[id(reference)] = reference  # frozen: shared, not copied
+        trainer = copy.deepcopy(bootstrap, memo)  # its learner wraps the copied model anew
         surgeon_rng, model = torch.Generator().manual_seed(seed + 2), trainer.policy.model
         # every rank: the same agent, stream and global probe results, hence the same edits (latentlab/rl/surgeon.py)
         agent = Surgeon.build_agent(model, cfg.surgeon, cfg.sac, surgeon_rng) if arm == "sac" else None
         surgeon = (
             None
             if arm == "grpo_only"
-            else Surgeon(model, tokenizer, cfg.surgeon, agent, surgeon_rng, run.shards, params.prompt)
+            else Surgeon(
+                model, tokenizer, cfg.surgeon, agent, surgeon_rng, execution=sampling(run), prompt_format=params.prompt
+            )
         )
         logs[arm] = log if arm == "sac" else StepLog()
         logs[arm].rows = logs[arm].rows if arm == "sac" else list(log.rows[:p1])
+        curriculum = Curriculum(
+            phases=[2] * p2 + [3] * p3,
+            first_step=p1,
+            next_batch=grpo.stream(params.grpo.prompts_per_step, seed + 3),
+            next_probe=grpo.stream(cfg.probe_size, seed + 4, answers=True),
+        )
         run_curriculum(
-            [2] * p2 + [3] * p3,
-            p1,
-            trainer,
-            surgeon,
-            grpo.stream(params.grpo.prompts_per_step, seed + 3),
-            grpo.stream(cfg.probe_size, seed + 4, answers=True),
-            logs[arm],
-            monitor(trainer.policy),
-            every,
-            f"surgery {arm}",
+            trainer, surgeon, curriculum, Loop(log=logs[arm], desc=f"surgery {arm}", **held_out(trainer.policy))
         )
         if not run.leader:  # under torchrun rank 0 alone scores the arms and writes the outputs
             continue

@@ -173,21 +173,6 @@ def test_a_failing_rank_takes_the_job_down_with_its_error(project, tmp_path):
     assert not (good / "models" / "grpo").exists()
 
 
-def test_shards_cut_the_batch_contiguously_and_weight_losses_for_the_ddp_mean():
-    from latentlab.common.distributed import Ranks, Shards, shard_seed
-
-    second = Shards(4, Ranks(rank=1, world=2))  # 4 shards over 2 ranks: rank 1 holds shards 2 and 3
-    assert list(second.local) == [2, 3]
-    assert second.split(list(range(8)), "k") == [[4, 5], [6, 7]]
-    assert second.weight(3, 12) == pytest.approx(3 / 12 * 2)  # DDP divides the sum of the 2 ranks by 2
-    assert Shards().weight(3, 12) == 1.0  # one process, one shard: nothing is rescaled
-    assert shard_seed(5, 0) == 5 and len({shard_seed(5, k) for k in range(4)}) == 4
-    with pytest.raises(ValueError, match="prompts_per_step \\(6\\) is not divisible by the 4 shards"):
-        second.split(list(range(6)), "prompts_per_step")
-    with pytest.raises(ValueError, match="3 shards cannot be spread evenly over 2 processes"):
-        Shards(3, Ranks(world=2))
-
-
 def test_precision_is_fp32_on_the_cpu_and_validated(tmp_path):
     from latentlab.common import runtime
     from stages.params import Params, ParamsError, load_params

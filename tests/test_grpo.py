@@ -7,9 +7,15 @@ import pytest
 import torch
 
 from latentlab.common.errors import NonFiniteLogitsError
+from latentlab.common.execution import Loop, plain_means
 from latentlab.lm.sampling import tokenize_prompts
 from latentlab.policies.lm_policy import LMPolicy
-from latentlab.rl.grpo import GRPOConfig, GRPOTrainer, group_advantages, grpo_loss
+from latentlab.rl.grpo import GRPOConfig, GRPOTrainer, group_advantages, grpo_counts, grpo_loss
+
+
+def mean_grpo_loss(logprobs, old, advantages, mask, *args, **kwargs):
+    """`grpo_loss` as one process with one shard minimises (the objective) and logs it (the stats' means)."""
+    return plain_means(grpo_loss(logprobs, old, advantages, mask, *args, **kwargs), grpo_counts(mask))
 
 
 def test_advantages_are_group_normalised_by_hand():
@@ -46,9 +52,9 @@ def test_clipped_loss_matches_hand_computation():
     # per-token -min(r A, clip(r, 0.8, 1.2) A):
     #   row 0: r=1.5 -> -min(1.5, 1.2) = -1.2;  r=1 -> -1
     #   row 1: r=0.7 -> -min(-1.4, -1.6) = 1.6;  r=1.1 -> -min(-2.2, -2.2) = 2.2;  r=1 -> 2
-    loss, stats = grpo_loss(logprobs, old, advantages, mask, clip_eps=0.2, aggregation="sequence")
+    loss, stats = mean_grpo_loss(logprobs, old, advantages, mask, clip_eps=0.2, aggregation="sequence")
     assert loss.item() == pytest.approx(((-1.2 - 1.0) / 2 + (1.6 + 2.2 + 2.0) / 3) / 2, rel=1e-6)
-    token_loss, _ = grpo_loss(logprobs, old, advantages, mask, clip_eps=0.2, aggregation="token")
+    token_loss, _ = mean_grpo_loss(logprobs, old, advantages, mask, clip_eps=0.2, aggregation="token")
     assert token_loss.item() == pytest.approx((-1.2 - 1.0 + 1.6 + 2.2 + 2.0) / 5, rel=1e-6)
     # clipped: row 0 token 0 (r > 1.2, A > 0) and row 1 token 0 (r < 0.8, A < 0) out of 5 tokens
     assert stats["clip_fraction"] == pytest.approx(2 / 5)
@@ -58,7 +64,7 @@ def test_clipped_loss_matches_hand_computation():
 def test_k3_kl_penalty_matches_hand_computation():
     logprobs = torch.log(torch.tensor([[0.5]]))
     ref = torch.log(torch.tensor([[1.0]]))  # log(pi_ref / pi) = log 2
-    loss, stats = grpo_loss(
+    loss, stats = mean_grpo_loss(
         logprobs,
         logprobs.clone(),
         torch.tensor([0.0]),
@@ -78,19 +84,19 @@ def test_tokens_after_eos_do_not_move_the_loss_or_get_gradient():
     old = logprobs.detach() + 0.1 * torch.randn(4, 6)
     advantages = torch.randn(4)
     mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] + [0] * 5, [1] * 5 + [0]], dtype=torch.bool)
-    loss, _ = grpo_loss(logprobs, old, advantages, mask, clip_eps=0.2)
+    loss, _ = mean_grpo_loss(logprobs, old, advantages, mask, clip_eps=0.2)
     loss.backward()
     assert torch.all(logprobs.grad[~mask] == 0)
     assert torch.all(logprobs.grad[mask] != 0)
     changed = logprobs.detach().clone()
     changed[~mask] = 123.0
-    assert grpo_loss(changed, old, advantages, mask, clip_eps=0.2)[0].item() == pytest.approx(loss.item())
+    assert mean_grpo_loss(changed, old, advantages, mask, clip_eps=0.2)[0].item() == pytest.approx(loss.item())
 
 
 def test_unclipped_gradient_is_minus_advantage_over_length():
     logprobs = torch.zeros(1, 4, requires_grad=True)
     mask = torch.ones(1, 4, dtype=torch.bool)
-    grpo_loss(logprobs, logprobs.detach(), torch.tensor([2.0]), mask, clip_eps=0.2)[0].backward()
+    mean_grpo_loss(logprobs, logprobs.detach(), torch.tensor([2.0]), mask, clip_eps=0.2)[0].backward()
     # d/dlogp of -(1/|o|) * sum r A with r = 1 at pi = pi_old is -A/|o|
     assert logprobs.grad[0].tolist() == pytest.approx([-0.5] * 4)
 
@@ -115,7 +121,7 @@ def test_short_grpo_run_raises_the_reward():
 
     trainer = GRPOTrainer(LMPolicy(model, tokenizer), sevens, cfg, torch.Generator().manual_seed(0))
     log = StepLog()
-    trainer.train(lambda: (["1+2=", "3+4=", "5-1=", "9+9="], [0, 0, 0, 0]), log)
+    trainer.train(lambda: (["1+2=", "3+4=", "5-1=", "9+9="], [0, 0, 0, 0]), Loop(log=log, desc="test"))
     first = sum(r["reward_mean"] for r in log.rows[:5]) / 5
     last = sum(r["reward_mean"] for r in log.rows[-5:]) / 5
     assert last > first + 0.3, (first, last)

@@ -7,13 +7,15 @@ import pytest
 import torch
 
 from latentlab.common.errors import InputError
+from latentlab.common.execution import Loop
 from latentlab.common.tracking import StepLog
 from latentlab.lm.modeling import MANIFEST, save_lm
 from latentlab.lm.sampling import SamplingConfig
 from latentlab.policies.injection import InjectionPolicy, InjectorConfig, build_injector, save_injector
 from latentlab.policies.lm_policy import LMPolicy
 from latentlab.policies.loading import load_policy
-from latentlab.rl.grpo import GRPOConfig, GRPOTrainer, grpo_loss
+from latentlab.rl.grpo import GRPOConfig, GRPOTrainer
+from tests.test_grpo import mean_grpo_loss
 from tests.tiny import new_tiny_lm
 
 PROMPTS = ["3+4=", "12-5=", "40+9=", "1+1=", "48-47="]
@@ -67,7 +69,7 @@ def test_training_moves_only_the_injector_and_no_gradient_reaches_the_base():
     injector_before = [p.clone() for p in policy.trainable_parameters()]
     cfg = GRPOConfig(steps=3, prompts_per_step=4, group_size=4, max_new_tokens=3, lr=1e-2)
     trainer = GRPOTrainer(policy, _leading_digit, cfg, torch.Generator().manual_seed(0))
-    trainer.train(lambda: (PROMPTS[:4], [0] * 4), StepLog())
+    trainer.train(lambda: (PROMPTS[:4], [0] * 4), Loop(log=StepLog(), desc="test"))
 
     assert all(p.grad is None and not p.requires_grad for p in policy.model.parameters())
     assert all(torch.equal(p, before[name]) for name, p in policy.model.state_dict().items())
@@ -118,7 +120,7 @@ def test_tokens_after_eos_change_neither_the_loss_nor_its_gradient():
     def loss_and_grad():
         logprobs = policy.logprobs(rollout, 1.0)
         # old log-probs fixed at 0, so the ratio (hence the loss) depends on the scored tokens
-        loss, _ = grpo_loss(logprobs, torch.zeros_like(logprobs), advantages, completions.mask, clip_eps=0.2)
+        loss, _ = mean_grpo_loss(logprobs, torch.zeros_like(logprobs), advantages, completions.mask, clip_eps=0.2)
         loss = loss + sum(policy.regularizers(rollout).values())
         policy.injector.zero_grad()
         loss.backward()
@@ -145,7 +147,7 @@ def test_short_grpo_run_of_the_injector_raises_the_reward():
     cfg = GRPOConfig(steps=30, prompts_per_step=4, group_size=8, max_new_tokens=2, lr=3e-2)
     log = StepLog()
     GRPOTrainer(policy, _leading_digit, cfg, torch.Generator().manual_seed(0)).train(
-        lambda: (PROMPTS[:4], [0] * 4), log
+        lambda: (PROMPTS[:4], [0] * 4), Loop(log=log, desc="test")
     )
     rewards = [row["reward_mean"] for row in log.rows]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-10:]) / 10

@@ -100,6 +100,30 @@ def test_no_import_cycles():
     assert cycles == []
 
 
+def test_only_the_execution_layer_touches_torch_distributed():
+    """Collectives, process groups and DDP/FSDP wrappers live in latentlab/common/ (the execution layer,
+    distributed.py): an algorithm, a policy or the LM code that called them itself would bypass the layer's one
+    normalisation and its shard contract (tests/test_execution.py). Both an import and a `torch.distributed...`
+    attribute reached through a plain `import torch` count, at any depth of the file."""
+
+    def distributed(name: str) -> bool:
+        return any(name == root or name.startswith(f"{root}.") for root in ("torch.distributed", "torch.nn.parallel"))
+
+    def dotted(node: ast.AST) -> str:
+        if isinstance(node, ast.Attribute):
+            return f"{dotted(node.value)}.{node.attr}"
+        return node.id if isinstance(node, ast.Name) else ""
+
+    users = {}
+    for path in sorted(LIBRARY.rglob("*.py")):
+        used = {dotted(node) for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Attribute)}
+        found = sorted(name for name in imports(path) | used if distributed(name))
+        if found:
+            users[module_name(path)] = found
+    assert "torch.distributed" in users["latentlab.common.distributed"]  # the walk sees them where they are
+    assert {module: names for module, names in users.items() if layer(module) != "common"} == {}
+
+
 @pytest.mark.parametrize(
     "source, expected",
     [

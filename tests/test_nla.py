@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from latentlab.common.errors import InputError
+from latentlab.common.execution import Loop
 from latentlab.common.tables import TableWriter
 from latentlab.common.tracking import StepLog
 from latentlab.hidden.nla_table import nla_schema, read_nla_table
@@ -286,7 +287,7 @@ def test_a_short_grpo_run_raises_the_critics_reward():
     critic_trainer = CriticTrainer(critic, CriticUpdates(lr=1e-9, updates_per_step=0), cfg.steps)
     batches = (list(vectors[i : i + 4]) for _ in range(cfg.steps) for i in (0,))  # the same 4 vectors each step
     log = StepLog()
-    train_rl(trainer, reward, critic_trainer, batches, cfg.steps, log, "test")
+    train_rl(trainer, reward, critic_trainer, batches, steps=cfg.steps, loop=Loop(log=log, desc="test"))
     rewards = [row["reward_mean"] for row in log.rows]
     assert {"mse", "cosine", "fve", "explanation_chars", "kl", "loss", "tokens_per_s"} <= set(log.rows[0])
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.05

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from latentlab.common.errors import InputError
+from latentlab.common.execution import Loop
 from latentlab.common.tracking import StepLog
 from latentlab.policies.nla_critic import (
     WEIGHTS,
@@ -117,7 +118,8 @@ def test_the_rl_log_reports_fve_cosine_and_mse_of_the_batch_by_hand():
     reward = CriticReward(critic, "neg_mse")
     log = StepLog()
     critic_trainer = CriticTrainer(critic, CriticUpdates(lr=1e-3, updates_per_step=0), 1)
-    train_rl(_OneGroupTrainer(reward), reward, critic_trainer, iter([list(MU + 2 * T)]), 1, log, "test")
+    batches = iter([list(MU + 2 * T)])
+    train_rl(_OneGroupTrainer(reward), reward, critic_trainer, batches, steps=1, loop=Loop(log=log, desc="test"))
     (row,) = log.rows
     assert row["fve"] == pytest.approx(0.8)
     assert row["mse"] == pytest.approx(0.5)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from latentlab.common.errors import NonFiniteLogitsError
+from latentlab.common.execution import plain_means
 from latentlab.common.tracking import StepLog
 from latentlab.lm.sampling import SamplingConfig
 from latentlab.policies.lm_policy import LMPolicy
@@ -22,7 +23,7 @@ def test_the_clipped_policy_loss_by_hand():
     new = torch.tensor([[math.log(1.5), math.log(0.5), math.log(0.5), math.log(1.5), 9.0]])
     adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, 100.0]])
     mask = torch.tensor([[1, 1, 1, 1, 0]])
-    loss, stats = ppo_policy_loss(new, old, adv, mask, 0.2)
+    loss, stats = plain_means(ppo_policy_loss(new, old, adv, mask, 0.2), {"tokens": mask.sum()})
     # min(1.5, 1.2) = 1.2; min(0.5, 0.8) = 0.5; min(-0.5, -0.8) = -0.8; min(-1.5, -1.2) = -1.5
     assert loss.item() == pytest.approx(-(1.2 + 0.5 - 0.8 - 1.5) / 4)
     assert stats["clip_fraction"] == pytest.approx(1.0)
@@ -38,7 +39,9 @@ def test_the_logged_kl_estimates_kl_of_pi_old_to_pi_under_samples_from_pi_old():
     exact = (pi_old * (pi_old / pi).log()).sum().item()
     actions = torch.multinomial(pi_old, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
     old_logprobs, logprobs = pi_old.log()[actions][None], pi.log()[actions][None]
-    _, stats = ppo_policy_loss(logprobs, old_logprobs, torch.zeros(1, len(actions)), torch.ones(1, len(actions)), 0.2)
+    everywhere = torch.ones(1, len(actions))
+    loss = ppo_policy_loss(logprobs, old_logprobs, torch.zeros(1, len(actions)), everywhere, 0.2)
+    _, stats = plain_means(loss, {"tokens": everywhere.sum()})
     # per-sample k3 values lie in [0.07, 1.62]: the standard error of the mean of 200 000 is below 0.002
     assert stats["kl"] == pytest.approx(exact, abs=0.01)
     assert approx_kl(logprobs - old_logprobs).mean().item() == pytest.approx(stats["kl"], rel=1e-6)
@@ -48,7 +51,8 @@ def test_the_clipped_value_loss_by_hand():
     values, old, returns = torch.tensor([[2.0, 0.2, 5.0]]), torch.tensor([[1.0, 1.0, 0.0]]), torch.zeros(1, 3)
     mask = torch.tensor([[1, 1, 0]])
     # row 1: max((2-0)^2, (1.5-0)^2) = 4; row 2: max(0.2^2, (0.5-0)^2) = 0.25; 1/2 mean = (4 + 0.25) / 4
-    assert ppo_value_loss(values, old, returns, mask, 0.5).item() == pytest.approx((4 + 0.25) / 4)
+    term = ppo_value_loss(values, old, returns, mask, 0.5)
+    assert term.over == "tokens" and term.sum.item() / mask.sum().item() == pytest.approx((4 + 0.25) / 4)
 
 
 def test_gae_over_a_completion_rewarded_at_its_last_token():

@@ -5,9 +5,18 @@ import copy
 
 import torch
 
+from latentlab.common.execution import Loop
 from latentlab.common.tracking import StepLog
 from latentlab.rl.sac import SACConfig
-from latentlab.rl.surgeon import Surgeon, SurgeonConfig, load_surgeon_agent, probe, run_curriculum, save_surgeon
+from latentlab.rl.surgeon import (
+    Curriculum,
+    Surgeon,
+    SurgeonConfig,
+    load_surgeon_agent,
+    probe,
+    run_curriculum,
+    save_surgeon,
+)
 
 PROMPTS, ANSWERS = ["1+2=", "10+5=", "7-3="], ["3", "15", "4"]
 
@@ -66,17 +75,14 @@ def test_curriculum_runs_each_phase(tiny_lm):
             return {"reward_mean": 0.0}
 
     s, trainer, log = surgeon(tiny_lm, agent=False, commit_threshold=-1e9), CountingTrainer(), StepLog()
+    curriculum = Curriculum(
+        phases=[1, 1, 2, 2, 3],
+        first_step=10,
+        next_batch=lambda: (PROMPTS, ANSWERS),
+        next_probe=lambda: (PROMPTS, ANSWERS),
+    )
     run_curriculum(
-        [1, 1, 2, 2, 3],
-        10,
-        trainer,
-        s,
-        lambda: (PROMPTS, ANSWERS),
-        lambda: (PROMPTS, ANSWERS),
-        log,
-        lambda: {"heldout_accuracy": 0.5},
-        2,
-        "test",
+        trainer, s, curriculum, Loop(log=log, desc="test", evaluate=lambda: {"heldout_accuracy": 0.5}, eval_every=2)
     )
     assert trainer.steps == 3 and s.commits == 1  # GRPO in phases 1 and 3; commits only in phase 3
     assert [r["step"] for r in log.rows] == [10, 11, 12, 13, 14]

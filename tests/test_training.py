@@ -43,7 +43,7 @@ def test_training_lowers_the_loss(tiny_lm):
     examples = prompt_answer_examples(tokenizer, ["1+2=", "2+2=", "3+3=", "4+1="], ["3", "4", "6", "5"])
     batches = shuffled_batches(examples, 4, tokenizer.pad_token_id, torch.Generator().manual_seed(0))
     log = StepLog()
-    train_lm(model, batches, LMTrainConfig(steps=40, batch_size=4, lr=1e-2, log_every=1), "cpu", "test", log)
+    train_lm(model, batches, LMTrainConfig(steps=40, batch_size=4, lr=1e-2, log_every=1), log, "test")
     assert log.rows[-1]["loss"] < 0.5 * log.rows[0]["loss"]
 
 
@@ -57,4 +57,4 @@ def test_nan_loss_stops_training_with_a_clear_error(tiny_lm):
     examples = prompt_answer_examples(tokenizer, ["1+2="], ["3"])
     batches = shuffled_batches(examples, 1, tokenizer.pad_token_id, torch.Generator().manual_seed(0))
     with pytest.raises(NonFiniteLossError, match="loss is nan at step 0"):
-        train_lm(model, batches, LMTrainConfig(steps=3, batch_size=1, lr=1e-3), "cpu", "test", StepLog())
+        train_lm(model, batches, LMTrainConfig(steps=3, batch_size=1, lr=1e-3), StepLog(), "test")

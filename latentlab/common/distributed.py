@@ -10,13 +10,14 @@ shards; rank r handles shards r*L .. r*L+L-1 (L = count / world, at least 1). Sh
 stream seeded `shard_seed(seed, k)`, and shard 0's seed is the run's own, so one process with one shard is
 the run as it always was. One process given `count` shards samples every shard with its own stream and
 accumulates their gradients: it reproduces a run on `count` ranks step by step (within float tolerance).
-Gradients are averaged across ranks by torch's DistributedDataParallel (`Synced`); losses are scaled so that
-this average is the gradient of the global loss (`Shards.weight`).
+Gradients are averaged across ranks by the wrapper of the trainable modules (`Synced`); the execution layer
+(latentlab/common/execution.py) normalises every loss by its global count so that this average is the
+gradient of the global loss.
 """
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -115,12 +116,6 @@ class Shards:
         """One sampling stream per local shard, seeded `shard_seed(seed, k)`."""
         return [torch.Generator(device=device).manual_seed(shard_seed(seed, k)) for k in self.local]
 
-    def weight(self, part: float, whole: float) -> float:
-        """Factor on a shard's loss (a mean over `part` items) so that the ranks' averaged gradient is the
-        gradient of the mean over the `whole` global batch: part / whole, times the world size that DDP's
-        average divides by. 1.0 exactly for a single shard."""
-        return 1.0 if self.single else part / whole * self.ranks.world
-
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         """`value` summed over the ranks (a copy; the value itself with one process)."""
         if self.ranks.world == 1:
@@ -130,20 +125,6 @@ class Shards:
         total = value.clone()
         dist.all_reduce(total)
         return total
-
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        """`value` averaged over the ranks: of per-rank means over equally many rows, the global mean."""
-        return self.sum(value) / self.ranks.world
-
-    def combine(self, values: list[dict[str, float]], weights: list[float], device=None) -> dict[str, float]:
-        """The global batch's value of per-shard means: this rank's shards' `values` weighted as their losses
-        (`weight`), averaged over the ranks as DDP averages the gradients (one all-reduce for every name).
-        With a single shard, the first shard's values as they are."""
-        if self.single:
-            return dict(values[0])
-        names = list(values[0])
-        local = [sum(w * v[name] for v, w in zip(values, weights)) for name in names]
-        return dict(zip(names, self.mean(torch.tensor(local, dtype=torch.float64, device=device)).tolist()))
 
     def gather(self, value: torch.Tensor) -> torch.Tensor:
         """Every rank's `value` (equal shapes) concatenated along dim 0 in rank order."""
@@ -210,21 +191,6 @@ class Synced:
                 yield
         finally:
             setattr(self.owner, self.attr, plain)
-
-
-class SyncedAll:
-    """Several `Synced` modules entered together: a policy's model and its add-on (the NLA actor's injection
-    map), PPO's value head. One backward then averages every module's gradients, each by its own DDP reducer."""
-
-    def __init__(self, *synced: Synced):
-        self.synced = synced
-
-    @contextmanager
-    def forward(self, sync: bool = True) -> Iterator[None]:
-        with ExitStack() as stack:
-            for one in self.synced:
-                stack.enter_context(one.forward(sync))
-            yield
 
 
 ONE_PROCESS = Shards()  # one process, one shard: the default of every trainer

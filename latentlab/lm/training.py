@@ -5,7 +5,6 @@ real token; SFT selects the answer and its end-of-sequence token only, so the mo
 trained to reproduce the prompt.
 """
 
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -15,10 +14,9 @@ from pydantic import Field
 
 from latentlab.common.batches import epoch_batches
 from latentlab.common.config import Config
-from latentlab.common.distributed import ONE_PROCESS, Shards, data_parallel
-from latentlab.common.optim import build_optimizer, check_finite
-from latentlab.common.runtime import autocast
-from latentlab.common.tracking import StepLog, progress
+from latentlab.common.distributed import ONE_PROCESS, Shards
+from latentlab.common.execution import ONE, Execution, Holder, Learner, Loop, Loss, Term, Throughput, fit, logged
+from latentlab.common.tracking import StepLog
 from latentlab.lm.padding import pad_sequences
 from latentlab.lm.prompt_format import RAW, PromptFormat
 
@@ -48,6 +46,10 @@ class TokenBatch:
 
     def to(self, device) -> "TokenBatch":
         return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device))
+
+    def target_count(self) -> torch.Tensor:
+        """Tokens predicted in the loss (a target after the first position): the denominator of its mean."""
+        return (self.loss_mask[:, 1:] * self.attention_mask[:, 1:]).float().sum()
 
 
 def collate(sequences: Sequence[list[int]], targets: Sequence[list[int]], pad_id: int) -> TokenBatch:
@@ -111,58 +113,59 @@ def masked_lm_loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
 
 
 def train_lm(
-    model,
+    model: torch.nn.Module,
     batches: Iterator[TokenBatch],
     cfg: LMTrainConfig,
-    device,
-    desc: str,
     log: StepLog,
-    shards: Shards = ONE_PROCESS,
+    desc: str,
+    *,
+    execution: Execution = ONE,
 ) -> None:
-    """Minimise `masked_lm_loss` for `cfg.steps` AdamW steps; rows go to `log` every `log_every`.
+    """Minimise `masked_lm_loss` for `cfg.steps` AdamW steps (the parameters that require grad); rows go to `log`
+    every `log_every`.
 
-    Under torchrun (`shards`: one per rank, `batches` yielding this rank's shard) the loss is the mean over the
-    target tokens of the whole global batch: each rank's summed loss is divided by the all-reduced token count
-    and scaled by the world size, so DDP's gradient average is the single-process gradient; the logged loss
-    and tokens_per_s are global too.
+    Under torchrun (`execution`: one shard per rank, `batches` yielding this rank's shard) the loss is the mean
+    over the target tokens of the whole global batch (the execution layer's normalisation); the logged loss and
+    tokens_per_s are global too.
     """
-    if cfg.batch_size % shards.count:
-        raise ValueError(f"{desc}.batch_size ({cfg.batch_size}) is not divisible by the {shards.count} processes")
-    model.train()
-    net = data_parallel(model, shards.ranks)  # the model itself with one process
-    optimizer, schedule = build_optimizer(model.parameters(), cfg.lr, cfg.steps, cfg.warmup_steps, cfg.weight_decay)
-    tokens, started = 0, time.perf_counter()
-    last_step, last_time = -1, started
-    bar = progress(range(cfg.steps), desc)
-    log.bar = bar
-    for step in bar:
+    if cfg.batch_size % execution.shards.count:
+        raise ValueError(
+            f"{desc}.batch_size ({cfg.batch_size}) is not divisible by the {execution.shards.count} processes"
+        )
+    net = Holder(model)
+    learner = Learner(
+        [(net, "module")],
+        lambda: [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        steps=cfg.steps,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        execution=execution,
+    )
+    device = next(model.parameters()).device
+    throughput, tokens = Throughput(), 0
+
+    def loss(batch: TokenBatch) -> Loss:
+        logits = net.module(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        total, _ = masked_lm_sums(logits, batch)
+        return Loss({"lm": Term(total, "targets")})
+
+    def step(i: int) -> dict[str, float]:
+        nonlocal tokens
         batch = next(batches).to(device)
-        with autocast():  # bf16 on a GPU per gpu.precision; nothing on the CPU
-            logits = net(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        if shards.single:
-            loss = objective = masked_lm_loss(logits, batch)
-        else:
-            total, count = masked_lm_sums(logits, batch)
-            count = shards.sum(count).clamp(min=1.0)  # target tokens of the global batch
-            objective = total / count * shards.ranks.world
-            loss = shards.sum(total.detach()) / count
-        check_finite(loss, step)
-        optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        schedule.step()
+        row = learner.update([batch], loss=loss, counts=lambda b: {"targets": b.target_count()}, step=i)
+        learner.step_schedule()
         tokens += int(batch.attention_mask.sum())
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            now = time.perf_counter()
-            elapsed, seconds_per_step = now - started, (now - last_time) / (step - last_step)
-            last_step, last_time = step, now
-            log.log(
-                step,
-                loss=loss.item(),
-                grad_norm=float(grad_norm),
-                lr=schedule.get_last_lr()[0],
-                tokens_per_s=int(shards.sum(torch.tensor(tokens, device=device))) / elapsed,
-                seconds_per_step=seconds_per_step,  # since the last row (speed columns go to <name>_speed.csv)
-            )
+        if not logged(i, cfg.steps, cfg.log_every):
+            return row
+        return {
+            **row,
+            "lr": learner.lr,
+            "tokens_per_s": int(learner.all_sum(torch.tensor(tokens))) / throughput.elapsed(),
+            "seconds_per_step": throughput.seconds_per_step(i),  # since the last row (speed: <name>_speed.csv)
+        }
+
+    model.train()
+    fit(cfg.steps, step, Loop(log=log, desc=desc, log_every=cfg.log_every), execution)
     model.eval()

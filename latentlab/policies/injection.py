@@ -198,6 +198,8 @@ def derangement(prompt_ids: torch.Tensor) -> torch.Tensor:
 class InjectionPolicy(LMPolicy):
     """The frozen model continued from [prompt, injector(h)]; only the injector trains."""
 
+    TRAINS = ("injector",)  # the base model is frozen
+
     def __init__(
         self, model, tokenizer, injector: HiddenStateInjector, l2: float = 0.0, prompt_format: PromptFormat = RAW
     ):

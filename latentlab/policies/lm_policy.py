@@ -60,6 +60,9 @@ class Rollout:
 
 
 class LMPolicy:
+    TRAINS: tuple[str, ...] = ("model",)
+    """The attributes holding the modules that train: what the execution layer wraps (DDP, FSDP2)."""
+
     def __init__(self, model, tokenizer, prompt_format: PromptFormat = RAW):
         self.model = model
         self.tokenizer = tokenizer

@@ -30,7 +30,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from latentlab.common.config import Config
-from latentlab.common.distributed import Ranks, Synced, SyncedAll
 from latentlab.lm.capture import body_states, decoder_blocks, edit_block_input
 from latentlab.lm.modeling import load_lm, save_lm, save_weights, write_manifest
 from latentlab.lm.padding import pad_sequences
@@ -115,6 +114,8 @@ def measure_scales(model, tokenizer, layers: list[int], texts: list[str], batch_
 class NLAActor(LMPolicy):
     """An LMPolicy whose prompts are activation vectors `(d,)`; everything else is the shared LMPolicy path."""
 
+    TRAINS = ("model", "injector")  # the injection map may have no parameters: then only the model is wrapped
+
     def __init__(self, model, tokenizer, injector: VectorInjector):
         super().__init__(model, tokenizer)
         self.injector = injector.to(self.device)
@@ -191,20 +192,6 @@ class NLAActor(LMPolicy):
         )
         rollout.texts = list(texts)
         return rollout
-
-    def synced(self, ranks: Ranks) -> SyncedAll:
-        """The model and its injection map under DDP for the gradient passes (a parameter-free map: none)."""
-        return SyncedAll(Synced(self, "model", ranks), Synced(self, "injector", ranks))
-
-    def sft_nll(self, vectors: list, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed negative log-likelihood, token count) of the explanations (+ end-of-sequence) given the vectors."""
-        rollout = self.teacher_forced(vectors, texts)
-        return -self.logprobs(rollout, 1.0).sum(), rollout.completions.mask.sum()
-
-    def sft_loss(self, vectors: list, texts: list[str]) -> torch.Tensor:
-        """Mean negative log-likelihood per token of the explanation (+ end-of-sequence) given the vector."""
-        total, count = self.sft_nll(vectors, texts)
-        return total / count
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in [*self.model.parameters(), *self.injector.parameters()] if p.requires_grad]

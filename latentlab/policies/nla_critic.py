@@ -168,12 +168,12 @@ class NLACritic(nn.Module):
     def predict(self, texts: list[str]) -> torch.Tensor:
         return self(*self.encode(texts))
 
-    def loss(self, texts: list[str], vectors, net: nn.Module | None = None) -> torch.Tensor:
-        """Mean reconstruction loss of `vectors` from `texts`; `net` runs the forward pass (under torchrun the
-        critic's DDP wrapper, whose forward averages the gradients across ranks; default the critic itself)."""
+    def losses(self, texts: list[str], vectors, net: nn.Module | None = None) -> torch.Tensor:
+        """`(N,)` reconstruction losses of `vectors` from `texts`; `net` runs the forward pass (under torchrun the
+        critic's wrapper, which averages the gradients across ranks; default the critic itself)."""
         return reconstruction_loss(
             (self if net is None else net)(*self.encode(texts)), self.target(vectors), self.cfg.loss
-        ).mean()
+        )
 
 
 def mean_predictor_mse(critic: NLACritic, vectors) -> float:

@@ -13,7 +13,6 @@ Recomputing A and R^lambda from the improved V each iteration is the paper's alt
 value and policy fitting; the weights are constants of the policy step (no gradient through w).
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +21,7 @@ from pydantic import Field
 
 from latentlab.common.batches import epoch_batches
 from latentlab.common.config import Config
-from latentlab.common.distributed import ONE_PROCESS, Shards, data_parallel
-from latentlab.common.optim import build_optimizer, check_finite
+from latentlab.common.execution import ONE, Execution, Holder, Learner, Loss, Term
 from latentlab.common.tracking import StepLog, progress
 from latentlab.rl.advantages import gae
 
@@ -88,30 +86,52 @@ def _values(model, data: Batch, chunk: int = 2048) -> torch.Tensor:
 
 
 def train_awr(
-    model: Callable,
+    model: torch.nn.Module,
     data: Batch,
     cfg: AWRConfig,
     generator: torch.Generator,
     log: StepLog,
     desc: str = "awr",
-    shards: Shards = ONE_PROCESS,
+    *,
+    execution: Execution = ONE,
 ) -> None:
     """Fit `model` ((image, hidden) -> (logits, value)) to `data` by AWR (module doc), in place.
 
-    Under torchrun (`shards`: one per rank) every rank computes V, A and the weights on the whole dataset (the
-    same on every rank: the weights are DDP-synchronised), draws the same minibatch and keeps its contiguous
-    shard of it; both losses are means over rows, equally many on every rank, so DDP's averaged gradient is
-    the global minibatch's. One process is the reference: 2 processes reproduce it within float tolerance.
+    Under torchrun (`execution`: one shard per rank) every rank computes V, A and the weights on the whole
+    dataset (the same on every rank: the weights are synchronised by the wrapper), draws the same minibatch and
+    keeps its contiguous shard of it; both losses are means over the global minibatch's rows (the execution
+    layer's normalisation). One process is the reference: 2 processes reproduce it within float tolerance.
     """
+    shards = execution.shards
     if cfg.batch_size % shards.count:
         raise ValueError(f"policy.awr.batch_size ({cfg.batch_size}) is not divisible by the {shards.count} processes")
-    net = data_parallel(model, shards.ranks)  # the model itself with one process
-
-    def global_mean(value: torch.Tensor) -> float:  # a mean over this rank's rows -> the global minibatch's
-        return shards.mean(value.detach()).item()
-
+    net = Holder(model)
     steps = cfg.iterations * cfg.steps_per_iteration
-    optimizer, schedule = build_optimizer(model.parameters(), cfg.lr, steps, warmup_steps=cfg.steps_per_iteration // 4)
+    learner = Learner(
+        [(net, "module")],
+        lambda: list(model.parameters()),
+        lr=cfg.lr,
+        steps=steps,
+        warmup_steps=cfg.steps_per_iteration // 4,
+        max_grad_norm=cfg.max_grad_norm,
+        execution=execution,
+    )
+
+    def loss(rows: torch.Tensor) -> Loss:
+        logits, value = net.module(*data.inputs(rows))
+        log_pi = F.log_softmax(logits, 1).gather(1, data.action[rows, None]).squeeze(1)  # (B,)
+        w = weights[rows]
+        value_loss = 0.5 * (value - returns[rows]).pow(2).sum()
+        with torch.no_grad():
+            stats = {
+                "policy_loss": Term(-(w * log_pi).sum(), "rows"),
+                "value_loss": Term(value_loss.detach(), "rows"),
+                "weight_mean": Term(w.sum(), "rows"),
+                "weight_clipped": Term((w >= cfg.w_max).float().sum(), "rows"),
+            }
+        objective = {"policy": Term(-(w * log_pi).sum(), "rows"), "value": Term(value_loss, "rows", cfg.value_coef)}
+        return Loss(objective, stats)
+
     batches = epoch_batches(len(data.action), cfg.batch_size, generator)
     step = 0
     with progress(None, desc, total=steps, unit="step") as bar:
@@ -123,27 +143,11 @@ def train_awr(
             model.train()
             for _ in range(cfg.steps_per_iteration):
                 (rows,) = shards.split(torch.tensor(next(batches)), "policy.awr.batch_size")  # all: one process
-                logits, value = net(*data.inputs(rows))
-                log_pi = F.log_softmax(logits, 1).gather(1, data.action[rows, None]).squeeze(1)  # (B,)
-                policy_loss = -(weights[rows] * log_pi).mean()
-                value_loss = 0.5 * (value - returns[rows]).pow(2).mean()
-                loss = policy_loss + cfg.value_coef * value_loss
-                check_finite(loss, step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                schedule.step()
+                row = learner.update([rows], loss=loss, counts=lambda r: {"rows": len(r)}, step=step)
+                learner.step_schedule()
                 step += 1
                 bar.update(1)
                 if step % cfg.steps_per_iteration == 0 or step == 1:
-                    log.log(
-                        step,
-                        loss=global_mean(loss),
-                        policy_loss=global_mean(policy_loss),
-                        value_loss=global_mean(value_loss),
-                        weight_mean=global_mean(weights[rows].mean()),
-                        weight_clipped=global_mean((weights[rows] >= cfg.w_max).float().mean()),
-                        return_mean=returns.mean().item(),
-                    )
+                    row.pop("grad_norm")
+                    log.log(step, **row, return_mean=returns.mean().item())
     model.eval()

@@ -31,7 +31,6 @@ the policy object they pass in.
 
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,10 +38,7 @@ import torch
 from pydantic import Field
 
 from latentlab.common.config import Config
-from latentlab.common.distributed import ONE_PROCESS, Shards, Synced
-from latentlab.common.optim import build_optimizer, check_finite
-from latentlab.common.runtime import autocast
-from latentlab.common.tracking import StepLog, progress
+from latentlab.common.execution import ONE, Execution, Learner, Loop, Loss, Term, fit
 from latentlab.lm.sampling import SamplingConfig, naming_step
 from latentlab.policies.lm_policy import LMPolicy, Rollout
 from latentlab.rl.advantages import group_advantages
@@ -117,8 +113,12 @@ def grpo_loss(
     beta: float = 0.0,
     ref_logprobs: torch.Tensor | None = None,
     aggregation: str = "sequence",
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The negated GRPO objective `-J` over `(B, T)` token log-probs; returns (loss, stats)."""
+) -> Loss:
+    """The negated GRPO objective `-J` over `(B, T)` token log-probs, as sums for the execution layer.
+
+    'sequence' (the paper's 1/G sum_i 1/|o_i| sum_t): each completion's token mean, summed over completions,
+    a mean over "completions"; 'token' (DAPO's): token sums, a mean over "tokens". Counts: `GRPOTrainer.counts`.
+    """
     mask = mask.bool()
     # log-ratios are zeroed (not multiplied by 0) where masked, so whatever sits after an
     # end-of-sequence can never turn into inf * 0 = NaN
@@ -133,21 +133,29 @@ def grpo_loss(
         log_ref_ratio = torch.where(mask, ref_logprobs - logprobs, 0.0)
         kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
         per_token = per_token + beta * kl
+    over = "completions" if aggregation == "sequence" else "tokens"
 
-    def reduce(values: torch.Tensor) -> torch.Tensor:
+    def total(values: torch.Tensor) -> torch.Tensor:
         values = torch.where(mask, values, 0.0)
         if aggregation == "sequence":
-            return (values.sum(1) / mask.sum(1).clamp(min=1)).mean()
-        return values.sum() / mask.sum().clamp(min=1)
+            return (values.sum(1) / mask.sum(1).clamp(min=1)).sum()
+        return values.sum()
 
-    loss = reduce(per_token)
     clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps) & (adv > 0))
-    stats = {
-        "policy_loss": reduce(-surrogate).item(),
-        "kl": reduce(kl).item(),
-        "clip_fraction": ((clipped & mask).sum() / mask.sum().clamp(min=1)).item(),
-    }
-    return loss, stats
+    with torch.no_grad():
+        stats = {
+            "policy_loss": Term(total(-surrogate), over),
+            "kl": Term(total(kl), over),
+            "clip_fraction": Term((clipped & mask).sum(), "tokens"),
+        }
+    return Loss({"grpo": Term(total(per_token), over)}, stats)
+
+
+def grpo_counts(mask: torch.Tensor) -> dict[str, int | torch.Tensor]:
+    """The denominators of `grpo_loss`'s means on a `(B, T)` completion mask: completions, completion tokens,
+    and the shard itself (a policy's regularizers are means over a shard's rows: their global value is the mean
+    over shards)."""
+    return {"completions": mask.shape[0], "tokens": mask.sum(), "shards": 1}
 
 
 @dataclass
@@ -161,26 +169,16 @@ class _Sampled:
     # the detached current log-probs (one iteration)
     ref_logprobs: torch.Tensor | None  # (B, T)
 
-
-@dataclass
-class _ShardLoss:
-    """One shard's loss in the last iteration, and its weights in the global batch's means."""
-
-    loss_weight: float  # its share of the policy loss (rows or tokens, as `loss_aggregation`)
-    token_weight: float  # its share of the completion tokens
-    total: torch.Tensor  # policy loss + regularizers, as backpropagated on one process
-    stats: dict[str, float]  # grpo_loss's
-    regularizers: dict[str, torch.Tensor]
+    def counts(self) -> dict[str, int | torch.Tensor]:
+        return grpo_counts(self.rollout.completions.mask)
 
 
 class GRPOTrainer:
     """Runs GRPO steps for any `LMPolicy`: sample groups, score, normalise, take clipped steps.
 
-    Sharding (latentlab/common/distributed.py): `shards` cuts each batch's prompts into equal shards (a group
-    never spans two), shard k sampled from `generator[k]` of this rank's local shards. Each shard's loss is
-    weighted by its share of the global denominator (completions for 'sequence' aggregation, tokens for
-    'token'), so the summed (and, across ranks, DDP-averaged) gradient is that of the global batch's loss;
-    `synced` is the DDP wrapper of the trainable module. Logged metrics are the global batch's.
+    `execution` (latentlab/common/execution.py) cuts each batch's prompts into shards (a group never spans two),
+    shard k sampled from `generators[k]` of this rank's local shards, and normalises the loss by the global
+    batch's completions or tokens; the modules named by `policy.TRAINS` are the ones it wraps and steps.
     """
 
     def __init__(
@@ -188,30 +186,35 @@ class GRPOTrainer:
         policy: LMPolicy,
         reward_fn: Callable[[list[str], list], list[float]],
         cfg: GRPOConfig,
-        generator: torch.Generator | list[torch.Generator],
-        ref_policy: LMPolicy | None = None,
-        shards: Shards = ONE_PROCESS,
-        synced: Synced | None = None,
+        generators: torch.Generator | list[torch.Generator],
+        *,
+        reference: LMPolicy | None = None,
+        execution: Execution = ONE,
     ):
-        if cfg.beta > 0 and ref_policy is None:
+        if cfg.beta > 0 and reference is None:
             raise ValueError("GRPOConfig.beta > 0 needs a frozen reference policy")
         self.policy, self.reward_fn, self.cfg = policy, reward_fn, cfg
-        self.generators = generator if isinstance(generator, list) else [generator]
-        if len(self.generators) != len(shards.local):
-            raise ValueError(f"{len(self.generators)} sampling streams for {len(shards.local)} local shards")
-        self.shards, self.synced = shards, synced
-        self.ref_policy = ref_policy if cfg.beta > 0 else None
-        self.optimizer, self.schedule = build_optimizer(
-            policy.trainable_parameters(), cfg.lr, cfg.steps, cfg.warmup_steps
+        self.generators = generators if isinstance(generators, list) else [generators]
+        if len(self.generators) != len(execution.shards.local):
+            raise ValueError(f"{len(self.generators)} sampling streams for {len(execution.shards.local)} local shards")
+        self.execution = execution
+        self.ref_policy = reference if cfg.beta > 0 else None
+        self.learner = Learner(
+            [(policy, name) for name in policy.TRAINS],
+            policy.trainable_parameters,
+            lr=cfg.lr,
+            steps=cfg.steps,
+            warmup_steps=cfg.warmup_steps,
+            max_grad_norm=cfg.max_grad_norm,
+            execution=execution,
         )
 
     def sample(self, prompts: list[str], targets: list, generator: torch.Generator) -> _Sampled:
         """Sample a group per prompt and score it; advantages are normalised within each group."""
         cfg, G = self.cfg, self.cfg.group_size
         self.policy.train(False)  # sampling is a no-grad, dropout-free pass
-        with autocast():  # bf16 on a GPU per gpu.precision; nothing on the CPU
-            # each prompt's prefix runs once, its KV cache expanded to the group (sampling and scoring alike)
-            rollout = self.policy.rollout(prompts, cfg.sampling, generator, group_size=G)
+        # each prompt's prefix runs once, its KV cache expanded to the group (sampling and scoring alike)
+        rollout = self.policy.rollout(prompts, cfg.sampling, generator, group_size=G)
         rewards = torch.tensor(
             self.reward_fn(rollout.texts, [t for t in targets for _ in range(G)]),
             dtype=torch.float32,
@@ -222,117 +225,57 @@ class GRPOTrainer:
         # serve; with several, `step` recomputes them in a no-grad teacher-forced pass (`_old_logprobs`).
         # Tokens drawn from q != pi (exploration noise, top_p < 1) come from q: the ratio is pi_theta / q.
         old_logprobs = rollout.completions.behaviour_logprobs
-        with torch.no_grad(), autocast():
-            ref_logprobs = self.ref_policy.logprobs(rollout, cfg.temperature) if self.ref_policy else None
+        ref_logprobs = self.ref_policy.logprobs(rollout, cfg.temperature) if self.ref_policy else None
         return _Sampled(rollout, rewards, advantages, old_logprobs, ref_logprobs)
+
+    def loss(self, part: _Sampled) -> Loss:
+        """-J on one shard, plus the policy's regularizers (batch means, each also logged)."""
+        cfg = self.cfg
+        logprobs = self.policy.logprobs(part.rollout, cfg.temperature)
+        old = logprobs.detach() if part.old_logprobs is None else part.old_logprobs
+        loss = grpo_loss(
+            logprobs, old, part.advantages, part.rollout.completions.mask, cfg.clip_eps, cfg.beta,
+            part.ref_logprobs, cfg.loss_aggregation,
+        )  # fmt: skip
+        for name, value in self.policy.regularizers(part.rollout).items():
+            loss.objective[name] = Term(value, "shards")
+            loss.stats[name] = Term(value.detach(), "shards")
+        return loss
 
     def step(self, step: int, prompts: list[str], targets: list) -> dict[str, float]:
         """One batch: prompts_per_step prompts, each sampled group_size times; returns the log row."""
-        cfg, G, shards = self.cfg, self.cfg.group_size, self.shards
+        cfg, G, learner = self.cfg, self.cfg.group_size, self.learner
         started = time.perf_counter()
         with naming_step(step):  # diverged weights: the sampler's error names this step
-            parts = shards.map(self.sample, prompts, targets, self.generators, "prompts_per_step")
-        masks = [part.rollout.completions.mask for part in parts]
-        n_tokens = int(shards.sum(sum(mask.sum() for mask in masks)))  # the global batch's completion tokens
-        n_rows = len(prompts) * G
-
-        def weight(mask: torch.Tensor) -> float:  # a shard's share of the global loss (x world, for DDP's mean)
-            if cfg.loss_aggregation == "token":
-                return shards.weight(int(mask.sum()), n_tokens)
-            return shards.weight(mask.shape[0], n_rows)
-
+            parts = learner.sample(self.sample, prompts, targets, self.generators, "prompts_per_step")
         self.policy.train(True)
         if cfg.iterations > 1:  # pi_old before the first update, in the loss pass's mode and arithmetic
             for part in parts:
                 if part.old_logprobs is None:
-                    with torch.no_grad(), autocast():
+                    with learner.scoring():
                         part.old_logprobs = self.policy.logprobs(part.rollout, cfg.temperature)
-        for _ in range(cfg.iterations):
-            self.optimizer.zero_grad(set_to_none=True)
-            shard_losses: list[_ShardLoss] = []
-            for k, part in enumerate(parts):
-                mask = part.rollout.completions.mask
-                with self.synced.forward(sync=k == len(parts) - 1) if self.synced else nullcontext():
-                    with autocast():
-                        logprobs = self.policy.logprobs(part.rollout, cfg.temperature)
-                    old = logprobs.detach() if part.old_logprobs is None else part.old_logprobs
-                    loss, stats = grpo_loss(
-                        logprobs,
-                        old,
-                        part.advantages,
-                        mask,
-                        cfg.clip_eps,
-                        cfg.beta,
-                        part.ref_logprobs,
-                        cfg.loss_aggregation,
-                    )
-                    regularizers = self.policy.regularizers(part.rollout)
-                    total = loss + sum(regularizers.values(), torch.zeros((), device=loss.device))
-                    check_finite(total, step)
-                    if shards.single:
-                        total.backward()
-                    else:  # regularizers are batch means: equal weights over the shards
-                        reg_weight = shards.weight(1, shards.count)
-                        (loss * weight(mask) + (total - loss) * reg_weight).backward()
-                shard_losses.append(
-                    _ShardLoss(weight(mask), shards.weight(int(mask.sum()), n_tokens), total, stats, regularizers)
-                )
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), cfg.max_grad_norm)
-            self.optimizer.step()
-        self.schedule.step()
+        for _ in range(cfg.iterations):  # mu gradient steps on the batch; the row is the last one's
+            update = learner.update(parts, loss=self.loss, counts=_Sampled.counts, step=step)
+        learner.step_schedule()
         self.policy.train(False)
 
-        # the global batch's value of each per-shard mean, weighted as in the loss (latentlab/common/distributed.py)
-        loss_w, token_w = [s.loss_weight for s in shard_losses], [s.token_weight for s in shard_losses]
-        reg_w = [shards.weight(1, shards.count)] * len(shard_losses)
-        device = self.policy.device
-        stats = {
-            **shards.combine([{k: s.stats[k] for k in ("policy_loss", "kl")} for s in shard_losses], loss_w, device),
-            **shards.combine([{"clip_fraction": s.stats["clip_fraction"]} for s in shard_losses], token_w, device),
-        }
-        regularizers = shards.combine(
-            [{n: v.item() for n, v in s.regularizers.items()} for s in shard_losses], reg_w, device
-        )
-        if shards.single:
-            total = shard_losses[0].total.item()
-        else:  # the policy loss as weighted in the gradient, plus the regularizers' global means
-            policy = [{"loss": s.total.item() - sum(v.item() for v in s.regularizers.values())} for s in shard_losses]
-            total = shards.combine(policy, loss_w, device)["loss"] + sum(regularizers.values())
-        rewards = shards.gather(torch.cat([part.rewards for part in parts]))
-        advantages = shards.gather(torch.cat([part.advantages for part in parts]))
-        grouped = rewards.view(-1, G)
+        rewards = learner.gather(torch.cat([part.rewards for part in parts]))
+        advantages = learner.gather(torch.cat([part.advantages for part in parts]))
+        n_tokens = int(learner.all_sum(sum(part.rollout.completions.mask.sum() for part in parts)))
         seconds = time.perf_counter() - started
         return {
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item(),
-            "zero_std_groups": (grouped.std(dim=1) < 1e-6).float().mean().item(),
+            "zero_std_groups": (rewards.view(-1, G).std(dim=1) < 1e-6).float().mean().item(),
             "advantage_mean": advantages.mean().item(),
             "advantage_std": advantages.std().item(),
-            "loss": total,
-            **stats,
-            **regularizers,
-            "grad_norm": float(grad_norm),
-            "completion_tokens": n_tokens / n_rows,
+            **update,  # loss, policy_loss, kl, clip_fraction, the regularizers, grad_norm
+            "completion_tokens": n_tokens / len(rewards),
             "tokens_per_s": n_tokens / seconds,
             "seconds_per_step": seconds,
-            "lr": self.schedule.get_last_lr()[0],
+            "lr": learner.lr,
         }
 
-    def train(
-        self,
-        next_batch: Callable[[], tuple[list[str], list]],
-        log: StepLog,
-        desc: str = "grpo",
-        evaluate: Callable[[], dict[str, float]] | None = None,
-        eval_every: int = 0,
-    ) -> None:
-        """`cfg.steps` steps on batches from `next_batch`; `evaluate` adds held-out metrics every `eval_every`
-        (on rank 0 alone under torchrun: the other ranks go on to the next step's collectives and wait there)."""
-        bar = progress(range(self.cfg.steps), desc)
-        log.bar = bar
-        for step in bar:
-            row = self.step(step, *next_batch())
-            due = eval_every and (step % eval_every == 0 or step == self.cfg.steps - 1)
-            if evaluate is not None and due and self.shards.ranks.rank == 0:
-                row.update(evaluate())
-            log.log(step, **row)
+    def train(self, next_batch: Callable[[], tuple[list[str], list]], loop: Loop) -> None:
+        """`cfg.steps` steps on batches from `next_batch`, reported as `loop` says."""
+        fit(self.cfg.steps, lambda i: self.step(i, *next_batch()), loop, self.execution)

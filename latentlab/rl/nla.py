@@ -17,7 +17,7 @@ Logged per step, over the step's rows (the global batch):
 """
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -26,9 +26,8 @@ from pydantic import Field
 
 from latentlab.common.batches import epoch_batches
 from latentlab.common.config import Config
-from latentlab.common.distributed import ONE_PROCESS, Shards, data_parallel
-from latentlab.common.optim import build_optimizer, check_finite
-from latentlab.common.tracking import StepLog, progress
+from latentlab.common.execution import ONE, Execution, Holder, Learner, Loop, Loss, Term, fit
+from latentlab.common.tracking import StepLog
 from latentlab.policies.nla_actor import NLAActor
 from latentlab.policies.nla_critic import NLACritic, fraction_of_variance_explained, reconstruct
 
@@ -102,68 +101,66 @@ def train_sft(
     cfg: NLASFTConfig,
     generator: torch.Generator,
     log: StepLog,
-    shards: Shards = ONE_PROCESS,
+    *,
+    execution: Execution = ONE,
 ) -> None:
     """Supervised NLA: the actor learns p(text | vector), the critic learns vector <- text, on the same batches.
     With the `mse` loss the log has the critic's FVE on each training batch (gold text, the batch's own mean).
 
-    Under torchrun (`shards`: one per rank) every rank draws the same batch and keeps its contiguous shard of
-    it; the actor (model and injection map) and the critic train under DDP. The actor's loss is the mean over
-    the global batch's tokens (each rank divides its summed NLL by the all-reduced token count, times the
-    world size for DDP's average); the critic's is a mean over rows, equally many on every rank. One process
-    is the reference: 2 processes reproduce it within float tolerance.
+    Under torchrun (`execution`: one shard per rank) every rank draws the same batch and keeps its contiguous
+    shard of it. The actor's loss is the mean over the global batch's explanation tokens, the critic's over its
+    rows (the execution layer's normalisation). One process is the reference: 2 processes reproduce it within
+    float tolerance.
     """
+    shards = execution.shards
     if cfg.batch_size % shards.count:
         raise ValueError(f"nla_sft.batch_size ({cfg.batch_size}) is not divisible by the {shards.count} processes")
-    parts, nets = {}, {}
+    learners = {}  # each model its own optimizer, schedule and clipping
+    settings = dict(steps=cfg.steps, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm)
     if actor is not None:
-        parts["actor"] = (
-            actor.trainable_parameters(),
-            *build_optimizer(actor.trainable_parameters(), cfg.actor_lr, cfg.steps, cfg.warmup_steps),
+        trainable = [(actor, name) for name in actor.TRAINS]
+        learners["actor"] = Learner(
+            trainable, actor.trainable_parameters, lr=cfg.actor_lr, execution=execution, **settings
         )
-        nets["actor"] = actor.synced(shards.ranks)
         actor.train(True)
     if critic is not None:
-        params = list(critic.parameters())
-        parts["critic"] = (params, *build_optimizer(params, cfg.critic_lr, cfg.steps, cfg.warmup_steps))
-        nets["critic"] = data_parallel(critic, shards.ranks)  # the critic itself with one process
+        holder = Holder(critic)
+        learners["critic"] = Learner(
+            [(holder, "module")], lambda: list(critic.parameters()), lr=cfg.critic_lr, execution=execution, **settings
+        )
         critic.train(True)
-    bar = progress(range(cfg.steps), "nla_sft")
-    log.bar = bar
+
+    def actor_loss(rollout) -> Loss:  # summed NLL of the explanations (+ end-of-sequence) given the vectors
+        return Loss({"nll": Term(-actor.logprobs(rollout, 1.0).sum(), "tokens")})
+
+    def critic_loss(batch: tuple[list[str], np.ndarray]) -> Loss:
+        x, v = batch
+        return Loss({"reconstruction": Term(critic.losses(x, v, holder.module).sum(), "rows")})
+
     batches = epoch_batches(len(texts), cfg.batch_size, generator)
-    for step in bar:
+
+    def step(i: int) -> dict[str, float]:
         batch = next(batches)  # the global batch, the same on every rank
         (rows,) = shards.split(batch, "nla_sft.batch_size")  # the whole batch with one process
-        v, x = [vectors[i] for i in rows], [texts[i] for i in rows]
-        losses = {}  # name: (the loss to differentiate, the global batch's loss to log)
-        if actor is not None:
-            if shards.single:
-                loss = actor.sft_loss(v, x)
-                losses["actor"] = (loss, loss)
-            else:
-                with nets["actor"].forward():
-                    total, count = actor.sft_nll(v, x)
-                count = shards.sum(count).clamp(min=1)  # the global batch's explanation tokens
-                losses["actor"] = (total / count * shards.ranks.world, shards.sum(total.detach()) / count)
-        if critic is not None:
-            loss = critic.loss(x, np.stack(v), nets["critic"])
-            losses["critic"] = (loss, shards.mean(loss.detach()))
+        v, x = [vectors[k] for k in rows], [texts[k] for k in rows]
         row = {}
-        for name, (loss, global_loss) in losses.items():
-            params, optimizer, schedule = parts[name]
-            check_finite(loss, step, f"{name} loss")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            row[f"{name}_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            optimizer.step()
-            schedule.step()
-            row[f"{name}_loss"] = global_loss.item()
-        if "critic" in losses and critic.cfg.loss == "mse":  # the loss is the global batch's mean ||t_hat - t||^2
+        for name, learner in learners.items():
+            if name == "actor":
+                rollout = actor.teacher_forced(v, x)
+                counts = lambda r: {"tokens": r.completions.mask.sum()}  # noqa: E731
+                update = learner.update([rollout], loss=actor_loss, counts=counts, step=i)
+            else:
+                counts = lambda b: {"rows": len(b[0])}  # noqa: E731
+                update = learner.update([(x, np.stack(v))], loss=critic_loss, counts=counts, step=i)
+            learner.step_schedule()
+            row[f"{name}_grad_norm"], row[f"{name}_loss"] = update["grad_norm"], update["loss"]
+        if critic is not None and critic.cfg.loss == "mse":  # the loss is the global batch's mean ||t_hat - t||^2
             row["critic_fve"] = fraction_of_variance_explained(
                 torch.tensor(row["critic_loss"]), critic.target(vectors[np.asarray(batch)])
             )
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            log.log(step, **row)
+        return row
+
+    fit(cfg.steps, step, Loop(log=log, desc="nla_sft", log_every=cfg.log_every), execution)
     for model in (actor, critic):
         if model is not None:
             model.train(False)
@@ -179,30 +176,37 @@ class CriticUpdates(Config):
 class CriticTrainer:
     """The critic keeps learning during RL: it reconstructs each batch's vectors from the actor's explanations.
 
-    Under torchrun each rank learns from its rows of the batch (equally many on every rank): the mean loss of
-    its rows, averaged across ranks by DDP, is the global batch's mean loss.
+    Under torchrun each rank learns from its rows of the batch (equally many on every rank); the loss is the
+    global batch's mean (the execution layer's normalisation).
     """
 
-    def __init__(self, critic: NLACritic, cfg: CriticUpdates, steps: int, shards: Shards = ONE_PROCESS):
-        self.critic, self.cfg, self.shards = critic, cfg, shards
-        self.optimizer, self.schedule = build_optimizer(list(critic.parameters()), cfg.lr, max(1, steps))
-        self.net = data_parallel(critic, shards.ranks) if cfg.updates_per_step else critic  # DDP's or itself
+    def __init__(self, critic: NLACritic, cfg: CriticUpdates, steps: int, *, execution: Execution = ONE):
+        self.critic, self.cfg = critic, cfg
+        self.holder = Holder(critic)
+        self.learner = Learner(
+            [(self.holder, "module")] if cfg.updates_per_step else [],  # a frozen critic is never wrapped
+            lambda: list(critic.parameters()),
+            lr=cfg.lr,
+            steps=max(1, steps),
+            max_grad_norm=1.0,
+            execution=execution,
+        )
+
+    def loss(self, batch: tuple[list[str], np.ndarray]) -> Loss:
+        texts, vectors = batch
+        return Loss({"reconstruction": Term(self.critic.losses(texts, vectors, self.holder.module).sum(), "rows")})
 
     def update(self, texts: list[str], vectors: np.ndarray, step: int) -> dict[str, float]:
         if self.cfg.updates_per_step == 0:
             return {}
-        critic = self.critic
-        critic.train(True)
+        self.critic.train(True)
         for _ in range(self.cfg.updates_per_step):
-            loss = critic.loss(texts, vectors, self.net)
-            check_finite(loss, step, "critic loss")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
-            self.optimizer.step()
-        self.schedule.step()
-        critic.train(False)
-        return {"critic_loss": self.shards.mean(loss.detach()).item()}
+            row = self.learner.update(
+                [(texts, vectors)], loss=self.loss, counts=lambda b: {"rows": len(b[0])}, step=step
+            )
+        self.learner.step_schedule()
+        self.critic.train(False)
+        return {"critic_loss": row["loss"]}
 
 
 def train_rl(
@@ -210,30 +214,27 @@ def train_rl(
     reward: CriticReward,
     critic_trainer: CriticTrainer,
     batches: Iterator[list],
+    *,
     steps: int,
-    log: StepLog,
-    desc: str,
-    evaluate: Callable[[], dict[str, float]] | None = None,
-    eval_every: int = 0,
-    shards: Shards = ONE_PROCESS,
+    loop: Loop,
 ) -> None:
     """`steps` RL steps (`trainer.step(step, vectors, vectors)`: GRPO or PPO), each followed by critic updates.
 
-    Under torchrun the logged reconstruction metrics are the global batch's (gathered from every rank) and the
-    held-out `evaluate` runs on rank 0 alone (the others wait in the next step's collectives)."""
-    bar = progress(range(steps), desc)
-    log.bar = bar
-    for step in bar:
+    Under torchrun the logged reconstruction metrics are the global batch's (gathered from every rank through
+    the critic's learner, which runs as the trainer's does) and the held-out `loop.evaluate` runs on rank 0
+    alone."""
+    learner = critic_trainer.learner
+
+    def step(i: int) -> dict[str, float]:
         vectors = next(batches)
         reward.begin()
-        row = trainer.step(step, vectors, vectors)
-        mse, cosine = shards.gather(reward.last_mse), shards.gather(reward.last_cosine)
-        targets = shards.gather(reward.critic.target(reward.last_vectors))  # row for row with `mse`
+        row = trainer.step(i, vectors, vectors)
+        mse, cosine = learner.gather(reward.last_mse), learner.gather(reward.last_cosine)
+        targets = learner.gather(reward.critic.target(reward.last_vectors))  # row for row with `mse`
         texts = reward.last_texts
-        lengths, empty = [len(t) for t in texts], [not t.strip() for t in texts]
-        if shards.ranks.world > 1:  # every rank's explanations (equally many on each)
-            lengths = shards.gather(torch.tensor(lengths, dtype=torch.float64)).tolist()
-            empty = shards.gather(torch.tensor(empty, dtype=torch.float64)).tolist()
+        # every rank's explanations (equally many on each)
+        lengths = learner.gather(torch.tensor([len(t) for t in texts], dtype=torch.float64)).tolist()
+        empty = learner.gather(torch.tensor([not t.strip() for t in texts], dtype=torch.float64)).tolist()
         row.update(
             mse=mse.mean().item(),
             cosine=cosine.mean().item(),
@@ -241,10 +242,9 @@ def train_rl(
             explanation_chars=float(np.mean(lengths)),
             empty_fraction=float(np.mean(empty)),
         )
-        row.update(critic_trainer.update(texts, reward.last_vectors, step))
-        due = eval_every and (step % eval_every == 0 or step == steps - 1)
-        if evaluate is not None and due and shards.ranks.rank == 0:
-            row.update(evaluate())
+        row.update(critic_trainer.update(texts, reward.last_vectors, i))
         if not math.isfinite(row["mse"]):
-            raise ValueError(f"non-finite reconstruction error at step {step}")
-        log.log(step, **row)
+            raise ValueError(f"non-finite reconstruction error at step {i}")
+        return row
+
+    fit(steps, step, loop, learner.execution)

@@ -25,8 +25,7 @@ import torch
 from pydantic import Field
 
 from latentlab.common.config import Config
-from latentlab.common.distributed import ONE_PROCESS, Shards, Synced, SyncedAll
-from latentlab.common.optim import build_optimizer, check_finite
+from latentlab.common.execution import ONE, Execution, Learner, Loss, Term
 from latentlab.lm.sampling import SamplingConfig, naming_step
 from latentlab.policies.lm_policy import LMPolicy, Rollout
 from latentlab.policies.value_head import ValueHead, logprobs_and_values
@@ -81,10 +80,6 @@ def sequence_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> tuple[torch.T
     return token_rewards, dones
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
 def approx_kl(log_ratio: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(pi_old || pi) from tokens drawn from pi_old: (r - 1) - log r, r = pi / pi_old.
 
@@ -97,27 +92,29 @@ def approx_kl(log_ratio: torch.Tensor) -> torch.Tensor:
 
 def ppo_policy_loss(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The clipped surrogate (Schulman et al., 2017, eq. 7), negated, mean over unmasked tokens."""
+) -> Loss:
+    """The clipped surrogate (Schulman et al., 2017, eq. 7), negated, summed over unmasked tokens (a mean over
+    "tokens" once the execution layer divides), with its clip fraction and k3 KL as stats."""
     mask = mask.float()
     log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, 0.0)
     ratio = torch.exp(log_ratio)
     surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages)
-    loss = -masked_mean(surrogate, mask)
+    loss = -(surrogate * mask).sum()
     with torch.no_grad():
         stats = {
-            "clip_fraction": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask).item(),
-            "kl": masked_mean(approx_kl(log_ratio), mask).item(),  # KL(pi_old || pi), tokens from pi_old
+            "policy_loss": Term(loss.detach(), "tokens"),
+            "clip_fraction": Term((((ratio - 1).abs() > clip_eps).float() * mask).sum(), "tokens"),
+            "kl": Term((approx_kl(log_ratio) * mask).sum(), "tokens"),  # KL(pi_old || pi), tokens from pi_old
         }
-    return loss, stats
+    return Loss({"policy": Term(loss, "tokens")}, stats)
 
 
 def ppo_value_loss(
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
-) -> torch.Tensor:
-    """1/2 mean max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) over unmasked tokens."""
+) -> Term:
+    """1/2 sum max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) over unmasked tokens (a mean over "tokens")."""
     clipped = old_values + torch.clamp(values - old_values, -clip, clip)
-    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask.float())
+    return Term(0.5 * (torch.max((values - returns) ** 2, (clipped - returns) ** 2) * mask.float()).sum(), "tokens")
 
 
 @dataclass
@@ -139,13 +136,11 @@ class _Batch:
 class PPOTrainer:
     """PPO steps for any `LMPolicy` and a value head on its model: the same `step(step, prompts, targets)` as GRPO.
 
-    Sharding (latentlab/common/distributed.py), as GRPOTrainer: `shards` cuts each batch's prompts into equal
-    shards, shard k sampled from `generator[k]` of this rank's local shards; GAE runs per rollout, the
-    advantages are whitened over the global batch's tokens (all-reduced sums). Each shard's rollouts are cut
-    into `minibatches` by the same seeded permutation; global minibatch j is the shards' minibatches j, each
-    shard's loss weighted by its share of that minibatch's tokens, so the accumulated (and, across ranks,
-    DDP-averaged) gradient is that of the global minibatch's token mean. `synced` is the DDP wrapper of the
-    policy's trainable modules; the value head gets its own.
+    `execution` (latentlab/common/execution.py) cuts each batch's prompts into shards, shard k sampled from
+    `generators[k]` of this rank's local shards; GAE runs per rollout, the advantages are whitened over the
+    global batch's tokens (all-reduced sums). Each shard's rollouts are cut into `minibatches` by the same
+    seeded permutation; global minibatch j is the shards' minibatches j, its loss the mean over its tokens.
+    The modules named by `policy.TRAINS` and the value head are the ones wrapped and stepped.
     """
 
     def __init__(
@@ -154,24 +149,30 @@ class PPOTrainer:
         value_head: ValueHead,
         reward_fn: Callable[[list[str], list], list[float]],
         cfg: PPOConfig,
-        generator: torch.Generator | list[torch.Generator],
-        shards: Shards = ONE_PROCESS,
-        synced: Synced | SyncedAll | None = None,
+        generators: torch.Generator | list[torch.Generator],
+        *,
+        execution: Execution = ONE,
     ):
+        shards = execution.shards
         if cfg.rollouts_per_step % (cfg.minibatches * shards.count):
             raise ValueError(
                 f"rollouts_per_step ({cfg.rollouts_per_step}) must divide into {cfg.minibatches} minibatches "
                 f"in each of the {shards.count} shards"
             )
         self.policy, self.value_head, self.reward_fn, self.cfg = policy, value_head.to(policy.device), reward_fn, cfg
-        self.generators = generator if isinstance(generator, list) else [generator]
+        self.generators = generators if isinstance(generators, list) else [generators]
         if len(self.generators) != len(shards.local):
             raise ValueError(f"{len(self.generators)} sampling streams for {len(shards.local)} local shards")
-        self.shards = shards
-        self.synced = SyncedAll(*([synced] if synced else []), Synced(self, "value_head", shards.ranks))
-        self.parameters = [*policy.trainable_parameters(), *value_head.parameters()]
-        updates = cfg.steps * cfg.epochs * cfg.minibatches
-        self.optimizer, self.schedule = build_optimizer(self.parameters, cfg.lr, updates, cfg.warmup_steps)
+        self.execution = execution
+        self.learner = Learner(
+            [*((policy, name) for name in policy.TRAINS), (self, "value_head")],
+            lambda: [*policy.trainable_parameters(), *self.value_head.parameters()],
+            lr=cfg.lr,
+            steps=cfg.steps * cfg.epochs * cfg.minibatches,
+            warmup_steps=cfg.warmup_steps,
+            max_grad_norm=cfg.max_grad_norm,
+            execution=execution,
+        )
 
     def sample(self, prompts: list, targets: list, generator: torch.Generator) -> _Batch:
         """Sample one completion per prompt, score it, and estimate advantages by GAE (not yet whitened)."""
@@ -197,17 +198,28 @@ class PPOTrainer:
             )
         return _Batch(rollout, rewards, old_logprobs, old_values, advantages, advantages + old_values)
 
+    def loss(self, minibatch: "tuple[_Batch, torch.Tensor]") -> Loss:
+        """L_pi + vf_coef L_V on one shard's rows of a minibatch."""
+        part, rows = minibatch
+        cfg, mask = self.cfg, part.mask[rows]
+        logprobs, values = logprobs_and_values(self.policy, self.value_head, part.rollout.select(rows), cfg.temperature)
+        loss = ppo_policy_loss(logprobs, part.old_logprobs[rows], part.advantages[rows], mask, cfg.clip_eps)
+        value = ppo_value_loss(values, part.old_values[rows], part.returns[rows], mask, cfg.value_clip)
+        loss.objective["value"] = Term(value.sum, "tokens", weight=cfg.vf_coef)
+        loss.stats["value_loss"] = Term(value.sum.detach(), "tokens")
+        return loss
+
     def step(self, step: int, prompts: list, targets: list) -> dict[str, float]:
-        cfg, shards = self.cfg, self.shards
+        cfg, learner = self.cfg, self.learner
         started = time.perf_counter()
         with naming_step(step):  # diverged weights: the sampler's error names this step
-            parts = shards.map(self.sample, prompts, targets, self.generators, "rollouts_per_step")
-        n_tokens = shards.sum(sum(part.mask.sum() for part in parts))  # the global batch's completion tokens
+            parts = learner.sample(self.sample, prompts, targets, self.generators, "rollouts_per_step")
+        n_tokens = learner.all_sum(sum(part.mask.sum() for part in parts))  # the global batch's completion tokens
         if cfg.normalize_advantages:  # whiten over the global batch's tokens: masked means of all-reduced sums
             with torch.no_grad():
                 count = n_tokens.clamp(min=1)
-                mean = shards.sum(sum((part.advantages * part.mask).sum() for part in parts)) / count
-                var = shards.sum(sum(((part.advantages - mean) ** 2 * part.mask).sum() for part in parts)) / count
+                mean = learner.all_sum(sum((part.advantages * part.mask).sum() for part in parts)) / count
+                var = learner.all_sum(sum(((part.advantages - mean) ** 2 * part.mask).sum() for part in parts)) / count
                 for part in parts:
                     part.advantages = (part.advantages - mean) / (var.sqrt() + 1e-8) * part.mask
 
@@ -222,46 +234,26 @@ class PPOTrainer:
             )
             for rows in order.split(size):
                 rows = rows.to(parts[0].mask.device)
-                # the global minibatch's tokens: each shard's token mean is weighted by its share of them
-                tokens = int(shards.sum(sum(part.mask[rows].sum() for part in parts)))
-                self.optimizer.zero_grad(set_to_none=True)
-                shard_stats, weights = [], []  # per shard: its stats and its loss's weight
-                for k, part in enumerate(parts):
-                    with self.synced.forward(sync=k == len(parts) - 1):
-                        logprobs, values = logprobs_and_values(
-                            self.policy, self.value_head, part.rollout.select(rows), cfg.temperature
-                        )
-                    m = part.mask[rows]
-                    policy_loss, stats = ppo_policy_loss(
-                        logprobs, part.old_logprobs[rows], part.advantages[rows], m, cfg.clip_eps
-                    )
-                    value_loss = ppo_value_loss(values, part.old_values[rows], part.returns[rows], m, cfg.value_clip)
-                    loss = policy_loss + cfg.vf_coef * value_loss
-                    check_finite(loss, step)
-                    weight = shards.weight(int(m.sum()), tokens)
-                    (loss if shards.single else loss * weight).backward()
-                    stats = {**stats, "policy_loss": policy_loss.item(), "value_loss": value_loss.item()}
-                    shard_stats.append({**stats, "loss": loss.item()})
-                    weights.append(weight)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, cfg.max_grad_norm)
-                self.optimizer.step()
-                self.schedule.step()
+                minibatch = [(part, rows) for part in parts]
+                row = learner.update(
+                    minibatch, loss=self.loss, counts=lambda m: {"tokens": m[0].mask[m[1]].sum()}, step=step
+                )
+                learner.step_schedule()
                 updates += 1
-                combined = shards.combine(shard_stats, weights, self.policy.device)
-                for name, value in {**combined, "grad_norm": float(grad_norm)}.items():
+                for name, value in row.items():
                     stats_sum[name] = stats_sum.get(name, 0.0) + value
         self.policy.train(False)
-        rewards = shards.gather(torch.cat([part.rewards for part in parts]))
-        value_sum = shards.sum(sum((part.old_values * part.mask).sum() for part in parts))
+        rewards = learner.gather(torch.cat([part.rewards for part in parts]))
+        value_sum = learner.all_sum(sum((part.old_values * part.mask).sum() for part in parts))
         n_tokens = int(n_tokens)
         seconds = time.perf_counter() - started
         return {
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item(),
             "value_mean": (value_sum / max(n_tokens, 1)).item(),
-            **{name: total / updates for name, total in stats_sum.items()},
+            **{name: total / updates for name, total in stats_sum.items()},  # means over the step's updates
             "completion_tokens": n_tokens / len(rewards),
             "tokens_per_s": n_tokens / seconds,
             "seconds_per_step": seconds,
-            "lr": self.schedule.get_last_lr()[0],
+            "lr": learner.lr,
         }

@@ -20,6 +20,7 @@ bootstrapped value would credit the edit with GRPO's later progress, which is no
 import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,8 +28,8 @@ from pydantic import Field
 from safetensors.torch import load_file
 
 from latentlab.common.config import Config
-from latentlab.common.distributed import ONE_PROCESS, Shards
-from latentlab.common.tracking import StepLog, progress
+from latentlab.common.execution import ONE, Execution, Loop
+from latentlab.common.tracking import progress
 from latentlab.lm.capture import LayerCapture
 from latentlab.lm.modeling import save_weights
 from latentlab.lm.padding import pad_sequences
@@ -79,7 +80,7 @@ def probe(
 class Surgeon:
     """Proposes an edit, measures it in a SurgicalTheater, learns (SAC) and maybe commits it.
 
-    Under torchrun (`shards`) the probe batch is cut into shards like a GRPO batch: each rank probes its
+    Under torchrun (`execution.shards`) the probe batch is cut into shards like a GRPO batch: each rank probes its
     shards, and the state and quality are the means over the shards, all-reduced, so every rank sees the same
     global state and reward. Every rank keeps an identical replica of the agent (same seeded stream, same
     inputs, same updates), so every rank draws the same action and commits the same edit on its copy of the
@@ -93,11 +94,12 @@ class Surgeon:
         cfg: SurgeonConfig,
         agent: SAC | None,
         generator: torch.Generator,
-        shards: Shards = ONE_PROCESS,
+        *,
+        execution: Execution = ONE,
         prompt_format: PromptFormat = RAW,
     ):
         self.model, self.tokenizer, self.cfg, self.agent, self.generator = model, tokenizer, cfg, agent, generator
-        self.shards, self.prompt_format = shards, prompt_format
+        self.shards, self.prompt_format = execution.shards, prompt_format
         self.targets = attention_targets(model, cfg.layers, cfg.projections)
         self.heads = max(t.heads for t in self.targets)
         self.commits = 0
@@ -167,34 +169,35 @@ class Surgeon:
 PHASES = {1: "bootstrap (GRPO only)", 2: "surgery only", 3: "joint"}
 
 
-def run_curriculum(
-    phases: Sequence[int],
-    first_step: int,
-    trainer,
-    surgeon: Surgeon | None,
-    next_batch: Callable[[], tuple[list[str], list]],
-    next_probe: Callable[[], tuple[list[str], list[str]]],
-    log: StepLog,
-    monitor: Callable[[], dict[str, float]] | None,
-    eval_every: int,
-    desc: str,
-) -> None:
-    """One step per entry of `phases` (1: GRPO step; 2: surgical step, nothing committed; 3: GRPO step then
-    a surgical step that may commit), numbered from `first_step`; held-out `monitor` every `eval_every`
-    steps and at the last one (`monitor=None`: never, as on the ranks but 0 under torchrun). `surgeon=None`
-    skips the surgery (the GRPO-only control)."""
-    bar = progress(phases, desc)
-    log.bar = bar
-    last = first_step + len(phases) - 1
-    for step, phase in enumerate(bar, start=first_step):
+@dataclass(frozen=True, kw_only=True)
+class Curriculum:
+    """What `run_curriculum` runs: one step per entry of `phases`, numbered from `first_step`."""
+
+    phases: Sequence[int]
+    """1: a GRPO step; 2: a surgical step, nothing committed; 3: a GRPO step then a surgical step that may commit."""
+    first_step: int = 0
+    next_batch: Callable[[], tuple[list[str], list]]
+    """The GRPO batches (prompts, targets)."""
+    next_probe: Callable[[], tuple[list[str], list[str]]] | None = None
+    """The surgeon's probe batches (prompts, answers); None: no surgery."""
+
+
+def run_curriculum(trainer, surgeon: Surgeon | None, curriculum: Curriculum, loop: Loop) -> None:
+    """The steps of `curriculum` (GRPO by `trainer`, surgery by `surgeon`); held-out `loop.evaluate` every
+    `loop.eval_every` steps and at the last one (`evaluate=None`: never, as on the ranks but 0 under torchrun).
+    `surgeon=None` skips the surgery (the GRPO-only control)."""
+    bar = progress(curriculum.phases, loop.desc)
+    loop.log.bar = bar
+    last = curriculum.first_step + len(curriculum.phases) - 1
+    for step, phase in enumerate(bar, start=curriculum.first_step):
         row: dict[str, float] = {"phase": float(phase)}
         if phase in (1, 3):
-            row |= trainer.step(step, *next_batch())
+            row |= trainer.step(step, *curriculum.next_batch())
         if phase in (2, 3) and surgeon is not None:
-            row |= surgeon.step(*next_probe(), may_commit=phase == 3)
-        if monitor is not None and eval_every and (step % eval_every == 0 or step == last):
-            row |= monitor()
-        log.log(step, **row)
+            row |= surgeon.step(*curriculum.next_probe(), may_commit=phase == 3)
+        if loop.evaluate is not None and loop.eval_every and (step % loop.eval_every == 0 or step == last):
+            row |= loop.evaluate()
+        loop.log.log(step, **row)
 
 
 AGENT_WEIGHTS, AGENT_CONFIG = "surgeon.safetensors", "surgeon.json"

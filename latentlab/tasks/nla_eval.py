@@ -23,6 +23,7 @@ closed-form ridge regression onto one-hot answers, fit on the training vectors, 
 """
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -89,21 +90,38 @@ def answer_accuracy(texts: list[str], answers: np.ndarray) -> dict:
     }
 
 
-def evaluate_nla(
-    actors: dict[str, NLAActor],
-    critic: NLACritic,
-    vectors: np.ndarray,
-    gold_texts: list[str],
-    prompts: list[str],
-    train: tuple[np.ndarray, list[str]],
-    max_new_tokens: int,
-    batch: int,
-    seed: int,
-    examples: int = 5,
-) -> dict:
+@dataclass(frozen=True, kw_only=True)
+class NLAEvaluation:
+    """What `evaluate_nla` scores explanations on, and how."""
+
+    vectors: np.ndarray
+    """`(N, d)` held-out activation vectors."""
+    gold_texts: list[str]
+    """Their gold explanations (the labelled responses)."""
+    prompts: list[str]
+    """The problems they were read from (the answer each explanation should state)."""
+    train_vectors: np.ndarray
+    """The training vectors the linear-probe baseline learns from..."""
+    train_prompts: list[str]
+    """...and their problems."""
+    max_new_tokens: int
+    """Longest explanation."""
+    batch: int
+    """Vectors per generation batch."""
+    seed: int
+    """Seeds the shuffled-vector control's permutation."""
+    examples: int = 5
+    """Explanations quoted in the metrics."""
+
+
+def evaluate_nla(actors: dict[str, NLAActor], critic: NLACritic, evaluation: NLAEvaluation) -> dict:
     """The metrics block of metrics/nla.json: per actor (and its shuffled control), gold, empty, probe."""
+    e = evaluation
+    vectors, gold_texts, prompts, max_new_tokens, batch, examples = (
+        e.vectors, e.gold_texts, e.prompts, e.max_new_tokens, e.batch, e.examples
+    )  # fmt: skip
     answers = np.array([problem_answer(p) for p in prompts])
-    permutation = np.random.default_rng(seed).permutation(len(vectors))
+    permutation = np.random.default_rng(e.seed).permutation(len(vectors))
     result = {
         "n": len(vectors),
         "target_scale": critic.scale.item(),  # sigma: t = (v - mu) / sigma
@@ -136,8 +154,7 @@ def evaluate_nla(
             critic.predict([""]).float(), critic.target(vectors).mean(0, keepdim=True)
         ).item()
     result["empty_text"]["critic_reads_empty_as_mean_cosine"] = empty_cos
-    train_vectors, train_prompts = train
     result["linear_probe_exact_match"] = ridge_probe_accuracy(
-        train_vectors, np.array([problem_answer(p) for p in train_prompts]), vectors, answers
+        e.train_vectors, np.array([problem_answer(p) for p in e.train_prompts]), vectors, answers
     )
     return result
