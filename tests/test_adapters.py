@@ -5,6 +5,7 @@ norm, GPT-2's fused Conv1D) built from their configs alone, with random weights.
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -181,3 +182,40 @@ def test_the_adapters_off_reference_is_the_base_model_exactly_after_training():
         assert torch.equal(policy.logprobs(rollout, 1.0), policy.logprobs(rollout, 1.0))  # and are back on
     frozen = [p for n, p in policy.model.named_parameters() if "lora_" not in n]
     assert all(torch.equal(a, b) for a, b in zip(frozen, plain.parameters(), strict=True))  # the base never moved
+
+
+def test_sft_then_grpo_with_lora_train_only_the_adapters_and_save_them_beside_the_merged_model(tmp_path):
+    """The real stages in a throwaway project (tiny params, as tests/test_ddp.py runs them) with model.adapter lora:
+    each output directory holds the merged model, <it>/adapter the adapter that peft applies to its input model."""
+    from latentlab.lm.modeling import read_manifest
+    from tests.dag import ROOT, TINY
+    from tests.test_ddp import set_params, stage
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    set_params(tmp_path, **TINY, device="cpu")
+    lora = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": None}
+    set_params(tmp_path, model={"adapter": "lora", "lora": lora}, grpo={"beta": 0.1})  # beta: the reference runs
+    model, tokenizer = new_tiny_lm(max_positions=TINY["model"]["max_positions"])
+    expected = sum(4 * sum(shape(layer)) for layer in targeted(model, DEFAULT_TARGETS["llama"]).values())
+    save_lm(model, tokenizer, tmp_path / "models" / "base")
+    for name in ("synth", "sft", "grpo"):
+        stage(tmp_path, name)
+
+    for parent, child in (("base", "sft"), ("sft", "grpo")):
+        before, after = tmp_path / "models" / parent, tmp_path / "models" / child
+        adapter = json.loads((after / "adapter" / MANIFEST).read_text())
+        assert adapter["base_sha256"] == read_manifest(before)["content_sha256"] == read_manifest(after)["parent"]
+        assert adapter["trained_parameters"] == read_manifest(after)["trained_parameters"] == expected
+        start, _ = load_lm(before)
+        trained, _ = load_lm(after)
+        untouched = [n for n, _ in start.named_parameters() if n.rsplit(".", 2)[-2] not in DEFAULT_TARGETS["llama"]]
+        assert untouched  # embeddings and norms: equal to the bit, only the targeted projections moved
+        assert all(torch.equal(start.get_parameter(n), trained.get_parameter(n)) for n in untouched), child
+        assert not torch.equal(
+            start.model.layers[0].self_attn.q_proj.weight, trained.model.layers[0].self_attn.q_proj.weight
+        )
+        with torch.no_grad():
+            merged_logits = trained(IDS).logits
+            torch.testing.assert_close(
+                PeftModel.from_pretrained(start, after / "adapter")(IDS).logits, merged_logits, rtol=1e-5, atol=1e-5
+            )
