@@ -155,10 +155,17 @@ EARLIER_MODEL = {
 
 def model_identity(model: dict) -> dict:
     """What a claim's numbers are for, from params.yaml's `model` section: the scratch model's architecture and
-    sizes, or a hub id / local directory and its revision."""
+    sizes, or a hub id / local directory and its revision; plus the adapter and its settings when one trains
+    (`adapter: lora`). Full fine-tuning adds nothing, so claims swept before adapters existed stay this model's."""
+    training = ("adapter", "lora")
+    adapter = {k: model[k] for k in training if k in model} if model.get("adapter", "none") != "none" else {}
     if model.get("source", "scratch") == "scratch":
-        return {"source": "scratch"} | {k: v for k, v in model.items() if k not in ("source", "revision")}
-    return {"source": model["source"], "revision": model.get("revision")}
+        return (
+            {"source": "scratch"}
+            | {k: v for k, v in model.items() if k not in ("source", "revision", *training)}
+            | adapter
+        )
+    return {"source": model["source"], "revision": model.get("revision")} | adapter
 
 
 def claims_of_another_model(claims: dict, model: dict) -> list[str]:

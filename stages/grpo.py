@@ -3,13 +3,17 @@
 Reward: closeness to y plus `even_bonus` for an even answer. The recipe (`stages/recipes.py`) is shared
 with the `inject` stage: both read the `grpo` section and draw the same seeded prompts and sampling
 stream, so the two differ only in the policy that trains and its learning rate (`grpo_full.lr` here).
+With `model.adapter: lora` only LoRA adapters train and the frozen reference is the same model with them off;
+models/grpo holds the merged model, models/grpo/adapter the adapter alone.
 """
 
 import copy
 
 from latentlab.common.atomic import atomic_output
 from latentlab.common.inputs import require_model_dir
+from latentlab.lm.adapters import add_lora, merged, save_adapter
 from latentlab.lm.modeling import load_lm, read_manifest, save_lm
+from latentlab.policies.adapter import AdapterDisabled
 from latentlab.policies.lm_policy import LMPolicy
 from stages.common import MODELS, PLOTS, setup, stage
 from stages.recipes import train_with_grpo
@@ -20,21 +24,26 @@ def main(params):
     run = setup(params)
     sft = require_model_dir(MODELS / "sft")
     model, tokenizer = load_lm(sft, run.device)
+    lora = params.model.adapter == "lora"
+    if lora:
+        model = add_lora(model, params.model.lora)
     policy = LMPolicy(model, tokenizer, params.prompt)
-    frozen = copy.deepcopy(model).requires_grad_(False)
-    reference = LMPolicy(frozen, tokenizer, params.prompt) if params.grpo.beta > 0 else None
+    if lora:
+        reference = AdapterDisabled(policy) if params.grpo.beta > 0 else None
+    else:
+        frozen = copy.deepcopy(model).requires_grad_(False)
+        reference = LMPolicy(frozen, tokenizer, params.prompt) if params.grpo.beta > 0 else None
     log = train_with_grpo(params, run, "grpo", "grpo_full", policy, reference)
     if not run.leader:  # under torchrun rank 0 alone writes the outputs
         return
 
+    parent = read_manifest(sft).get("content_sha256")
     with atomic_output(MODELS / "grpo") as out:
-        save_lm(
-            model,
-            tokenizer,
-            out,
-            parent=read_manifest(sft).get("content_sha256"),
-            trained_parameters=sum(p.numel() for p in policy.trainable_parameters()),
-        )
+        count = sum(p.numel() for p in policy.trainable_parameters())
+        if lora:  # the adapter first: merging consumes it
+            save_adapter(model, out / "adapter", parent, trained_parameters=count)
+            model = merged(model)
+        save_lm(model, tokenizer, out, parent=parent, trained_parameters=count)
     log.save(PLOTS / "grpo.csv")  # and plots/grpo_speed.csv
     log.finish()
 

@@ -9,7 +9,9 @@ sum ||t - mean(t)||^2), cosine and MSE of greedy explanations every `eval_every`
 (`launcher`) the batch's prompts are split across ranks as in `grpo` (README: Training on several processes,
 GPUs or nodes): the actor (model and injection map), PPO's value head and the critic train under DDP.
 Log: plots/nla_rl.csv (reward, MSE, cosine, FVE, KL, explanation length, loss) and plots/nla_rl_speed.csv
-(tokens/s).
+(tokens/s). With `model.adapter: lora` the actor's model trains LoRA adapters only (its injector as ever), GRPO's
+reference is that model with them off beside a frozen copy of the injector; models/nla_rl/actor holds the merged
+model, models/nla_rl/actor/adapter the adapter alone.
 """
 
 import copy
@@ -19,8 +21,10 @@ from latentlab.common.batches import epoch_batches
 from latentlab.common.execution import Loop
 from latentlab.common.inputs import require_model_dir
 from latentlab.hidden.nla_table import read_nla_table
+from latentlab.lm.adapters import add_lora, merged, save_adapter, trained_parameters
 from latentlab.lm.modeling import read_manifest, save_weights
-from latentlab.policies.nla_actor import load_actor, save_actor
+from latentlab.policies.adapter import AdapterDisabled
+from latentlab.policies.nla_actor import NLAActor, load_actor, save_actor
 from latentlab.policies.nla_critic import load_critic, save_critic
 from latentlab.policies.value_head import ValueHead
 from latentlab.rl.grpo import GRPOTrainer
@@ -42,6 +46,9 @@ def main(params):
     require_divisible(run, per_step, key)
     sft = require_model_dir(MODELS / "nla_sft" / "actor")
     actor = load_actor(sft, run.device)
+    lora = params.model.adapter == "lora"
+    if lora:
+        actor.model = add_lora(actor.model, params.model.lora)
     critic = load_critic(MODELS / "nla_sft" / "critic", run.device)
     _, vectors = read_nla_table("data/labels/nla.parquet")
     _, heldout = read_nla_table("data/labels/nla_eval.parquet")
@@ -50,9 +57,13 @@ def main(params):
     reward = CriticReward(critic, cfg.reward)
     if cfg.algo == "grpo":
         algo = cfg.grpo
-        reference = copy.deepcopy(actor) if algo.beta > 0 else None  # the SFT actor, frozen
-        if reference is not None:
-            reference.model.requires_grad_(False)
+        if lora:  # the SFT actor: the shared model with its adapters off, and the injector as it starts
+            frozen = NLAActor(actor.model, actor.tokenizer, copy.deepcopy(actor.injector).requires_grad_(False))
+            reference = AdapterDisabled(frozen) if algo.beta > 0 else None
+        else:
+            reference = copy.deepcopy(actor) if algo.beta > 0 else None  # the SFT actor, frozen
+            if reference is not None:
+                reference.model.requires_grad_(False)
         trainer = GRPOTrainer(actor, reward, algo, run.sample_rngs, reference=reference, execution=sampling(run))
         value_head = None
     else:
@@ -75,6 +86,10 @@ def main(params):
 
     provenance = {"parent": read_manifest(sft).get("content_sha256"), "algo": cfg.algo}
     with atomic_output(MODELS / "nla_rl") as out:
+        if lora:  # the adapter first: merging consumes it
+            count = trained_parameters(actor.model)
+            save_adapter(actor.model, out / "actor" / "adapter", provenance["parent"], trained_parameters=count)
+            actor.model = merged(actor.model)
         save_actor(actor, out / "actor", **provenance)
         save_critic(critic, out / "critic", **provenance)
         if value_head is not None:

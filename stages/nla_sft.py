@@ -8,12 +8,15 @@ the vector from the explanation) or both on the same batches. Both are saved eit
 always starts from a pair. Under torchrun (`launcher`) each rank trains on its contiguous shard of every
 batch under DDP, as `sft` (README: Training on several processes, GPUs or nodes). The critic's targets are
 t = (v - mu) / sigma, mu and sigma measured on these vectors and saved with it (policies/nla_critic.py).
+With `model.adapter: lora` the actor's model trains LoRA adapters only (its injector as ever):
+models/nla_sft/actor holds the merged model, models/nla_sft/actor/adapter the adapter alone.
 Log: plots/nla_sft.csv (losses, gradient norms, the critic's FVE on each training batch).
 """
 
 from latentlab.common.atomic import atomic_output
 from latentlab.common.inputs import require_model_dir
 from latentlab.hidden.nla_table import read_nla_table
+from latentlab.lm.adapters import add_lora, merged, save_adapter, trained_parameters
 from latentlab.lm.modeling import load_lm, read_manifest
 from latentlab.policies.nla_actor import build_actor, save_actor
 from latentlab.policies.nla_critic import build_critic, save_critic
@@ -34,6 +37,9 @@ def main(params):
     model, tokenizer = load_lm(base, run.device)
     critic_cfg = cfg.critic.model_copy(update={"layer": params.label.nla_layer})  # where the vectors were read
     critic = build_critic(model, tokenizer, critic_cfg, vectors)  # a truncated copy: the actor trains `model`
+    lora = params.model.adapter == "lora"
+    if lora:  # after the critic's copy: the critic is the base model, never adapted
+        model = add_lora(model, params.model.lora)
     actor = build_actor(model, tokenizer, cfg.actor, vectors, texts)
     if run.leader:
         print(
@@ -55,6 +61,10 @@ def main(params):
         return
     provenance = {"parent": read_manifest(base).get("content_sha256"), "train_mode": cfg.train_mode}
     with atomic_output(MODELS / "nla_sft") as out:
+        if lora:  # the adapter first: merging consumes it
+            count = trained_parameters(actor.model)
+            save_adapter(actor.model, out / "actor" / "adapter", provenance["parent"], trained_parameters=count)
+            actor.model = merged(actor.model)
         save_actor(actor, out / "actor", **provenance)
         save_critic(critic, out / "critic", **provenance)
     log.save(PLOTS / "nla_sft.csv")

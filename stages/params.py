@@ -15,6 +15,7 @@ from ruamel.yaml import YAML, YAMLError
 
 from latentlab.common.config import Config
 from latentlab.hidden.labelling import LabelConfig
+from latentlab.lm.adapters import LoRAConfig
 from latentlab.lm.modeling import TinyLMConfig
 from latentlab.lm.prompt_format import PromptFormat
 from latentlab.lm.training import LMTrainConfig
@@ -49,6 +50,11 @@ class ModelParams(TinyLMConfig):
     """'scratch' builds the tiny model below; anything else is a Hugging Face id or a local directory."""
     revision: str | None = None
     """Hub revision (commit, branch or tag) to pin when `source` is a hub id."""
+    adapter: Literal["none", "lora"] = "none"
+    """What the stages that fine-tune the model (sft, grpo, nla_sft's and nla_rl's actor) train: none, every weight;
+    lora, low-rank adapters on the frozen model (`lora` below), saved beside the merged model as <output>/adapter/."""
+    lora: LoRAConfig = LoRAConfig()
+    """The adapters when `adapter` is lora: rank, alpha, dropout and the layers they adapt."""
 
 
 class BaseParams(LMTrainConfig):

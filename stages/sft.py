@@ -2,13 +2,15 @@
 
 The loss covers the answer and its end-of-sequence token only, never the prompt. With
 `sft.placeholder_share` > 0 that share of examples carries a virtual token after the prompt
-(latentlab/policies/placeholder.py); at 0 nothing of it runs.
+(latentlab/policies/placeholder.py); at 0 nothing of it runs. With `model.adapter: lora` only LoRA adapters train
+(latentlab/lm/adapters.py): models/sft holds the merged model, models/sft/adapter the adapter alone.
 """
 
 import torch
 
 from latentlab.common.atomic import atomic_output
 from latentlab.common.inputs import read_table, require_model_dir
+from latentlab.lm.adapters import add_lora, merged, save_adapter, trained_parameters
 from latentlab.lm.modeling import load_lm, read_manifest, save_lm
 from latentlab.lm.tokenizer import INJECT
 from latentlab.lm.training import prompt_answer_examples, shuffled_batches, train_lm
@@ -24,6 +26,9 @@ def main(params):
     base = require_model_dir(MODELS / "base")
     check_layers(params, base, ("sft.placeholder_layer",))
     model, tokenizer = load_lm(base, run.device)
+    lora = params.model.adapter == "lora"
+    if lora:
+        model = add_lora(model, params.model.lora)
     biased = read_table(SYNTH / "biased.parquet", PROBLEM_SCHEMA)
     examples = prompt_answer_examples(tokenizer, biased["prompt"].to_list(), biased["answer"].to_list(), params.prompt)
     cfg, trained = params.sft, model
@@ -37,14 +42,13 @@ def main(params):
     train_lm(trained, batches, cfg, log, "sft", execution=supervised(run))
     if not run.leader:  # under torchrun rank 0 alone writes the outputs
         return
+    parent = read_manifest(base).get("content_sha256")
     with atomic_output(MODELS / "sft") as out:
-        save_lm(
-            model,
-            tokenizer,
-            out,
-            parent=read_manifest(base).get("content_sha256"),
-            trained_parameters=model.num_parameters(),
-        )
+        count = trained_parameters(model) if lora else model.num_parameters()
+        if lora:  # the adapter first: merging consumes it
+            save_adapter(model, out / "adapter", parent, trained_parameters=count)
+            model = merged(model)
+        save_lm(model, tokenizer, out, parent=parent, trained_parameters=count)
     log.save(PLOTS / "sft.csv")  # and plots/sft_speed.csv
     log.finish()
 

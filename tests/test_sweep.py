@@ -155,6 +155,13 @@ def test_claims_name_their_model_and_a_report_of_another_model_leaves_them_out(t
     assert claims_of_another_model(claims, SCRATCH) == ["inject_vs_grpo"]
     assert claims_of_another_model(claims, qwen) == ["earlier"]
     assert claims_of_another_model(claims, {**SCRATCH, "hidden_size": 128}) == ["earlier", "inject_vs_grpo"]
+    # full fine-tuning (adapter none) is the model the claims were swept on; LoRA training is another
+    lora = {"rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": None}
+    assert claims_of_another_model(claims, {**SCRATCH, "adapter": "none", "lora": lora}) == ["inject_vs_grpo"]
+    assert claims_of_another_model(claims, {**SCRATCH, "adapter": "lora", "lora": lora}) == [
+        "earlier",
+        "inject_vs_grpo",
+    ]
 
     monkeypatch.setattr(report, "CLAIMS", path)
     kept, note = report.this_models_claims(SCRATCH)
