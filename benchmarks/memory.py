@@ -251,6 +251,7 @@ def main() -> None:
                     continue
                 print(f"{name}/{step}", file=sys.stderr, flush=True)
                 runs[f"{name}/{step}"] = run(name, step, model_dir, args)
+                print(json.dumps(runs[f"{name}/{step}"]), file=sys.stderr, flush=True)  # a cut-short run keeps it
         model = model_summary(model_dir)
     key = "peak_cuda_mb_per_rank" if args.cuda else "peak_rss_mb_per_rank"
     ratios = {
