@@ -55,6 +55,9 @@ class ModelParams(TinyLMConfig):
     lora, low-rank adapters on the frozen model (`lora` below), saved beside the merged model as <output>/adapter/."""
     lora: LoRAConfig = LoRAConfig()
     """The adapters when `adapter` is lora: rank, alpha, dropout and the layers they adapt."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """The loaded weights' dtype. bfloat16 halves the weights' and activations' memory; the optimizer then steps an
+    fp32 master copy of each bf16 weight (latentlab/common/precision.py), since bf16 rounds small updates away."""
 
 
 class BaseParams(LMTrainConfig):
@@ -233,6 +236,9 @@ class GPUParams(Config):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Training forward passes and sampling: 'auto' is bf16 autocast on a CUDA device that supports it and fp32
     otherwise (the CPU always runs fp32); 'bf16' asks for it (an error where unsupported); 'fp32' never autocasts."""
+    gradient_checkpointing: bool = False
+    """HF activation checkpointing on the decoder blocks: each keeps only its input for the backward, which
+    recomputes the rest (far less activation memory for about one extra forward per step)."""
 
 
 class EvaluateParams(Config):

@@ -254,10 +254,16 @@ def completion_logprobs(
     selected tokens' log-probs come `rows` positions at a time from the final hidden states (lm/logprobs.py),
     bitwise those of the full log_softmax.
 
-    Positions after end-of-sequence are masked (zero).
+    Positions after end-of-sequence are masked (zero). A train-mode model with activation checkpointing keeps no KV
+    cache in its checkpointed blocks (HF drops it: a replayed block would append twice), so there the shared
+    prefix runs once per row instead, in the one pass.
     """
-    if group_size > 1:
+    checkpointed = model.training and getattr(model, "is_activation_checkpointing", False)
+    if group_size > 1 and not checkpointed:
         return _grouped_logprobs(model, prefix_embeds, prefix_mask, completions, group_size, temperature, rows)
+    if group_size > 1:
+        prefix_embeds = prefix_embeds.repeat_interleave(group_size, dim=0)
+        prefix_mask = prefix_mask.repeat_interleave(group_size, dim=0)
     prefix_len, length = prefix_embeds.shape[1], completions.ids.shape[1]
     assert prefix_len > 0
     embeds = torch.cat([prefix_embeds, model.get_input_embeddings()(completions.ids)], dim=1)
