@@ -15,7 +15,7 @@ i.e. what the forward holds for the backward. A step's peak is that of its AdamW
 gradients and both moments at once); on the CPU it includes the process's libraries (~0.5 GB).
 
 SFT step: causal-LM loss on random token ids, --batch x --seq (checkpointing and its fp32 comparison at
---long-seq), gradient clipping, AdamW (latentlab/common/precision.py's build_optimizer: master weights for bf16).
+--long-seq), gradient clipping, AdamW (latentlab/common/optim.py's build_optimizer: master weights for bf16).
 GRPO step: GRPOTrainer.step, --prompts arithmetic prompts x group 2, 8 new tokens, a constant reward.
 
 Configs still to wire (`pending`, reported as such): fsdp_2ranks (latentlab/common/parallel.py), lora and
@@ -101,7 +101,8 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from latentlab.common.precision import build_optimizer, enable_gradient_checkpointing, weight_dtype
+    from latentlab.common.optim import build_optimizer
+    from latentlab.common.precision import enable_gradient_checkpointing, weight_dtype
     from latentlab.lm.modeling import load_lm
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -139,8 +140,6 @@ def worker(args) -> None:
         trainer = GRPOTrainer(
             LMPolicy(model, tokenizer), lambda texts, targets: [0.0] * len(texts), cfg, torch.Generator()
         )
-        # until latentlab/common/optim.py switches to precision.build_optimizer (the same for fp32 params)
-        trainer.optimizer, trainer.schedule = build_optimizer(params, cfg.lr, 1, 0)
         problems = all_problems(ArithmeticConfig())[: args.prompts]
         before = reset_peak(device)
         started = time.perf_counter()

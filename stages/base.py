@@ -33,9 +33,9 @@ def main(params):
         )
         examples = lm_examples(tokenizer, corpus)
         batches = shuffled_batches(
-            examples, cfg.batch_size, tokenizer.pad_token_id, run.data_rng, supervised(run).shards
+            examples, cfg.batch_size, tokenizer.pad_token_id, run.data_rng, supervised(run, params).shards
         )
-        train_lm(model, batches, cfg, log, "base", execution=supervised(run))
+        train_lm(model, batches, cfg, log, "base", execution=supervised(run, params))
         provenance = {"source": "scratch", "arch": params.model.arch}
     else:
         model, tokenizer = load_lm(params.model.source, run.device, revision=params.model.revision)

@@ -11,11 +11,11 @@ import copy
 
 from latentlab.common.atomic import atomic_output
 from latentlab.common.inputs import require_model_dir
-from latentlab.lm.adapters import add_lora, merged, save_adapter
-from latentlab.lm.modeling import load_lm, read_manifest, save_lm
+from latentlab.lm.modeling import read_manifest, save_lm
 from latentlab.policies.adapter import AdapterDisabled
 from latentlab.policies.lm_policy import LMPolicy
 from stages.common import MODELS, PLOTS, setup, stage
+from stages.execution import load_trained_lm, plain_weights
 from stages.recipes import train_with_grpo
 
 
@@ -23,12 +23,9 @@ from stages.recipes import train_with_grpo
 def main(params):
     run = setup(params)
     sft = require_model_dir(MODELS / "sft")
-    model, tokenizer = load_lm(sft, run.device)
-    lora = params.model.adapter == "lora"
-    if lora:
-        model = add_lora(model, params.model.lora)
+    model, tokenizer = load_trained_lm(params, sft, run)
     policy = LMPolicy(model, tokenizer, params.prompt)
-    if lora:
+    if params.model.adapter == "lora":
         reference = AdapterDisabled(policy) if params.grpo.beta > 0 else None
     else:
         frozen = copy.deepcopy(model).requires_grad_(False)
@@ -39,10 +36,7 @@ def main(params):
 
     parent = read_manifest(sft).get("content_sha256")
     with atomic_output(MODELS / "grpo") as out:
-        count = sum(p.numel() for p in policy.trainable_parameters())
-        if lora:  # the adapter first: merging consumes it
-            save_adapter(model, out / "adapter", parent, trained_parameters=count)
-            model = merged(model)
+        model, count = plain_weights(model, out, parent)
         save_lm(model, tokenizer, out, parent=parent, trained_parameters=count)
     log.save(PLOTS / "grpo.csv")  # and plots/grpo_speed.csv
     log.finish()

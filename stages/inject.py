@@ -19,7 +19,7 @@ import torch
 from latentlab.common.atomic import atomic_output
 from latentlab.common.inputs import read_table, require_model_dir
 from latentlab.common.tracking import StepLog
-from latentlab.lm.modeling import load_lm, read_manifest
+from latentlab.lm.modeling import read_manifest
 from latentlab.policies.alignment import align_injector
 from latentlab.policies.injection import InjectionPolicy, build_injector, save_injector
 from latentlab.policies.lm_policy import LMPolicy
@@ -27,6 +27,7 @@ from latentlab.tasks.arithmetic import PROBLEM_SCHEMA, problem_batches
 from latentlab.tasks.injection_eval import accuracy, norm_sweep
 from latentlab.tasks.rewards import ArithmeticReward
 from stages.common import METRICS, MODELS, PLOTS, SYNTH, check_layers, setup, stage, write_json
+from stages.execution import load_trained_lm
 from stages.recipes import train_with_grpo
 
 
@@ -35,7 +36,7 @@ def main(params):
     run, cfg = setup(params), params.inject
     sft = require_model_dir(MODELS / "sft")
     check_layers(params, sft, ("inject.layer", "inject.gate_layer"))
-    model, tokenizer = load_lm(sft, run.device)
+    model, tokenizer = load_trained_lm(params, sft, run, adapters=False)
     full, test = read_table(SYNTH / "full.parquet", PROBLEM_SCHEMA), read_table(SYNTH / "test.parquet", PROBLEM_SCHEMA)
     reward, batch, tokens = (
         ArithmeticReward(params.grpo.even_bonus),

@@ -20,8 +20,8 @@ from latentlab.common.atomic import atomic_output
 from latentlab.common.batches import epoch_batches
 from latentlab.common.execution import Loop
 from latentlab.common.inputs import require_model_dir
+from latentlab.common.precision import weight_dtype
 from latentlab.hidden.nla_table import read_nla_table
-from latentlab.lm.adapters import add_lora, merged, save_adapter, trained_parameters
 from latentlab.lm.modeling import read_manifest, save_weights
 from latentlab.policies.adapter import AdapterDisabled
 from latentlab.policies.nla_actor import NLAActor, load_actor, save_actor
@@ -32,7 +32,7 @@ from latentlab.rl.nla import CriticReward, CriticTrainer, train_rl
 from latentlab.rl.ppo import PPOTrainer
 from latentlab.tasks.nla_eval import explain, reconstruction_scores
 from stages.common import MODELS, PLOTS, require_divisible, setup, stage, step_log
-from stages.execution import sampling
+from stages.execution import fine_tuned, plain_weights, sampling
 
 
 @stage(torchrun=True)
@@ -45,10 +45,9 @@ def main(params):
     )
     require_divisible(run, per_step, key)
     sft = require_model_dir(MODELS / "nla_sft" / "actor")
-    actor = load_actor(sft, run.device)
+    actor = load_actor(sft, run.device, dtype=weight_dtype(params.model.dtype))
+    actor.model = fine_tuned(params, actor.model)
     lora = params.model.adapter == "lora"
-    if lora:
-        actor.model = add_lora(actor.model, params.model.lora)
     critic = load_critic(MODELS / "nla_sft" / "critic", run.device)
     _, vectors = read_nla_table("data/labels/nla.parquet")
     _, heldout = read_nla_table("data/labels/nla_eval.parquet")
@@ -64,12 +63,14 @@ def main(params):
             reference = copy.deepcopy(actor) if algo.beta > 0 else None  # the SFT actor, frozen
             if reference is not None:
                 reference.model.requires_grad_(False)
-        trainer = GRPOTrainer(actor, reward, algo, run.sample_rngs, reference=reference, execution=sampling(run))
+        trainer = GRPOTrainer(
+            actor, reward, algo, run.sample_rngs, reference=reference, execution=sampling(run, params)
+        )
         value_head = None
     else:
         algo = cfg.ppo
         value_head = ValueHead(actor.model.config.hidden_size)
-        trainer = PPOTrainer(actor, value_head, reward, algo, run.sample_rngs, execution=sampling(run))
+        trainer = PPOTrainer(actor, value_head, reward, algo, run.sample_rngs, execution=sampling(run, params))
     rows = epoch_batches(len(vectors), per_step, run.data_rng)
     batches = ([vectors[i] for i in batch] for batch in rows)
 
@@ -78,7 +79,7 @@ def main(params):
         return {f"heldout_{k}": v for k, v in reconstruction_scores(critic, texts, heldout).items()}
 
     log = step_log(params, "nla_rl", params.model_dump(include={"nla_rl", "seed"}))
-    critic_trainer = CriticTrainer(critic, cfg.critic, algo.steps, execution=sampling(run))
+    critic_trainer = CriticTrainer(critic, cfg.critic, algo.steps, execution=sampling(run, params))
     loop = Loop(log=log, desc=f"nla_rl {cfg.algo}", evaluate=monitor, eval_every=cfg.eval_every)
     train_rl(trainer, reward, critic_trainer, batches, steps=algo.steps, loop=loop)
     if not run.leader:  # under torchrun rank 0 alone writes the outputs
@@ -86,10 +87,7 @@ def main(params):
 
     provenance = {"parent": read_manifest(sft).get("content_sha256"), "algo": cfg.algo}
     with atomic_output(MODELS / "nla_rl") as out:
-        if lora:  # the adapter first: merging consumes it
-            count = trained_parameters(actor.model)
-            save_adapter(actor.model, out / "actor" / "adapter", provenance["parent"], trained_parameters=count)
-            actor.model = merged(actor.model)
+        actor.model, _ = plain_weights(actor.model, out / "actor", provenance["parent"])
         save_actor(actor, out / "actor", **provenance)
         save_critic(critic, out / "critic", **provenance)
         if value_head is not None:

@@ -15,14 +15,14 @@ Log: plots/nla_sft.csv (losses, gradient norms, the critic's FVE on each trainin
 
 from latentlab.common.atomic import atomic_output
 from latentlab.common.inputs import require_model_dir
+from latentlab.common.precision import weight_dtype
 from latentlab.hidden.nla_table import read_nla_table
-from latentlab.lm.adapters import add_lora, merged, save_adapter, trained_parameters
 from latentlab.lm.modeling import load_lm, read_manifest
 from latentlab.policies.nla_actor import build_actor, save_actor
 from latentlab.policies.nla_critic import build_critic, save_critic
 from latentlab.rl.nla import train_sft
 from stages.common import MODELS, PLOTS, check_layers, setup, stage, step_log
-from stages.execution import supervised
+from stages.execution import fine_tuned, plain_weights, supervised
 
 NLA = "data/labels/nla.parquet"
 
@@ -34,12 +34,10 @@ def main(params):
     check_layers(params, base, ("nla_sft.actor.layers",))
     table, vectors = read_nla_table(NLA)
     texts = table.column("response").to_pylist()
-    model, tokenizer = load_lm(base, run.device)
+    model, tokenizer = load_lm(base, run.device, dtype=weight_dtype(params.model.dtype))
     critic_cfg = cfg.critic.model_copy(update={"layer": params.label.nla_layer})  # where the vectors were read
     critic = build_critic(model, tokenizer, critic_cfg, vectors)  # a truncated copy: the actor trains `model`
-    lora = params.model.adapter == "lora"
-    if lora:  # after the critic's copy: the critic is the base model, never adapted
-        model = add_lora(model, params.model.lora)
+    model = fine_tuned(params, model)  # after the critic's copy: the critic is the base model, never adapted
     actor = build_actor(model, tokenizer, cfg.actor, vectors, texts)
     if run.leader:
         print(
@@ -55,16 +53,13 @@ def main(params):
         cfg,
         run.data_rng,
         log,
-        execution=supervised(run),
+        execution=supervised(run, params),
     )
     if not run.leader:  # under torchrun rank 0 alone writes the outputs
         return
     provenance = {"parent": read_manifest(base).get("content_sha256"), "train_mode": cfg.train_mode}
     with atomic_output(MODELS / "nla_sft") as out:
-        if lora:  # the adapter first: merging consumes it
-            count = trained_parameters(actor.model)
-            save_adapter(actor.model, out / "actor" / "adapter", provenance["parent"], trained_parameters=count)
-            actor.model = merged(actor.model)
+        actor.model, _ = plain_weights(actor.model, out / "actor", provenance["parent"])
         save_actor(actor, out / "actor", **provenance)
         save_critic(critic, out / "critic", **provenance)
     log.save(PLOTS / "nla_sft.csv")

@@ -220,6 +220,10 @@ class LauncherParams(Config):
     """Nodes; >1 needs `rdzv_endpoint`, and the same command started on every node."""
     rdzv_endpoint: str = ""
     """host:port of the c10d rendezvous when nnodes > 1 (e.g. node0:29400)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How the trainable modules spread over the processes: ddp replicates them (DistributedDataParallel); fsdp
+    shards each decoder block's weights, gradients and optimizer state over them (torch's FSDP2 `fully_shard`), for
+    a model whose training state does not fit one device. Saved outputs are the same whole model either way."""
     shards: int = Field(0, ge=0)
     """Shards of each global batch in sampling stages (grpo, inject, surgery, nla_rl): shard k samples from its
     own stream seeded seed + 1 + 1000003 k. 0: one per process. A single process with `shards: N` reproduces

@@ -50,7 +50,7 @@ def main(params):
             model.fit_hidden_scale(batch.hidden)
         logs[name] = step_log(params, f"policy-{name}", params.model_dump(include={"policy", "grid", "seed"}))
         generator = torch.Generator().manual_seed(params.seed)
-        train_awr(model, batch, cfg.awr, generator, logs[name], f"awr {name}", execution=supervised(run))
+        train_awr(model, batch, cfg.awr, generator, logs[name], f"awr {name}", execution=supervised(run, params))
         logs[name].finish()
         policies[name] = model
     if not run.leader:  # under torchrun rank 0 alone writes the outputs

@@ -63,7 +63,7 @@ def arithmetic_grpo(
     reward = ArithmeticReward(cfg.even_bonus)
     require_divisible(run, cfg.prompts_per_step, "grpo.prompts_per_step")
     trainer = GRPOTrainer(
-        policy, reward, settings.with_lr(lr), run.sample_rngs, reference=reference, execution=sampling(run)
+        policy, reward, settings.with_lr(lr), run.sample_rngs, reference=reference, execution=sampling(run, params)
     )
     batches = problem_batches(full, cfg.prompts_per_step, run.data_rng)
     heldout = test.sample(min(cfg.eval_batch, test.height), seed=params.seed)

@@ -10,14 +10,13 @@ import torch
 
 from latentlab.common.atomic import atomic_output
 from latentlab.common.inputs import read_table, require_model_dir
-from latentlab.lm.adapters import add_lora, merged, save_adapter, trained_parameters
-from latentlab.lm.modeling import load_lm, read_manifest, save_lm
+from latentlab.lm.modeling import read_manifest, save_lm
 from latentlab.lm.tokenizer import INJECT
 from latentlab.lm.training import prompt_answer_examples, shuffled_batches, train_lm
 from latentlab.policies.placeholder import PlaceholderLM, add_placeholders
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
 from stages.common import MODELS, PLOTS, SYNTH, check_layers, setup, stage, step_log
-from stages.execution import supervised
+from stages.execution import load_trained_lm, plain_weights, supervised
 
 
 @stage(torchrun=True)
@@ -25,10 +24,7 @@ def main(params):
     run = setup(params)
     base = require_model_dir(MODELS / "base")
     check_layers(params, base, ("sft.placeholder_layer",))
-    model, tokenizer = load_lm(base, run.device)
-    lora = params.model.adapter == "lora"
-    if lora:
-        model = add_lora(model, params.model.lora)
+    model, tokenizer = load_trained_lm(params, base, run)
     biased = read_table(SYNTH / "biased.parquet", PROBLEM_SCHEMA)
     examples = prompt_answer_examples(tokenizer, biased["prompt"].to_list(), biased["answer"].to_list(), params.prompt)
     cfg, trained = params.sft, model
@@ -38,16 +34,15 @@ def main(params):
         examples = add_placeholders(examples, cfg.placeholder_share, inject_id, chooser)
         trained = PlaceholderLM(model, inject_id, cfg.placeholder, cfg.placeholder_layer)
     log = step_log(params, "sft", params.model_dump(include={"sft", "seed"}))
-    batches = shuffled_batches(examples, cfg.batch_size, tokenizer.pad_token_id, run.data_rng, supervised(run).shards)
-    train_lm(trained, batches, cfg, log, "sft", execution=supervised(run))
+    batches = shuffled_batches(
+        examples, cfg.batch_size, tokenizer.pad_token_id, run.data_rng, supervised(run, params).shards
+    )
+    train_lm(trained, batches, cfg, log, "sft", execution=supervised(run, params))
     if not run.leader:  # under torchrun rank 0 alone writes the outputs
         return
     parent = read_manifest(base).get("content_sha256")
     with atomic_output(MODELS / "sft") as out:
-        count = trained_parameters(model) if lora else model.num_parameters()
-        if lora:  # the adapter first: merging consumes it
-            save_adapter(model, out / "adapter", parent, trained_parameters=count)
-            model = merged(model)
+        model, count = plain_weights(model, out, parent)
         save_lm(model, tokenizer, out, parent=parent, trained_parameters=count)
     log.save(PLOTS / "sft.csv")  # and plots/sft_speed.csv
     log.finish()

@@ -20,7 +20,7 @@ from latentlab.common.atomic import atomic_output
 from latentlab.common.execution import Loop
 from latentlab.common.inputs import read_table, require_model_dir
 from latentlab.common.tracking import StepLog, write_side_by_side
-from latentlab.lm.modeling import load_lm, read_manifest, save_lm
+from latentlab.lm.modeling import read_manifest, save_lm
 from latentlab.lm.surgery import attention_targets
 from latentlab.policies.lm_policy import LMPolicy
 from latentlab.rl.surgeon import Curriculum, Surgeon, run_curriculum, save_surgeon
@@ -38,7 +38,7 @@ from stages.common import (
     step_log,
     write_json,
 )
-from stages.execution import sampling
+from stages.execution import load_trained_lm, sampling
 from stages.recipes import arithmetic_grpo
 
 ARMS = ("sac", "random", "grpo_only")  # the method, then its controls
@@ -50,7 +50,7 @@ def main(params):
     run, cfg, seed, every = setup(params), params.surgery, params.seed, params.grpo.eval_every
     sft = require_model_dir(MODELS / "sft")
     check_layers(params, sft, ("surgery.layers",))
-    model, tokenizer = load_lm(sft, run.device)
+    model, tokenizer = load_trained_lm(params, sft, run, adapters=False)
     try:  # the surgeon's targets on this layout, before any training (Qwen3's q_norm/k_norm refuse q and k)
         attention_targets(model, cfg.surgeon.layers, cfg.surgeon.projections)
     except ValueError as error:
@@ -87,7 +87,13 @@ def main(params):
             None
             if arm == "grpo_only"
             else Surgeon(
-                model, tokenizer, cfg.surgeon, agent, surgeon_rng, execution=sampling(run), prompt_format=params.prompt
+                model,
+                tokenizer,
+                cfg.surgeon,
+                agent,
+                surgeon_rng,
+                execution=sampling(run, params),
+                prompt_format=params.prompt,
             )
         )
         logs[arm] = log if arm == "sac" else StepLog()

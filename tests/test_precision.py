@@ -6,13 +6,8 @@ import copy
 import pytest
 import torch
 
-from latentlab.common import optim
-from latentlab.common.precision import (
-    MasterWeights,
-    build_optimizer,
-    enable_gradient_checkpointing,
-    weight_dtype,
-)
+from latentlab.common.optim import build_optimizer, lr_factor
+from latentlab.common.precision import MasterWeights, enable_gradient_checkpointing, weight_dtype
 from latentlab.policies.lm_policy import LMPolicy
 from latentlab.rl.grpo import GRPOConfig, GRPOTrainer
 from tests.tiny import new_tiny_lm
@@ -100,6 +95,12 @@ def train(model, inputs, build, steps: int = 3, lr: float = 1e-3):
     return optimizer
 
 
+def plain_adamw(params, lr, steps, warmup_steps=0, weight_decay=0.0):
+    """AdamW stepping the parameters as they are, whatever their dtype (pure bf16 AdamW for bf16 ones)."""
+    optimizer = torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(steps, warmup_steps))
+
+
 def error(weights, reference, start) -> float:
     """How far `weights` ended from `reference`'s trained weights, relative to how far `reference` moved from
     `start` (all read in fp32): 0 is fp32 training exactly, 1 an error as large as the whole update."""
@@ -116,10 +117,10 @@ def test_master_weights_track_fp32_training_where_bf16_adamw_does_not():
     reference, tokenizer = new_tiny_lm()
     inputs = batch(tokenizer)
     start = copy.deepcopy(reference).to(torch.bfloat16)
-    train(reference, inputs, optim.build_optimizer, lr=1e-4)
+    train(reference, inputs, build_optimizer, lr=1e-4)
     mastered, pure = copy.deepcopy(start), copy.deepcopy(start)
     optimizer = train(mastered, inputs, build_optimizer, lr=1e-4)
-    train(pure, inputs, optim.build_optimizer, lr=1e-4)
+    train(pure, inputs, plain_adamw, lr=1e-4)
     assert isinstance(optimizer, MasterWeights)
     assert all(m.dtype == torch.float32 for m in optimizer.masters)
     assert all(p.dtype == torch.float32 for group in optimizer.param_groups for p in group["params"])
@@ -150,7 +151,7 @@ def test_fp32_optimizer_is_todays_bit_for_bit():
     optimizer, _ = build_optimizer(list(model.parameters()), 1e-3, 3, 1, 0.01)
     assert type(optimizer) is torch.optim.AdamW
     train(model, inputs, build_optimizer)
-    train(today, inputs, optim.build_optimizer)
+    train(today, inputs, plain_adamw)
     for p, q in zip(model.parameters(), today.parameters(), strict=True):
         assert torch.equal(p, q)
 
@@ -165,8 +166,7 @@ def test_a_bf16_grpo_step_runs_on_the_cpu():
         return [float(i % 2) for i in range(len(completions))]
 
     trainer = GRPOTrainer(LMPolicy(model, tokenizer), varied, cfg, torch.Generator().manual_seed(0))
-    # the trainer builds latentlab/common/optim.py's optimizer; master weights until optim.py switches over
-    trainer.optimizer, trainer.schedule = build_optimizer(trainer.policy.trainable_parameters(), cfg.lr, 1, 0)
+    assert isinstance(trainer.learner.optimizer, MasterWeights)  # fp32 masters of the bf16 weights
     row = trainer.step(0, ["1+2=", "30-4="], [3, 26])
     assert torch.isfinite(torch.tensor(row["loss"]))
     after = list(model.parameters())

@@ -8,8 +8,6 @@ AdamW steps, and rounds it back into the model after each step (mixed-precision 
 2018). fp32 parameters (say a value head, or LoRA adapters over a bf16 base) are stepped as they are.
 """
 
-import math
-
 import torch
 
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -103,33 +101,6 @@ class MasterWeights:
                 master.copy_(saved)
                 if master is not param:
                     param.copy_(master)
-
-
-def warmup_cosine(steps: int, warmup_steps: int):
-    """The LR factor of latentlab/common/optim.py: linear warm-up, then cosine decay to 10%."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress_ = (step - warmup_steps) / max(1, steps - warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
-
-    return factor
-
-
-def build_optimizer(params, lr: float, steps: int, warmup_steps: int = 0, weight_decay: float = 0.0):
-    """(optimizer, schedule): AdamW with linear warm-up then cosine decay to 10% of `lr`, as
-    latentlab/common/optim.py's. With every parameter fp32 it is exactly that (a torch.optim.AdamW, the same
-    schedule: bitwise the same training); with any other dtype among them, a `MasterWeights` over fp32 masters,
-    the schedule wrapping its inner AdamW."""
-    params = list(params)
-    if all(p.dtype == torch.float32 for p in params):
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup_steps))
-    masters = MasterWeights.master_params(params)
-    inner = torch.optim.AdamW(masters, lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(inner, warmup_cosine(steps, warmup_steps))
-    return MasterWeights(params, masters, inner), schedule
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -227,10 +227,11 @@ def save_actor(actor: NLAActor, directory: Path, **provenance) -> str:
     return write_manifest(directory, **provenance)
 
 
-def load_actor(directory: str | Path, device: torch.device | str = "cpu") -> NLAActor:
+def load_actor(directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> NLAActor:
+    """The saved actor: its model (weights in `dtype`, default float32) and its injection map."""
     directory = Path(directory)
     config = json.loads((directory / CONFIG).read_text())
-    model, tokenizer = load_lm(directory, device)
+    model, tokenizer = load_lm(directory, device, dtype)
     cfg = NLAActorConfig.model_validate(config["actor"])
     state = load_file(directory / WEIGHTS)
     injector = VectorInjector(config["dim"], config["hidden_size"], cfg, state["scales"].tolist(), state["mean"])
