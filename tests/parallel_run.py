@@ -91,9 +91,8 @@ def main(strategy: str, out: Path, param_dtype: torch.dtype | None) -> None:
     for _ in range(STEPS):
         for k, part in enumerate(mine.chunk(SHARDS_PER_RANK)):
             with group.gradient_pass(sync=k == SHARDS_PER_RANK - 1):
-                (
-                    pair.loss(part) * len(part) / BATCH * world
-                ).backward()  # Shards.weight: the average is the global mean's
+                weight = len(part) / BATCH * world  # Shards.weight: the ranks' average is the global mean's
+                (pair.loss(part) * weight).backward()
         facts["grad_dtype"] = str(pair.lm.lm_head.weight.grad.dtype)
         facts["param_dtype"] = str(pair.lm.lm_head.weight.dtype)
         norms.append(grad_norm(pair))
