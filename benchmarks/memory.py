@@ -14,13 +14,15 @@ before the step, and the activation memory: the peak after the forward (loss com
 i.e. what the forward holds for the backward. A step's peak is that of its AdamW step as a rule (weights,
 gradients and both moments at once); on the CPU it includes the process's libraries (~0.5 GB).
 
-SFT step: causal-LM loss on random token ids, --batch x --seq (checkpointing and its fp32 comparison at
---long-seq), gradient clipping, AdamW (latentlab/common/optim.py's build_optimizer: master weights for bf16).
-GRPO step: GRPOTrainer.step, --prompts arithmetic prompts x group 2, 8 new tokens, a constant reward.
-
-Configs still to wire (`pending`, reported as such): fsdp_2ranks (latentlab/common/parallel.py), lora and
-lora_checkpointing (latentlab/lm/adapters.py): each is one call in `wrap`. ddp_2ranks wraps with torch's
-DistributedDataParallel directly until parallel.py gives the house wrapper; GRPO under 2 ranks waits for it too.
+Every step runs through the execution layer the stages use (latentlab/common/execution.py): a `Learner` over the
+trained modules, wrapped as the config's `launcher.strategy` says (ddp or fsdp, latentlab/common/parallel.py),
+LoRA adapters as `model.adapter: lora` adds them (latentlab/lm/adapters.py: rank 8 on every projection),
+activation checkpointing and bf16 weights as `gpu.gradient_checkpointing` and `model.dtype` set them
+(latentlab/common/precision.py: AdamW then steps fp32 master copies).
+SFT step: the masked causal-LM loss (lm/training.py) on random token ids, --batch x --seq split over the ranks
+(checkpointing and its fp32 comparison at --long-batch x --long-seq), clipping, AdamW.
+GRPO step: GRPOTrainer.step, --prompts arithmetic prompts x group 2 split over the ranks, 8 new tokens, a constant
+reward (the loss pass and the update run all the same: the advantages are 0).
 """
 
 import argparse
@@ -36,16 +38,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# config: (weights dtype, activation checkpointing, ranks, long sequence, steps it measures, pending on)
+# config: (weights dtype, activation checkpointing, ranks, strategy, LoRA, long sequence, steps it measures)
 CONFIGS = {
-    "full_fp32": ("float32", False, 1, False, ("sft", "grpo"), None),
-    "bf16_weights": ("bfloat16", False, 1, False, ("sft", "grpo"), None),
-    "full_fp32_long": ("float32", False, 1, True, ("sft",), None),
-    "checkpointing": ("float32", True, 1, True, ("sft",), None),
-    "ddp_2ranks": ("float32", False, 2, False, ("sft",), None),
-    "fsdp_2ranks": ("float32", False, 2, False, ("sft",), "latentlab/common/parallel.py"),
-    "lora": ("float32", False, 1, False, ("sft", "grpo"), "latentlab/lm/adapters.py"),
-    "lora_checkpointing": ("float32", True, 1, True, ("sft",), "latentlab/lm/adapters.py"),
+    "full_fp32": ("float32", False, 1, "ddp", False, False, ("sft", "grpo")),
+    "ddp_2ranks": ("float32", False, 2, "ddp", False, False, ("sft", "grpo")),
+    "fsdp_2ranks": ("float32", False, 2, "fsdp", False, False, ("sft", "grpo")),
+    "lora": ("float32", False, 1, "ddp", True, False, ("sft", "grpo")),
+    "bf16_weights": ("bfloat16", False, 1, "ddp", False, False, ("sft", "grpo")),
+    "full_fp32_long": ("float32", False, 1, "ddp", False, True, ("sft",)),
+    "checkpointing": ("float32", True, 1, "ddp", False, True, ("sft",)),
+    "lora_checkpointing": ("float32", True, 1, "ddp", True, True, ("sft",)),
 }
 
 
@@ -78,20 +80,6 @@ def peak(device) -> float:
     return rss_mb("VmHWM")
 
 
-def wrap(name: str, model, device):
-    """The config's wrapping of the loaded model: the one call each pending config fills in."""
-    import torch
-
-    if name == "ddp_2ranks":  # to be parallel.py's DDP wrapper
-        ids = [device.index] if device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
-    if name == "fsdp_2ranks":  # parallel.py: FSDP2 (fully_shard) of the decoder blocks and the whole model
-        raise NotImplementedError("fsdp_2ranks waits for latentlab/common/parallel.py")
-    if name in ("lora", "lora_checkpointing"):  # adapters.py: LoRA adapters, the base frozen
-        raise NotImplementedError(f"{name} waits for latentlab/lm/adapters.py")
-    return model
-
-
 def worker(args) -> None:
     """One (config, step) in this process (a torchrun rank under the *_2ranks configs): its result, as JSON, in
     args.result_dir/rank<r>.json."""
@@ -99,64 +87,80 @@ def worker(args) -> None:
 
     # isort: split
     import torch
-    import torch.distributed as dist
 
-    from latentlab.common.optim import build_optimizer
+    from latentlab.common.distributed import Shards, distributed
+    from latentlab.common.execution import Execution, Holder, Learner, Loss, Term
     from latentlab.common.precision import enable_gradient_checkpointing, weight_dtype
+    from latentlab.lm.adapters import LoRAConfig, add_lora
     from latentlab.lm.modeling import load_lm
+    from latentlab.lm.training import TokenBatch, masked_lm_sums
 
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(args.threads)
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    dtype, checkpointing, _, long, _, _ = CONFIGS[args.worker]
-    torch.manual_seed(rank)
-    model, tokenizer = load_lm(args.model_dir, device, dtype=weight_dtype(dtype))
-    if checkpointing:
-        enable_gradient_checkpointing(model)
-    trained = wrap(args.worker, model, device)
-    params = [p for p in trained.parameters() if p.requires_grad]
-    if args.step == "sft":
-        seq, rows = (args.long_seq, args.long_batch) if long else (args.seq, args.batch)
-        ids = torch.randint(0, len(tokenizer), (rows // world, seq), generator=torch.Generator().manual_seed(rank))
-        ids = ids.to(device)
-        optimizer, schedule = build_optimizer(params, 1e-5, 1, 0)
-        before = reset_peak(device)
-        started = time.perf_counter()
-        trained.train()
-        loss = trained(input_ids=ids, labels=ids).loss
-        forward_peak = peak(device)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-    else:
-        from latentlab.policies.lm_policy import LMPolicy
-        from latentlab.rl.grpo import GRPOConfig, GRPOTrainer
-        from latentlab.tasks.arithmetic import ArithmeticConfig, all_problems
+    dtype, checkpointing, _, strategy, lora, long, _ = CONFIGS[args.worker]
+    with distributed() as ranks:
+        device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(0)  # the same adapters on every rank
+        model, tokenizer = load_lm(args.model_dir, device, dtype=weight_dtype(dtype))
+        if lora:
+            model = add_lora(model, LoRAConfig())
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        execution = Execution(shards=Shards(ranks.world, ranks), strategy=strategy)
+        forward_peak = None
+        if args.step == "sft":
+            seq, rows = (args.long_seq, args.long_batch) if long else (args.seq, args.batch)
+            generator = torch.Generator().manual_seed(ranks.rank)
+            ids = torch.randint(0, len(tokenizer), (rows // ranks.world, seq), generator=generator).to(device)
+            batch = TokenBatch(ids, torch.ones_like(ids), torch.ones_like(ids))
+            holder = Holder(model)
+            learner = Learner(
+                [(holder, "module")],
+                lambda: [p for p in model.parameters() if p.requires_grad],
+                lr=1e-5,
+                steps=1,
+                max_grad_norm=1.0,
+                execution=execution,
+            )
 
-        cfg = GRPOConfig(steps=1, prompts_per_step=args.prompts, group_size=2, max_new_tokens=8, lr=1e-5)
-        trainer = GRPOTrainer(
-            LMPolicy(model, tokenizer), lambda texts, targets: [0.0] * len(texts), cfg, torch.Generator()
-        )
-        problems = all_problems(ArithmeticConfig())[: args.prompts]
-        before = reset_peak(device)
-        started = time.perf_counter()
-        trainer.step(0, problems["prompt"].to_list(), problems["y"].to_list())
-        forward_peak = None  # the forward is inside the trainer's step
-    seconds = time.perf_counter() - started
-    result = {
-        "peak_mb": round(peak(device), 1),
-        "before_step_mb": round(before, 1),
-        "activation_mb": None if forward_peak is None else round(forward_peak - before, 1),
-        "seconds": round(seconds, 2),
-        "trainable_params": sum(p.numel() for p in params),
-        "params_dtype": str(next(model.parameters()).dtype),
-    }
-    Path(args.result_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    if world > 1:
-        dist.destroy_process_group()
+            def loss(part: TokenBatch) -> Loss:
+                nonlocal forward_peak
+                total, _ = masked_lm_sums(holder.module(input_ids=part.input_ids).logits, part)
+                forward_peak = peak(device)  # what the forward holds for the backward
+                return Loss({"lm": Term(total, "targets")})
+
+            params = learner.parameters
+            before = reset_peak(device)
+            started = time.perf_counter()
+            model.train()
+            learner.update([batch], loss=loss, counts=lambda b: {"targets": b.target_count()}, step=0)
+        else:
+            from latentlab.policies.lm_policy import LMPolicy
+            from latentlab.rl.grpo import GRPOConfig, GRPOTrainer
+            from latentlab.tasks.arithmetic import ArithmeticConfig, all_problems
+
+            cfg = GRPOConfig(steps=1, prompts_per_step=args.prompts, group_size=2, max_new_tokens=8, lr=1e-5)
+            trainer = GRPOTrainer(
+                LMPolicy(model, tokenizer),
+                lambda texts, targets: [0.0] * len(texts),
+                cfg,
+                execution.shards.generators(0, device),
+                execution=execution,
+            )
+            params = trainer.learner.parameters
+            problems = all_problems(ArithmeticConfig())[: args.prompts]
+            before = reset_peak(device)
+            started = time.perf_counter()
+            trainer.step(0, problems["prompt"].to_list(), problems["y"].to_list())
+        seconds = time.perf_counter() - started
+        result = {
+            "peak_mb": round(peak(device), 1),
+            "before_step_mb": round(before, 1),
+            "activation_mb": None if forward_peak is None else round(forward_peak - before, 1),
+            "seconds": round(seconds, 2),
+            "trainable_params": sum(p.numel() for p in params),
+            "params_dtype": str(next(model.parameters()).dtype),
+        }
+        Path(args.result_dir, f"rank{ranks.rank}.json").write_text(json.dumps(result))
 
 
 def run(name: str, step: str, model_dir: str, args) -> dict:
@@ -235,7 +239,7 @@ def main() -> None:
 
     args.cuda = torch.cuda.is_available()
     started = time.perf_counter()
-    runs, pending = {}, {}
+    runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         print(f"building the Qwen2-shaped model (hidden {hidden}, {layers} layers)", file=sys.stderr, flush=True)
         model_dir = str(Path(tmp) / "qwen2")
@@ -243,11 +247,8 @@ def main() -> None:
             f"from benchmarks.label import build_qwen2; build_qwen2({model_dir!r}, {hidden}, {layers}, {intermediate})"
         )
         subprocess.run([sys.executable, "-c", build], env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
-        for name, (*_, steps, waits_for) in CONFIGS.items():
+        for name, (*_, steps) in CONFIGS.items():
             for step in steps:
-                if waits_for:
-                    pending[f"{name}/{step}"] = f"waits for {waits_for}"
-                    continue
                 print(f"{name}/{step}", file=sys.stderr, flush=True)
                 runs[f"{name}/{step}"] = run(name, step, model_dir, args)
                 print(json.dumps(runs[f"{name}/{step}"]), file=sys.stderr, flush=True)  # a cut-short run keeps it
@@ -257,9 +258,16 @@ def main() -> None:
         "fsdp_over_ddp_peak_per_rank": ratio(
             runs, "fsdp_2ranks/sft", "ddp_2ranks/sft", key, "<= 0.6", lambda v: v <= 0.6
         ),
+        "fsdp_over_ddp_peak_per_rank_grpo": ratio(
+            runs, "fsdp_2ranks/grpo", "ddp_2ranks/grpo", key, "<= 0.6", lambda v: v <= 0.6
+        ),
         "lora_over_full_peak": ratio(runs, "lora/sft", "full_fp32/sft", key, "<= 0.4", lambda v: v <= 0.4),
+        "lora_over_full_peak_grpo": ratio(runs, "lora/grpo", "full_fp32/grpo", key, "<= 0.4", lambda v: v <= 0.4),
         "full_over_checkpointing_activations": ratio(
             runs, "full_fp32_long/sft", "checkpointing/sft", "activation_mb_per_rank", ">= 2", lambda v: v >= 2
+        ),
+        "lora_over_full_activations_checkpointed": ratio(
+            runs, "full_fp32_long/sft", "lora_checkpointing/sft", "activation_mb_per_rank", "context", lambda v: None
         ),
         "bf16_over_fp32_peak": ratio(runs, "bf16_weights/sft", "full_fp32/sft", key, "context", lambda v: None),
     }
@@ -276,7 +284,6 @@ def main() -> None:
             "quick": args.quick,
         },
         "runs": runs,
-        "pending": pending,
         "ratios": ratios,
         "wall_s": round(time.perf_counter() - started, 1),
     }

@@ -6,6 +6,8 @@ pretrains it on equations of both parities (without end-of-sequence after answer
 source is a hub id or a local directory, copied into models/base so the run is pinned.
 """
 
+from contextlib import nullcontext
+
 import polars as pl
 
 from latentlab.common.atomic import atomic_output
@@ -35,16 +37,18 @@ def main(params):
         batches = shuffled_batches(
             examples, cfg.batch_size, tokenizer.pad_token_id, run.data_rng, supervised(run, params).shards
         )
-        train_lm(model, batches, cfg, log, "base", execution=supervised(run, params))
+        learner = train_lm(model, batches, cfg, log, "base", execution=supervised(run, params))
         provenance = {"source": "scratch", "arch": params.model.arch}
     else:
         model, tokenizer = load_lm(params.model.source, run.device, revision=params.model.revision)
         prepare_pretrained(model, tokenizer)
-        provenance = {"source": params.model.source, "revision": params.model.revision}
-    if not run.leader:  # under torchrun rank 0 alone writes the outputs
-        return
-    with atomic_output(MODELS / "base") as out:
-        digest = save_lm(model, tokenizer, out, trained_parameters=model.num_parameters(), **provenance)
+        provenance, learner = {"source": params.model.source, "revision": params.model.revision}, None
+    saving = learner.whole() if learner else nullcontext()  # fsdp: the whole weights gathered to rank 0
+    with saving:  # (every rank takes part)
+        if not run.leader:  # under torchrun rank 0 alone writes the outputs
+            return
+        with atomic_output(MODELS / "base") as out:
+            digest = save_lm(model, tokenizer, out, trained_parameters=model.num_parameters(), **provenance)
     log.save(PLOTS / "base.csv")  # and plots/base_speed.csv
     log.finish()
     print(f"models/base: {model.num_parameters():,} parameters, sha256 {digest[:12]}")

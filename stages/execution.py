@@ -9,13 +9,16 @@ The LM a stage fine-tunes is loaded as `model` and `gpu` say: its weights in `mo
 `model.adapter` is lora (only they train), HF activation checkpointing when `gpu.gradient_checkpointing`.
 """
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from latentlab.common.atomic import atomic_output
 from latentlab.common.distributed import Shards
-from latentlab.common.execution import Execution
+from latentlab.common.execution import Execution, Learner
 from latentlab.common.precision import enable_gradient_checkpointing, weight_dtype
-from latentlab.lm.adapters import add_lora, merged, save_adapter, trained_parameters
-from latentlab.lm.modeling import load_lm
+from latentlab.lm.adapters import add_lora, merged_from, save_adapter, trained_parameters
+from latentlab.lm.modeling import load_lm, read_manifest, save_lm
 from stages.common import Run
 from stages.params import Params
 
@@ -28,6 +31,16 @@ def sampling(run: Run, params: Params) -> Execution:
 def supervised(run: Run, params: Params) -> Execution:
     """A supervised stage's execution: one shard per process."""
     return Execution(shards=Shards(run.ranks.world, run.ranks), strategy=params.launcher.strategy)
+
+
+@contextmanager
+def whole(*learners: Learner) -> Iterator[None]:
+    """Every learner's `whole()` at once: what a stage saves its trained modules in (every rank enters: under fsdp
+    the whole weights are gathered to rank 0)."""
+    with ExitStack() as stack:
+        for learner in learners:
+            stack.enter_context(learner.whole())
+        yield
 
 
 def load_trained_lm(params: Params, path: Path, run: Run, adapters: bool = True):
@@ -47,12 +60,22 @@ def fine_tuned(params: Params, model, adapters: bool = True):
     return model
 
 
-def plain_weights(model, directory: Path, parent: str | None, **provenance) -> tuple:
-    """(the model to save as plain weights, the number of parameters it trained): a LoRA model saves its adapter
-    first, into `directory`/adapter with the base's content hash `parent`, then merges into plain weights (which
-    consumes it); any other model is returned as it is."""
+def plain_weights(params: Params, model, directory: Path, base: Path) -> tuple:
+    """(the model to save as plain weights, the number of parameters it trained). A LoRA model saves its adapter
+    first, into `directory`/adapter with the content hash of `base` (the model it adapts), and the plain weights
+    are `base` reloaded with the adapter merged in: the same weights as merging in memory, and what works under
+    fsdp too, where the trained model's blocks are shards. Any other model is returned as it is."""
     count = trained_parameters(model)
     if not hasattr(model, "peft_config"):
         return model, count
-    save_adapter(model, directory / "adapter", parent, trained_parameters=count, **provenance)
-    return merged(model), count
+    save_adapter(model, directory / "adapter", read_manifest(base).get("content_sha256"), trained_parameters=count)
+    plain, _ = load_lm(base, "cpu", dtype=weight_dtype(params.model.dtype))
+    return merged_from(plain, directory / "adapter"), count
+
+
+def save_fine_tuned_lm(params: Params, model, tokenizer, directory: Path, base: Path) -> None:
+    """`directory` (atomically): the trained LM as plain weights (a LoRA adapter beside them in adapter/), the
+    content hash of `base`, the model it was trained from, in the manifest. Rank 0, inside the learners' `whole()`."""
+    with atomic_output(directory) as out:
+        model, count = plain_weights(params, model, out, base)
+        save_lm(model, tokenizer, out, parent=read_manifest(base).get("content_sha256"), trained_parameters=count)

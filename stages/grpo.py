@@ -9,13 +9,11 @@ models/grpo holds the merged model, models/grpo/adapter the adapter alone.
 
 import copy
 
-from latentlab.common.atomic import atomic_output
 from latentlab.common.inputs import require_model_dir
-from latentlab.lm.modeling import read_manifest, save_lm
 from latentlab.policies.adapter import AdapterDisabled
 from latentlab.policies.lm_policy import LMPolicy
 from stages.common import MODELS, PLOTS, setup, stage
-from stages.execution import load_trained_lm, plain_weights
+from stages.execution import load_trained_lm, save_fine_tuned_lm
 from stages.recipes import train_with_grpo
 
 
@@ -30,14 +28,11 @@ def main(params):
     else:
         frozen = copy.deepcopy(model).requires_grad_(False)
         reference = LMPolicy(frozen, tokenizer, params.prompt) if params.grpo.beta > 0 else None
-    log = train_with_grpo(params, run, "grpo", "grpo_full", policy, reference)
-    if not run.leader:  # under torchrun rank 0 alone writes the outputs
-        return
-
-    parent = read_manifest(sft).get("content_sha256")
-    with atomic_output(MODELS / "grpo") as out:
-        model, count = plain_weights(model, out, parent)
-        save_lm(model, tokenizer, out, parent=parent, trained_parameters=count)
+    log, learner = train_with_grpo(params, run, "grpo", "grpo_full", policy, reference)
+    with learner.whole():  # fsdp: the whole weights gathered to rank 0 (every rank takes part)
+        if not run.leader:  # under torchrun rank 0 alone writes the outputs
+            return
+        save_fine_tuned_lm(params, model, tokenizer, MODELS / "grpo", sft)
     log.save(PLOTS / "grpo.csv")  # and plots/grpo_speed.csv
     log.finish()
 

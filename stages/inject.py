@@ -66,21 +66,20 @@ def main(params):
         if params.grpo.beta > 0
         else None
     )
-    log = train_with_grpo(params, run, "inject", "inject", policy, reference)
-    if not run.leader:  # under torchrun rank 0 alone writes the outputs
-        return
-
+    log, learner = train_with_grpo(params, run, "inject", "inject", policy, reference)
     # the premise of the stage: the optimizer held only the injector and no gradient reached the base
     if any(p.requires_grad or p.grad is not None for p in model.parameters()):
         raise RuntimeError("the SFT model was not frozen: a base parameter is trainable or received a gradient")
     trained = sum(p.numel() for p in policy.trainable_parameters())
-    metrics["final"] = accuracy(
-        policy, test, reward, batch, tokens, "after GRPO"
-    )  # = evaluate's, for a sweep of inject
-    with atomic_output(MODELS / "inject") as out:
-        save_injector(
-            injector, out, base=sft, parent=read_manifest(sft).get("content_sha256"), trained_parameters=trained
-        )
+    with learner.scoring():  # every rank alike (fsdp: a sharded injector's forward takes every rank); = evaluate's
+        metrics["final"] = accuracy(policy, test, reward, batch, tokens, "after GRPO")
+    with learner.whole():  # fsdp: the whole injector gathered to rank 0 (every rank takes part)
+        if not run.leader:  # under torchrun rank 0 alone writes the outputs
+            return
+        with atomic_output(MODELS / "inject") as out:
+            save_injector(
+                injector, out, base=sft, parent=read_manifest(sft).get("content_sha256"), trained_parameters=trained
+            )
     log.save(PLOTS / "inject.csv")  # and plots/inject_speed.csv (seconds_per_step, tokens_per_s)
     log.finish()
     if align_log.rows:

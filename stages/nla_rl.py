@@ -22,17 +22,18 @@ from latentlab.common.execution import Loop
 from latentlab.common.inputs import require_model_dir
 from latentlab.common.precision import weight_dtype
 from latentlab.hidden.nla_table import read_nla_table
-from latentlab.lm.modeling import read_manifest, save_weights
+from latentlab.lm.modeling import save_weights
 from latentlab.policies.adapter import AdapterDisabled
-from latentlab.policies.nla_actor import NLAActor, load_actor, save_actor
-from latentlab.policies.nla_critic import load_critic, save_critic
+from latentlab.policies.nla_actor import NLAActor, load_actor
+from latentlab.policies.nla_critic import load_critic
 from latentlab.policies.value_head import ValueHead
 from latentlab.rl.grpo import GRPOTrainer
 from latentlab.rl.nla import CriticReward, CriticTrainer, train_rl
 from latentlab.rl.ppo import PPOTrainer
 from latentlab.tasks.nla_eval import explain, reconstruction_scores
 from stages.common import MODELS, PLOTS, require_divisible, setup, stage, step_log
-from stages.execution import fine_tuned, plain_weights, sampling
+from stages.execution import fine_tuned, sampling, whole
+from stages.nla_outputs import save_nla_pair
 
 
 @stage(torchrun=True)
@@ -82,16 +83,13 @@ def main(params):
     critic_trainer = CriticTrainer(critic, cfg.critic, algo.steps, execution=sampling(run, params))
     loop = Loop(log=log, desc=f"nla_rl {cfg.algo}", evaluate=monitor, eval_every=cfg.eval_every)
     train_rl(trainer, reward, critic_trainer, batches, steps=algo.steps, loop=loop)
-    if not run.leader:  # under torchrun rank 0 alone writes the outputs
-        return
-
-    provenance = {"parent": read_manifest(sft).get("content_sha256"), "algo": cfg.algo}
-    with atomic_output(MODELS / "nla_rl") as out:
-        actor.model, _ = plain_weights(actor.model, out / "actor", provenance["parent"])
-        save_actor(actor, out / "actor", **provenance)
-        save_critic(critic, out / "critic", **provenance)
-        if value_head is not None:
-            save_weights(value_head, out / "value_head.safetensors")
+    with whole(trainer.learner, critic_trainer.learner):  # fsdp: whole weights gathered to rank 0 (every rank)
+        if not run.leader:  # under torchrun rank 0 alone writes the outputs
+            return
+        with atomic_output(MODELS / "nla_rl") as out:
+            save_nla_pair(params, actor, critic, out, sft, algo=cfg.algo)
+            if value_head is not None:
+                save_weights(value_head, out / "value_head.safetensors")
     log.save(PLOTS / "nla_rl.csv")
     log.finish()
 

@@ -17,12 +17,13 @@ from latentlab.common.atomic import atomic_output
 from latentlab.common.inputs import require_model_dir
 from latentlab.common.precision import weight_dtype
 from latentlab.hidden.nla_table import read_nla_table
-from latentlab.lm.modeling import load_lm, read_manifest
-from latentlab.policies.nla_actor import build_actor, save_actor
-from latentlab.policies.nla_critic import build_critic, save_critic
+from latentlab.lm.modeling import load_lm
+from latentlab.policies.nla_actor import build_actor
+from latentlab.policies.nla_critic import build_critic
 from latentlab.rl.nla import train_sft
 from stages.common import MODELS, PLOTS, check_layers, setup, stage, step_log
-from stages.execution import fine_tuned, plain_weights, supervised
+from stages.execution import fine_tuned, supervised, whole
+from stages.nla_outputs import save_nla_pair
 
 NLA = "data/labels/nla.parquet"
 
@@ -45,7 +46,7 @@ def main(params):
         )
 
     log = step_log(params, "nla_sft", params.model_dump(include={"nla_sft", "seed"}))
-    train_sft(
+    learners = train_sft(
         actor if cfg.train_mode in ("actor", "both") else None,
         critic if cfg.train_mode in ("critic", "both") else None,
         vectors,
@@ -55,13 +56,11 @@ def main(params):
         log,
         execution=supervised(run, params),
     )
-    if not run.leader:  # under torchrun rank 0 alone writes the outputs
-        return
-    provenance = {"parent": read_manifest(base).get("content_sha256"), "train_mode": cfg.train_mode}
-    with atomic_output(MODELS / "nla_sft") as out:
-        actor.model, _ = plain_weights(actor.model, out / "actor", provenance["parent"])
-        save_actor(actor, out / "actor", **provenance)
-        save_critic(critic, out / "critic", **provenance)
+    with whole(*learners):  # fsdp: the whole weights gathered to rank 0 (every rank takes part)
+        if not run.leader:  # under torchrun rank 0 alone writes the outputs
+            return
+        with atomic_output(MODELS / "nla_sft") as out:
+            save_nla_pair(params, actor, critic, out, base, train_mode=cfg.train_mode)
     log.save(PLOTS / "nla_sft.csv")
     log.finish()
 

@@ -18,7 +18,7 @@ from latentlab.policies.actor_critic import ActorCritic, ActorCriticConfig, save
 from latentlab.rl.awr import Batch, train_awr
 from latentlab.tasks.grid import read_transitions
 from stages.common import GRID, MODELS, PLOTS, setup, stage, step_log
-from stages.execution import supervised
+from stages.execution import supervised, whole
 
 STORE = "data/hidden/grid.zarr"
 
@@ -32,7 +32,7 @@ def main(params):
     if not np.array_equal(open_store(STORE)["ids"][:], data["ids"]):
         raise ValueError(f"{STORE} does not hold the rows of {GRID / 'transitions.zarr'}: rerun `dvc repro label`")
     image, action, reward, done = (torch.from_numpy(data[k]) for k in ("obs", "action", "reward", "done"))
-    logs, policies = {}, {}
+    logs, policies, learners = {}, {}, []
     for name, use_hidden in (("hidden", True), ("obs", False)):
         torch.manual_seed(params.seed)  # the same initial CNN and heads for both
         model = ActorCritic(
@@ -50,14 +50,17 @@ def main(params):
             model.fit_hidden_scale(batch.hidden)
         logs[name] = step_log(params, f"policy-{name}", params.model_dump(include={"policy", "grid", "seed"}))
         generator = torch.Generator().manual_seed(params.seed)
-        train_awr(model, batch, cfg.awr, generator, logs[name], f"awr {name}", execution=supervised(run, params))
+        learners.append(
+            train_awr(model, batch, cfg.awr, generator, logs[name], f"awr {name}", execution=supervised(run, params))
+        )
         logs[name].finish()
         policies[name] = model
-    if not run.leader:  # under torchrun rank 0 alone writes the outputs
-        return
-    with atomic_output(MODELS / "policy") as out:
-        for name, model in policies.items():
-            save_policy(model, out / name, layer=cfg.eval.layer if name == "hidden" else None, store=STORE)
+    with whole(*learners):  # fsdp: the whole weights gathered to rank 0 (every rank takes part)
+        if not run.leader:  # under torchrun rank 0 alone writes the outputs
+            return
+        with atomic_output(MODELS / "policy") as out:
+            for name, model in policies.items():
+                save_policy(model, out / name, layer=cfg.eval.layer if name == "hidden" else None, store=STORE)
     log = StepLog()  # one CSV: hidden_* and obs_* columns side by side (same steps)
     for a, b in zip(logs["hidden"].rows, logs["obs"].rows):
         step, _ = a.pop("step"), b.pop("step")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import polars as pl
 import torch
 
-from latentlab.common.execution import Loop
+from latentlab.common.execution import Learner, Loop
 from latentlab.common.inputs import read_table
 from latentlab.common.tracking import StepLog
 from latentlab.policies.lm_policy import LMPolicy
@@ -72,11 +72,12 @@ def arithmetic_grpo(
 
 def train_with_grpo(
     params: Params, run: Run, name: str, section: str, policy: LMPolicy, reference: LMPolicy | None
-) -> StepLog:
+) -> tuple[StepLog, Learner]:
     """GRPO on the full set with the `grpo` section's reward, sampler, groups and steps and the learning
-    rate of the stage's own params `section`; `name` labels the progress bar and the W&B run."""
+    rate of the stage's own params `section`; `name` labels the progress bar and the W&B run. Returns the log and
+    the trainer's learner (its `whole()` gathers a sharded policy to be saved)."""
     grpo = arithmetic_grpo(params, run, getattr(params, section).lr, policy, reference)
     log = step_log(params, name, params.model_dump(include={"grpo", section, "seed"}))
     loop = Loop(log=log, desc=name, evaluate=grpo.monitor(policy), eval_every=params.grpo.eval_every)
     grpo.trainer.train(lambda: next(grpo.batches), loop)
-    return log
+    return log, grpo.trainer.learner

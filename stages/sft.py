@@ -8,15 +8,13 @@ The loss covers the answer and its end-of-sequence token only, never the prompt.
 
 import torch
 
-from latentlab.common.atomic import atomic_output
 from latentlab.common.inputs import read_table, require_model_dir
-from latentlab.lm.modeling import read_manifest, save_lm
 from latentlab.lm.tokenizer import INJECT
 from latentlab.lm.training import prompt_answer_examples, shuffled_batches, train_lm
 from latentlab.policies.placeholder import PlaceholderLM, add_placeholders
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
 from stages.common import MODELS, PLOTS, SYNTH, check_layers, setup, stage, step_log
-from stages.execution import load_trained_lm, plain_weights, supervised
+from stages.execution import load_trained_lm, save_fine_tuned_lm, supervised
 
 
 @stage(torchrun=True)
@@ -37,13 +35,11 @@ def main(params):
     batches = shuffled_batches(
         examples, cfg.batch_size, tokenizer.pad_token_id, run.data_rng, supervised(run, params).shards
     )
-    train_lm(trained, batches, cfg, log, "sft", execution=supervised(run, params))
-    if not run.leader:  # under torchrun rank 0 alone writes the outputs
-        return
-    parent = read_manifest(base).get("content_sha256")
-    with atomic_output(MODELS / "sft") as out:
-        model, count = plain_weights(model, out, parent)
-        save_lm(model, tokenizer, out, parent=parent, trained_parameters=count)
+    learner = train_lm(trained, batches, cfg, log, "sft", execution=supervised(run, params))
+    with learner.whole():  # fsdp: the whole weights gathered to rank 0 (every rank takes part)
+        if not run.leader:  # under torchrun rank 0 alone writes the outputs
+            return
+        save_fine_tuned_lm(params, model, tokenizer, MODELS / "sft", base)
     log.save(PLOTS / "sft.csv")  # and plots/sft_speed.csv
     log.finish()
 

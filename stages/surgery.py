@@ -39,6 +39,7 @@ from stages.common import (
     write_json,
 )
 from stages.execution import load_trained_lm, sampling
+from stages.params import ParamsError
 from stages.recipes import arithmetic_grpo
 
 ARMS = ("sac", "random", "grpo_only")  # the method, then its controls
@@ -48,6 +49,9 @@ SIDE_BY_SIDE = ["phase", "heldout_accuracy", "reward_mean", "surgery_reward", "c
 @stage(torchrun=True)
 def main(params):
     run, cfg, seed, every = setup(params), params.surgery, params.seed, params.grpo.eval_every
+    if params.launcher.strategy == "fsdp" and run.ranks.world > 1:
+        # its arms copy the phase-1 trainer and its surgeon edits attention weights in place: neither works on shards
+        raise ParamsError("params.yaml: launcher.strategy: surgery runs under ddp only (its arms copy the model)")
     sft = require_model_dir(MODELS / "sft")
     check_layers(params, sft, ("surgery.layers",))
     model, tokenizer = load_trained_lm(params, sft, run, adapters=False)

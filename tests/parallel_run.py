@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from latentlab.common.distributed import current_ranks
-from latentlab.common.parallel import Trainable, TrainableGroup
+from latentlab.common.parallel import Trainable, TrainableGroup, clip_grad_norm
 from tests.tiny import new_tiny_lm
 
 STEPS, LR, MAX_NORM = 3, 1e-2, 1.0
@@ -56,9 +56,8 @@ def prompts(rank: int) -> list[torch.Tensor]:
 
 
 def grad_norm(pair: Pair) -> torch.Tensor:
-    """clip_grad_norm_ over every parameter; FSDP's norm is a replicated DTensor, made a plain tensor."""
-    norm = torch.nn.utils.clip_grad_norm_(pair.parameters(), MAX_NORM)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    """The clipped norm over every parameter (FSDP's blocks are shards, the rest whole: parallel.clip_grad_norm)."""
+    return clip_grad_norm(list(pair.parameters()), MAX_NORM)
 
 
 def train_one_process() -> tuple[Pair, torch.Tensor]:
@@ -93,8 +92,8 @@ def main(strategy: str, out: Path, param_dtype: torch.dtype | None) -> None:
             with group.gradient_pass(sync=k == SHARDS_PER_RANK - 1):
                 weight = len(part) / BATCH * world  # Shards.weight: the ranks' average is the global mean's
                 (pair.loss(part) * weight).backward()
-        facts["grad_dtype"] = str(pair.lm.lm_head.weight.grad.dtype)
-        facts["param_dtype"] = str(pair.lm.lm_head.weight.dtype)
+        facts["grad_dtype"] = str(pair.lm.model.layers[0].mlp.up_proj.weight.grad.dtype)
+        facts["param_dtype"] = str(pair.lm.model.layers[0].mlp.up_proj.weight.dtype)
         norms.append(grad_norm(pair))
         optimizer.step()
         optimizer.zero_grad()
@@ -111,7 +110,7 @@ def main(strategy: str, out: Path, param_dtype: torch.dtype | None) -> None:
 
     logits = {}
     with group.gathered(), torch.no_grad():
-        facts["gathered_param_dtype"] = str(pair.lm.lm_head.weight.dtype)
+        facts["gathered_param_dtype"] = str(pair.lm.model.layers[0].mlp.up_proj.weight.dtype)
         for i, ids in enumerate(prompts(rank)):
             forward = pair.lm(ids).logits  # [2, PROMPT + i, vocab]
             facts["gathered_logits_dtype"] = str(forward.dtype)

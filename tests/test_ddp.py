@@ -1,4 +1,4 @@
-"""Training stages under torchrun (2 CPU processes, gloo, DistributedDataParallel) against one process.
+"""Training stages under torchrun (2 CPU processes, gloo; DDP and FSDP2, `launcher.strategy`) against one process.
 
 The contract (latentlab/common/distributed.py): a run on N processes equals, step by step within float
 tolerance, one process given the same global batch cut into the same N seeded shards (`launcher.shards`).
@@ -30,6 +30,7 @@ ENV = {
     "OMP_NUM_THREADS": "1",
 }
 ENV.pop("LATENTLAB_DEBUG", None)
+STRATEGIES = ("ddp", "fsdp")  # launcher.strategy: DDP, or FSDP2 sharding each decoder block (and a small add-on whole)
 
 
 def set_params(directory: Path, **sections) -> None:
@@ -92,8 +93,9 @@ def assert_same_weights(a: Path, b: Path) -> None:
         )  # AdamW magnifies last-bit gradient differences
 
 
-def test_sft_on_two_processes_matches_one(project, tmp_path):
-    two = copy(project, tmp_path, "two", nproc=2)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sft_on_two_processes_matches_one(project, tmp_path, strategy):
+    two = copy(project, tmp_path, "two", nproc=2, strategy=strategy)
     result = stage(two, "sft")
     assert "torch.distributed.run --standalone --nproc-per-node=2 -m stages.sft" in result.stderr
     assert_same_logs(project / "plots/sft.csv", two / "plots/sft.csv", ["loss", "grad_norm", "lr"])
@@ -104,8 +106,9 @@ def test_sft_on_two_processes_matches_one(project, tmp_path):
 GRPO_COLUMNS = ["reward_mean", "reward_std", "advantage_std", "loss", "grad_norm", "completion_tokens", "lr"]
 
 
-def test_grpo_on_two_processes_matches_one_process_with_two_shards(project, tmp_path):
-    one, two = copy(project, tmp_path, "one", shards=2), copy(project, tmp_path, "two", nproc=2)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_grpo_on_two_processes_matches_one_process_with_two_shards(project, tmp_path, strategy):
+    one, two = copy(project, tmp_path, "one", shards=2), copy(project, tmp_path, "two", nproc=2, strategy=strategy)
     plain = copy(project, tmp_path, "plain")
     # token aggregation: the loss divides by the global token count, which the ranks all-reduce
     for directory in (one, two, plain):
@@ -120,8 +123,9 @@ def test_grpo_on_two_processes_matches_one_process_with_two_shards(project, tmp_
 
 
 @pytest.mark.slow
-def test_inject_on_two_processes_matches_one_process_with_two_shards(project, tmp_path):
-    one, two = copy(project, tmp_path, "one", shards=2), copy(project, tmp_path, "two", nproc=2)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_inject_on_two_processes_matches_one_process_with_two_shards(project, tmp_path, strategy):
+    one, two = copy(project, tmp_path, "one", shards=2), copy(project, tmp_path, "two", nproc=2, strategy=strategy)
     for directory in (one, two):
         stage(directory, "inject")
     assert_same_logs(one / "plots/inject.csv", two / "plots/inject.csv", [*GRPO_COLUMNS, "l2_reg"])

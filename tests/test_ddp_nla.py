@@ -10,7 +10,15 @@ import shutil
 import pytest
 
 from tests.dag import ROOT, TINY
-from tests.test_ddp import assert_same_logs, assert_same_weights, copy, project, set_params, stage  # noqa: F401
+from tests.test_ddp import (  # noqa: F401
+    STRATEGIES,
+    assert_same_logs,
+    assert_same_weights,
+    copy,
+    project,
+    set_params,
+    stage,
+)
 
 NLA_RL_COLUMNS = [
     "reward_mean",
@@ -47,8 +55,9 @@ def assert_same_pair(a, b, stage_name):
         assert_same_weights(a / "models" / stage_name / name, b / "models" / stage_name / name)
 
 
-def test_nla_sft_on_two_processes_matches_one(nla_project, tmp_path):
-    two = copy(nla_project, tmp_path, "two", nproc=2)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_nla_sft_on_two_processes_matches_one(nla_project, tmp_path, strategy):
+    two = copy(nla_project, tmp_path, "two", nproc=2, strategy=strategy)
     stage(two, "nla_sft")
     columns = ["actor_loss", "actor_grad_norm", "critic_loss", "critic_grad_norm", "critic_fve"]
     assert_same_logs(nla_project / "plots/nla_sft.csv", two / "plots/nla_sft.csv", columns)
@@ -56,8 +65,12 @@ def test_nla_sft_on_two_processes_matches_one(nla_project, tmp_path):
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_nla_rl_on_two_processes_matches_one_process_with_two_shards(nla_project, tmp_path, algo):
-    one, two = copy(nla_project, tmp_path, "one", shards=2), copy(nla_project, tmp_path, "two", nproc=2)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_nla_rl_on_two_processes_matches_one_process_with_two_shards(nla_project, tmp_path, algo, strategy):
+    one, two = (
+        copy(nla_project, tmp_path, "one", shards=2),
+        copy(nla_project, tmp_path, "two", nproc=2, strategy=strategy),
+    )
     for directory in (one, two):
         set_params(directory, nla_rl={"algo": algo})
         stage(directory, "nla_rl")
@@ -93,9 +106,18 @@ def test_surgery_on_two_processes_matches_one_process_with_two_shards(project, t
         assert_same_weights(one / "models/surgery" / name, two / "models/surgery" / name)
 
 
-def test_policy_on_two_processes_matches_one(nla_project, tmp_path):
+def test_surgery_refuses_fsdp_naming_the_key(project, tmp_path):  # noqa: F811
+    """Its arms copy the phase-1 trainer and its surgeon edits attention weights in place: not on shards."""
+    two = copy(project, tmp_path, "two", nproc=2, strategy="fsdp")
+    result = stage(two, "surgery", check=False)
+    assert result.returncode != 0 and "launcher.strategy: surgery runs under ddp only" in result.stderr
+    assert not (two / "models/surgery").exists()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_policy_on_two_processes_matches_one(nla_project, tmp_path, strategy):
     """AWR: each minibatch split across the ranks (no sampling: the plain one-process run is the reference)."""
-    one, two = copy(nla_project, tmp_path, "one"), copy(nla_project, tmp_path, "two", nproc=2)
+    one, two = copy(nla_project, tmp_path, "one"), copy(nla_project, tmp_path, "two", nproc=2, strategy=strategy)
     for directory in (one, two):
         stage(directory, "policy")
     columns = [f"{arm}_{name}" for arm in ("hidden", "obs") for name in ("loss", "value_loss", "weight_mean")]

@@ -102,10 +102,11 @@ def test_an_empty_explanation_earns_the_mean_predictors_reward_on_its_row():
 
 
 class _OneGroupTrainer:
-    """A trainer whose step samples each prompt twice (a GRPO group of 2) and asks the reward for them."""
+    """A trainer whose step samples each prompt twice (a GRPO group of 2) and asks the reward for them; its
+    learner is the critic's (one process: nothing sharded)."""
 
-    def __init__(self, reward):
-        self.reward = reward
+    def __init__(self, reward, learner):
+        self.reward, self.learner = reward, learner
 
     def step(self, step, prompts, targets):
         texts = [t for t in TEXTS for _ in range(2)]
@@ -119,7 +120,14 @@ def test_the_rl_log_reports_fve_cosine_and_mse_of_the_batch_by_hand():
     log = StepLog()
     critic_trainer = CriticTrainer(critic, CriticUpdates(lr=1e-3, updates_per_step=0), 1)
     batches = iter([list(MU + 2 * T)])
-    train_rl(_OneGroupTrainer(reward), reward, critic_trainer, batches, steps=1, loop=Loop(log=log, desc="test"))
+    train_rl(
+        _OneGroupTrainer(reward, critic_trainer.learner),
+        reward,
+        critic_trainer,
+        batches,
+        steps=1,
+        loop=Loop(log=log, desc="test"),
+    )
     (row,) = log.rows
     assert row["fve"] == pytest.approx(0.8)
     assert row["mse"] == pytest.approx(0.5)

@@ -1,4 +1,4 @@
-"""torchrun support: which worker this process is, how a global batch is cut, and gradient sync by DDP.
+"""torchrun support: which worker this process is, and how a global batch is cut into shards.
 
     with distributed() as ranks:      # torchrun --nproc_per_node 2 -m stages.label
         ranks.rank, ranks.world, ranks.barrier()
@@ -10,14 +10,14 @@ shards; rank r handles shards r*L .. r*L+L-1 (L = count / world, at least 1). Sh
 stream seeded `shard_seed(seed, k)`, and shard 0's seed is the run's own, so one process with one shard is
 the run as it always was. One process given `count` shards samples every shard with its own stream and
 accumulates their gradients: it reproduces a run on `count` ranks step by step (within float tolerance).
-Gradients are averaged across ranks by the wrapper of the trainable modules (`Synced`); the execution layer
-(latentlab/common/execution.py) normalises every loss by its global count so that this average is the
-gradient of the global loss.
+Gradients are averaged across ranks by the wrapper of the trainable modules (latentlab/common/parallel.py);
+the execution layer (latentlab/common/execution.py) normalises every loss by its global count so that this
+average is the gradient of the global loss.
 """
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -135,62 +135,6 @@ class Shards:
         parts = [torch.empty_like(value) for _ in range(self.ranks.world)]
         dist.all_gather(parts, value.contiguous())
         return torch.cat(parts)
-
-
-class _DDP(torch.nn.parallel.DistributedDataParallel):
-    """DDP whose other attributes are the wrapped module's (`get_input_embeddings`, `config`, `residual`...)."""
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "module":  # not set yet (DDP's own __init__ asks)
-                raise
-            return getattr(super().__getattr__("module"), name)
-
-
-def data_parallel(module: torch.nn.Module, ranks: Ranks | None = None) -> torch.nn.Module:
-    """`module` under DistributedDataParallel when there is a process group, else `module` itself.
-
-    The wrapper broadcasts rank 0's parameters once, then averages gradients in every backward.
-    forward_sync_buffers=False: buffers (rotary tables) are constants, and a broadcast in every forward
-    would be a collective that the ranks' different numbers of forward calls (sampling) could deadlock.
-    """
-    ranks = ranks or current_ranks()
-    if ranks.world == 1:
-        return module
-    device = next(module.parameters()).device
-    return _DDP(module, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
-
-
-class Synced:
-    """The trainable module `owner.<attr>` under DistributedDataParallel, for the gradient passes only.
-
-    `with synced.forward(sync):` puts the DDP wrapper in `owner.<attr>` for the block (sampling, outside it,
-    uses the plain module: no collectives, no gradient hooks). `sync=False` is DDP's `no_sync`: gradients
-    accumulate locally, and the next synced backward averages the sum. Without a process group it does
-    nothing. Every parameter of the module must take part in each synced backward (no unused parameters).
-    """
-
-    def __init__(self, owner, attr: str, ranks: Ranks | None = None):
-        self.owner, self.attr = owner, attr
-        ranks = ranks or current_ranks()
-        module = getattr(owner, attr)
-        trains = any(p.requires_grad for p in module.parameters())  # nothing to average: no wrapper (DDP refuses)
-        self.ddp = data_parallel(module, ranks) if ranks.world > 1 and trains else None
-
-    @contextmanager
-    def forward(self, sync: bool = True) -> Iterator[None]:
-        if self.ddp is None:
-            yield
-            return
-        plain = getattr(self.owner, self.attr)
-        setattr(self.owner, self.attr, self.ddp)
-        try:
-            with nullcontext() if sync else self.ddp.no_sync():
-                yield
-        finally:
-            setattr(self.owner, self.attr, plain)
 
 
 ONE_PROCESS = Shards()  # one process, one shard: the default of every trainer

@@ -27,17 +27,17 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from latentlab.common.distributed import ONE_PROCESS, Shards, Synced
+from latentlab.common.distributed import ONE_PROCESS, Shards
 from latentlab.common.optim import build_optimizer, check_finite
+from latentlab.common.parallel import Strategy, Trainable, clip_grad_norm
 from latentlab.common.runtime import autocast
 from latentlab.common.tracking import StepLog, progress
 
 Count = int | float | torch.Tensor
-Strategy = Literal["ddp", "fsdp"]
 
 
 @dataclass(frozen=True)
@@ -121,12 +121,21 @@ class Learner:
         self.optimizer, self.schedule = build_optimizer(self.parameters, lr, steps, warmup_steps, weight_decay)
         self.max_grad_norm = max_grad_norm
 
-    def _wrap(self) -> list[Synced]:
-        return [Synced(owner, attr, self.shards.ranks) for owner, attr in self.trainable]
+    def _wrap(self) -> list[Trainable]:
+        strategy, ranks = self.execution.strategy, self.shards.ranks
+        return [Trainable(owner, attr, ranks, strategy) for owner, attr in self.trainable]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether a trainable module is sharded over the ranks (fsdp with several processes): then every forward
+        outside `scoring` is a collective, and whole weights must be gathered to be saved (`whole`)."""
+        return any(module.sharded for module in self.wrapped)
 
     def __deepcopy__(self, memo: dict) -> "Learner":
         """A copy that steps the copied modules (copied with it through `memo`) and wraps them anew: a
-        process-group wrapper is made, never copied."""
+        process-group wrapper is made, never copied (a sharded module cannot be copied at all)."""
+        if self.sharded:
+            raise ValueError("a trainer whose modules FSDP shards cannot be copied: use launcher.strategy ddp")
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied
         for name, value in vars(self).items():
@@ -143,7 +152,17 @@ class Learner:
     def _gradient_pass(self, sync: bool) -> Iterator[None]:
         with ExitStack() as stack:
             for module in self.wrapped:
-                stack.enter_context(module.forward(sync))
+                stack.enter_context(module.gradient_pass(sync))
+            yield
+
+    @contextmanager
+    def whole(self) -> Iterator[None]:
+        """The trained modules as they are saved: under fsdp every rank gathers their whole state to rank 0 (a
+        collective: every rank enters), where their `state_dict()` then returns it, so any saver (save_pretrained,
+        a safetensors file) writes the plain module's weights. Nothing to do otherwise."""
+        with ExitStack() as stack:
+            for module in self.wrapped:
+                stack.enter_context(module.whole_state())
             yield
 
     def sample(self, fn: Callable, prompts: Sequence, targets: Sequence, generators: Sequence, key: str) -> list:
@@ -154,9 +173,14 @@ class Learner:
 
     @contextmanager
     def scoring(self) -> Iterator[None]:
-        """No-gradient passes of the trainable modules (sampling, pi_old): at the run's precision (bf16 autocast
-        on a GPU per gpu.precision, nothing on the CPU)."""
-        with torch.no_grad(), autocast():
+        """No-gradient passes of the trainable modules (sampling, pi_old, held-out evaluation): whole weights on
+        every rank (fsdp: gathered once, so the ranks may make different numbers of forward calls), at the run's
+        precision (bf16 autocast on a GPU per gpu.precision, nothing on the CPU)."""
+        with ExitStack() as stack:
+            for module in self.wrapped:
+                stack.enter_context(module.gathered())
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(autocast())
             yield
 
     def update(
@@ -187,7 +211,7 @@ class Learner:
                 sums.setdefault(name, []).append((term.sum.detach(), term.over))
         row = self._global_means(sums, denominators, totals)
         check_finite(torch.tensor(row["loss"]), step)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        grad_norm = clip_grad_norm(self.parameters, self.max_grad_norm)
         self.optimizer.step()
         return {**row, "grad_norm": float(grad_norm)}
 
@@ -244,15 +268,31 @@ class Loop:
     """A row every this many steps, and at the last."""
 
 
-def fit(steps: int, step: Callable[[int], dict[str, float]], loop: Loop, execution: Execution = ONE) -> None:
+def fit(
+    steps: int,
+    step: Callable[[int], dict[str, float]],
+    loop: Loop,
+    execution: Execution = ONE,
+    learners: Sequence["Learner"] = (),
+) -> None:
     """The training loop: `step(i)` for i < `steps` under a progress bar, rows and held-out metrics as `loop`
-    says. Evaluation runs on rank 0 alone: the others go on to the next step's collectives and wait there."""
+    says. Evaluation runs on rank 0 alone (the others go on to the next step's collectives and wait there), but
+    where `learners` shard a module (fsdp) every rank evaluates alike, in their `scoring` mode: a sharded forward
+    is a collective, so no rank may skip it; rank 0's result is logged."""
+    everywhere = any(learner.sharded for learner in learners)
     bar = progress(range(steps), loop.desc)
     loop.log.bar = bar
     for i in bar:
         row = step(i)
         evaluated = loop.evaluate is not None and loop.eval_every and logged(i, steps, loop.eval_every)
-        if evaluated and execution.leader:
+        if evaluated and everywhere:
+            with ExitStack() as stack:
+                for learner in learners:
+                    stack.enter_context(learner.scoring())
+                held_out = loop.evaluate()
+            if execution.leader:
+                row.update(held_out)
+        elif evaluated and execution.leader:
             row.update(loop.evaluate())
         if evaluated or logged(i, steps, loop.log_every):  # an evaluation is never computed to be dropped
             loop.log.log(i, **row)

@@ -11,11 +11,12 @@
 gradient pass, and its wrapper is in `owner.<attr>` only for those passes, so sampling outside them runs the plain
 module without a collective.
 
-"fsdp": torch's FSDP2 (`fully_shard`), each decoder block and then the root sharded in place: a rank stores
-1/world of every parameter, its gradient and its optimizer state, and gathers a block's whole parameters just
-for that block's forward and backward. Every forward outside `gathered()` is therefore a collective that all
-ranks must make alike. FSDP2 also averages the gradients over the ranks (reduce-scatter, then / world), so the
-loss scaling of `Shards.weight` holds unchanged for both strategies.
+"fsdp": torch's FSDP2 (`fully_shard`), each decoder block sharded in place: a rank stores 1/world of every
+block's parameters, gradients and optimizer state, and gathers a block's whole parameters just for that block's
+forward and backward. The rest of the model (embeddings, tied output layer, final norm) stays whole on every rank,
+its gradients averaged like DDP's (`_fully_shard` says why). Every forward outside `gathered()` is therefore a
+collective that all ranks must make alike. FSDP2 averages the gradients over the ranks (reduce-scatter, then
+/ world) as DDP does, so the execution layer's normalisation (latentlab/common/execution.py) holds for both.
 
 With one process, or nothing to train, nothing is wrapped and every method is plain.
 
@@ -25,6 +26,7 @@ through `gathered()` or `full_state_dict()`; `param_dtype` changes the forward's
 process runs as the module is).
 """
 
+import functools
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Literal
@@ -60,23 +62,49 @@ def _broadcast_from_rank0(module: torch.nn.Module) -> None:
 
 
 def _fully_shard(module: torch.nn.Module, param_dtype: torch.dtype | None) -> list[torch.nn.Module]:
-    """`module` sharded in place by FSDP2: its decoder blocks, then the root. Returns the sharded modules,
-    blocks first, root last.
+    """`module`'s decoder blocks sharded in place by FSDP2; returns them (none: nothing is sharded).
 
-    The blocks are the submodules whose class the Hugging Face model names in `_no_split_modules` (a block's
-    parameters are gathered together for its forward, freed after it); a module without that list (a small
-    add-on) is one unit, the root. The root holds what no block does (embeddings, the tied output layer, the
-    final norm).
+    The blocks are the submodules whose class a Hugging Face model inside `module` names in `_no_split_modules`
+    (Llama, Qwen2/3, GPT-2 all do). Each block's parameters are gathered for its forward and backward and freed
+    after each (explicit `reshard_after_forward`: every block is a root of its own, and FSDP2 keeps a root
+    gathered by default). What no block holds (the embeddings, the tied output layer, the final norm, a small
+    add-on such as an injector or a value head) stays whole on every rank: policies embed tokens outside the
+    model's forward (an injected prefix), which a sharded embedding cannot serve, FSDP2 refuses scalar
+    parameters (a gate), and it is a small part of a large model. Its gradients are averaged by `Trainable` at
+    the synced backward, as DDP would.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    block_classes = set(getattr(module, "_no_split_modules", None) or ())
+    block_classes = {name for m in module.modules() for name in getattr(m, "_no_split_modules", None) or ()}
     blocks = [m for m in module.modules() if m is not module and type(m).__name__ in block_classes]
     for block in blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(module, mp_policy=policy)
-    return [*blocks, module]
+        fully_shard(block, mp_policy=policy, reshard_after_forward=True)
+    return blocks
+
+
+def _given_state_dict(state: dict, *args, destination=None, prefix: str = "", keep_vars: bool = False) -> dict:
+    """`nn.Module.state_dict`'s answer, from a gathered `state` (see `Trainable.whole_state`)."""
+    out = {} if destination is None else destination
+    out.update({prefix + key: value for key, value in state.items()})
+    return out
+
+
+def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Every rank's gradients of `params` replaced by their mean over the ranks (one all-reduce of one flat buffer;
+    a parameter without a gradient on this rank counts as a zero one, so every rank sends the same layout)."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world
+    for grad, mean in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+        grad.copy_(mean)
 
 
 class Trainable:
@@ -101,9 +129,10 @@ class Trainable:
         self.owner, self.attr, self.strategy = owner, attr, strategy
         ranks = ranks or current_ranks()
         module = getattr(owner, attr)
-        self.rank = ranks.rank
+        self.rank, self.world = ranks.rank, ranks.world
         self.ddp: _DDP | None = None
-        self.sharded: list[torch.nn.Module] = []  # fsdp: the FSDP modules, blocks first, root last
+        self.sharded: list[torch.nn.Module] = []  # fsdp: the FSDP modules (the decoder blocks)
+        self.replicated: list[torch.nn.Parameter] = []  # fsdp: trainable parameters outside every FSDP module
         if ranks.world == 1 or not any(p.requires_grad for p in module.parameters()):
             return  # nothing to average (DDP would refuse a module without gradients)
         if strategy == "ddp":
@@ -114,11 +143,8 @@ class Trainable:
         else:
             _broadcast_from_rank0(module)
             self.sharded = _fully_shard(module, param_dtype)
-
-    @property
-    def root(self):
-        """The sharded module itself (fsdp), or None."""
-        return self.sharded[-1] if self.sharded else None
+            inside = {id(p) for sharded in self.sharded for p in sharded.parameters()}
+            self.replicated = [p for p in module.parameters() if p.requires_grad and id(p) not in inside]
 
     @contextmanager
     def gradient_pass(self, sync: bool = True) -> Iterator[None]:
@@ -133,12 +159,16 @@ class Trainable:
                     yield
             finally:
                 setattr(self.owner, self.attr, plain)
-        elif self.root is not None:
-            self.root.set_requires_gradient_sync(sync)
+        elif self.sharded or self.replicated:
+            for module in self.sharded:
+                module.set_requires_gradient_sync(sync, recurse=False)
             try:
                 yield
+                if sync and self.replicated:  # the backward is done: the whole-on-every-rank part averaged
+                    _average_gradients(self.replicated, self.world)
             finally:
-                self.root.set_requires_gradient_sync(True)
+                for module in self.sharded:
+                    module.set_requires_gradient_sync(True, recurse=False)
         else:
             yield
 
@@ -151,34 +181,56 @@ class Trainable:
         pre-forward gather is a no-op on gathered parameters, and resharding after forward is off for the block),
         then resharded on leaving. Peak memory is the whole module's, in `param_dtype`. ddp: nothing to do.
         """
-        if self.root is None:
+        if not self.sharded:
             yield
             return
         for module in self.sharded:
             module.unshard()
-        self.root.set_reshard_after_forward(False)
+            module.set_reshard_after_forward(False, recurse=False)
         try:
             yield
         finally:
-            # the FSDP defaults back: blocks free their gathered parameters after forward, the root keeps them
-            # (its backward needs them at once)
-            for module in self.sharded[:-1]:
+            for module in self.sharded:  # blocks free their gathered parameters after forward again
                 module.set_reshard_after_forward(True, recurse=False)
-            for module in self.sharded:
                 module.reshard()
+
+    @contextmanager
+    def whole_state(self) -> Iterator[None]:
+        """For saving: under fsdp every rank gathers the module's whole state (`full_state_dict`, a collective), and
+        inside the block rank 0's module and each of its submodules answer `state_dict()` with their part of it, so
+        any saver (HF's save_pretrained, peft's, a safetensors file of `state_dict()`) writes the plain module's
+        weights. The weights must not change inside the block. Nothing to do unsharded."""
+        if not self.sharded:
+            yield
+            return
+        state = self.full_state_dict()
+        module = getattr(self.owner, self.attr)
+        patched = []
+        if state:  # rank 0
+            for name, submodule in module.named_modules():
+                head = f"{name}." if name else ""
+                own = {key[len(head) :]: value for key, value in state.items() if key.startswith(head)}
+                submodule.state_dict = functools.partial(_given_state_dict, own)  # shadows the method
+                patched.append(submodule)
+        try:
+            yield
+        finally:
+            for submodule in patched:
+                del submodule.state_dict
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The module's whole state on the CPU, on rank 0, under the keys of the plain module's `state_dict()`
         (tied weights under both names); {} on the other ranks. A collective under fsdp: every rank calls it."""
-        if self.root is not None:
+        if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 only: {} elsewhere
-            state = get_model_state_dict(self.root, options=options)
+            module = getattr(self.owner, self.attr)
+            state = get_model_state_dict(module, options=options)
             # a tied weight comes back as one copy per name; tied again, as in the plain module's state dict, so that
             # `save_pretrained` sees the tie and writes it once (else the output layer is saved beside the embedding)
             first: dict[int, str] = {}
-            for name, value in self.root.state_dict(keep_vars=True).items():  # the parameters themselves
+            for name, value in module.state_dict(keep_vars=True).items():  # the parameters themselves
                 alias = first.setdefault(id(value), name)
                 if state and alias != name:
                     state[name] = state[alias]
@@ -209,3 +261,25 @@ class TrainableGroup:
             for one in self.trainables:
                 stack.enter_context(one.gathered())
             yield
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """torch's `clip_grad_norm_` (the global L2 norm of every gradient; each scaled by min(1, max_norm / norm)),
+    also where some parameters are FSDP shards (DTensors) and others whole tensors, which torch's own refuses to
+    mix. Returns the norm before clipping. Without a shard it is torch's own, bit for bit."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    whole = [g for g in grads if not isinstance(g, DTensor)]
+    norms = [torch.nn.utils.get_total_norm(sharded).full_tensor()]  # each rank's shards' squares all-reduced
+    if whole:
+        norms.append(torch.nn.utils.get_total_norm(whole).to(norms[0].device))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    scale = max_norm / (total.item() + 1e-6)
+    if scale < 1.0:
+        for grad in grads:
+            grad.mul_(scale)
+    return total

@@ -118,3 +118,10 @@ def merged(peft_model: "PeftModel") -> "PreTrainedModel":
     downstream that read plain weights. It consumes the PeftModel: its layers are replaced in place by the merged
     plain ones, so save the adapter first and train no further (a copy would double the memory of a large model)."""
     return peft_model.merge_and_unload()
+
+
+def merged_from(base: "PreTrainedModel", adapter: str | Path) -> "PreTrainedModel":
+    """`base` (a plain model, consumed) with the saved adapter at `adapter` folded into its weights."""
+    from peft import PeftModel
+
+    return merged(PeftModel.from_pretrained(base, str(adapter)))

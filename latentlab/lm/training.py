@@ -120,13 +120,13 @@ def train_lm(
     desc: str,
     *,
     execution: Execution = ONE,
-) -> None:
+) -> Learner:
     """Minimise `masked_lm_loss` for `cfg.steps` AdamW steps (the parameters that require grad); rows go to `log`
     every `log_every`.
 
     Under torchrun (`execution`: one shard per rank, `batches` yielding this rank's shard) the loss is the mean
     over the target tokens of the whole global batch (the execution layer's normalisation); the logged loss and
-    tokens_per_s are global too.
+    tokens_per_s are global too. Returns the learner (`Learner.whole` before saving under fsdp).
     """
     if cfg.batch_size % execution.shards.count:
         raise ValueError(
@@ -167,5 +167,6 @@ def train_lm(
         }
 
     model.train()
-    fit(cfg.steps, step, Loop(log=log, desc=desc, log_every=cfg.log_every), execution)
+    fit(cfg.steps, step, Loop(log=log, desc=desc, log_every=cfg.log_every), execution, [learner])
     model.eval()
+    return learner  # its `whole()` gathers a sharded model to be saved

@@ -94,7 +94,7 @@ def train_awr(
     desc: str = "awr",
     *,
     execution: Execution = ONE,
-) -> None:
+) -> Learner:
     """Fit `model` ((image, hidden) -> (logits, value)) to `data` by AWR (module doc), in place.
 
     Under torchrun (`execution`: one shard per rank) every rank computes V, A and the weights on the whole
@@ -151,3 +151,4 @@ def train_awr(
                     row.pop("grad_norm")
                     log.log(step, **row, return_mean=returns.mean().item())
     model.eval()
+    return learner  # its `whole()` gathers a sharded model to be saved

@@ -278,4 +278,4 @@ class GRPOTrainer:
 
     def train(self, next_batch: Callable[[], tuple[list[str], list]], loop: Loop) -> None:
         """`cfg.steps` steps on batches from `next_batch`, reported as `loop` says."""
-        fit(self.cfg.steps, lambda i: self.step(i, *next_batch()), loop, self.execution)
+        fit(self.cfg.steps, lambda i: self.step(i, *next_batch()), loop, self.execution, [self.learner])

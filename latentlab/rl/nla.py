@@ -103,7 +103,7 @@ def train_sft(
     log: StepLog,
     *,
     execution: Execution = ONE,
-) -> None:
+) -> list[Learner]:
     """Supervised NLA: the actor learns p(text | vector), the critic learns vector <- text, on the same batches.
     With the `mse` loss the log has the critic's FVE on each training batch (gold text, the batch's own mean).
 
@@ -160,10 +160,11 @@ def train_sft(
             )
         return row
 
-    fit(cfg.steps, step, Loop(log=log, desc="nla_sft", log_every=cfg.log_every), execution)
+    fit(cfg.steps, step, Loop(log=log, desc="nla_sft", log_every=cfg.log_every), execution, list(learners.values()))
     for model in (actor, critic):
         if model is not None:
             model.train(False)
+    return list(learners.values())  # their `whole()` gathers sharded models to be saved
 
 
 class CriticUpdates(Config):
@@ -222,7 +223,7 @@ def train_rl(
 
     Under torchrun the logged reconstruction metrics are the global batch's (gathered from every rank through
     the critic's learner, which runs as the trainer's does) and the held-out `loop.evaluate` runs on rank 0
-    alone."""
+    alone (on every rank, in scoring mode, where fsdp shards the actor or the critic)."""
     learner = critic_trainer.learner
 
     def step(i: int) -> dict[str, float]:
@@ -247,4 +248,4 @@ def train_rl(
             raise ValueError(f"non-finite reconstruction error at step {i}")
         return row
 
-    fit(steps, step, loop, learner.execution)
+    fit(steps, step, loop, learner.execution, [trainer.learner, learner])
