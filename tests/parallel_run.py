@@ -1,6 +1,6 @@
 """What each torchrun rank of tests/test_parallel.py does, and the one-process run it is compared with.
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/parallel_run.py fsdp OUT [bfloat16]
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/parallel_run.py fsdp OUT [none|bfloat16 [untied]]
 
 Every rank trains `Pair` (the tiny Llama plus an add-on on its last hidden state) for STEPS AdamW steps on its
 half of the global batch, in two gradient-accumulation shards (the first unsynced), then writes to OUT:
@@ -32,15 +32,20 @@ PROMPT = 4  # tokens of the prompts the gathered forwards and generations start 
 class Pair(torch.nn.Module):
     """A policy's shape: an LM and a small add-on trained with it (an MLP on the last hidden state)."""
 
-    def __init__(self):
+    def __init__(self, tied: bool = True):
         super().__init__()
         self.lm, _ = new_tiny_lm()
+        if not tied:  # Llama 3's layout: an output layer of its own
+            self.lm.config.tie_word_embeddings = False
+            self.lm.lm_head.weight = torch.nn.Parameter(self.lm.lm_head.weight.detach().clone() * 0.5)
         torch.manual_seed(1)
         self.addon = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
 
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
-        """Next-token loss (mean over the tokens of `ids` [B, T]) plus the add-on's mean square output."""
-        out = self.lm(ids, labels=ids, output_hidden_states=True)
+        """Next-token loss (mean over the tokens of `ids` [B, T]) plus the add-on's mean square output. The tokens
+        are embedded outside the model's forward, as a policy embeds a prefix."""
+        embeds = self.lm.get_input_embeddings()(ids)  # [B, T, 32]
+        out = self.lm(inputs_embeds=embeds, labels=ids, output_hidden_states=True)
         return out.loss + self.addon(out.hidden_states[-1]).pow(2).mean()  # hidden [B, T, 32] -> [B, T, 1]
 
 
@@ -60,10 +65,10 @@ def grad_norm(pair: Pair) -> torch.Tensor:
     return clip_grad_norm(list(pair.parameters()), MAX_NORM)
 
 
-def train_one_process() -> tuple[Pair, torch.Tensor]:
+def train_one_process(tied: bool = True) -> tuple[Pair, torch.Tensor]:
     """The reference: one process, the whole global batch in one pass per step. Returns the pair and the
     gradient norms [STEPS]."""
-    pair = Pair()
+    pair = Pair(tied)
     optimizer = torch.optim.AdamW(pair.parameters(), lr=LR)
     norms = []
     for _ in range(STEPS):
@@ -74,13 +79,13 @@ def train_one_process() -> tuple[Pair, torch.Tensor]:
     return pair, torch.stack(norms)
 
 
-def main(strategy: str, out: Path, param_dtype: torch.dtype | None) -> None:
+def main(strategy: str, out: Path, param_dtype: torch.dtype | None, tied: bool = True) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # a deadlock fails, not hangs
     ranks = current_ranks()
     rank, world = ranks.rank, ranks.world
-    pair = Pair()
+    pair = Pair(tied)
     group = TrainableGroup(
         Trainable(pair, "lm", ranks, strategy, param_dtype), Trainable(pair, "addon", ranks, strategy, param_dtype)
     )
@@ -129,4 +134,6 @@ def main(strategy: str, out: Path, param_dtype: torch.dtype | None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), getattr(torch, sys.argv[3]) if len(sys.argv) > 3 else None)
+    dtype = sys.argv[3] if len(sys.argv) > 3 else "none"  # none | bfloat16
+    tied = not (len(sys.argv) > 4 and sys.argv[4] == "untied")
+    main(sys.argv[1], Path(sys.argv[2]), None if dtype == "none" else getattr(torch, dtype), tied)

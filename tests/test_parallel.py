@@ -26,18 +26,20 @@ STRATEGIES = ["ddp", "fsdp"]
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """run(strategy, dtype=None): the directory the 2-rank run of tests/parallel_run.py wrote (run once each)."""
+    """run(strategy, dtype=None, tied=True): the directory the 2-rank run of tests/parallel_run.py wrote (run once
+    each)."""
     done: dict[tuple, Path] = {}
 
-    def launch(strategy: str, dtype: str | None = None) -> Path:
-        if (strategy, dtype) not in done:
-            out = tmp_path_factory.mktemp(f"{strategy}-{dtype}")
+    def launch(strategy: str, dtype: str | None = None, tied: bool = True) -> Path:
+        if (strategy, dtype, tied) not in done:
+            out = tmp_path_factory.mktemp(f"{strategy}-{dtype}-{tied}")
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-            command += [str(ROOT / "tests" / "parallel_run.py"), strategy, str(out), *([dtype] if dtype else [])]
+            command += [str(ROOT / "tests" / "parallel_run.py"), strategy, str(out), dtype or "none"]
+            command += [] if tied else ["untied"]
             result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=120)
             assert result.returncode == 0, result.stderr[-4000:]
-            done[strategy, dtype] = out
-        return done[strategy, dtype]
+            done[strategy, dtype, tied] = out
+        return done[strategy, dtype, tied]
 
     return launch
 
@@ -72,6 +74,23 @@ def test_steps_on_two_ranks_equal_one_process(run, one_process, strategy):
     assert state.keys() == expected.keys()
     for name, value in expected.items():  # AdamW's first steps magnify last-bit gradient differences
         torch.testing.assert_close(state[name], value, rtol=1e-5, atol=5e-6, msg=name)
+
+
+def test_untied_embeddings_shard_as_units_of_their_own_and_train_as_one_process(run):
+    """Llama 3's layout: the input embedding and the output layer are FSDP units of their own (the embedding called
+    outside the model's forward, as a policy calls it): the same norms and weights as one process, the saved
+    model the same."""
+    out = run("fsdp", tied=False)
+    pair, norms = train_one_process(tied=False)
+    torch.testing.assert_close(load_file(out / "norms.safetensors")["norms"], norms, rtol=1e-5, atol=0)
+    state, expected = load_file(out / "state.safetensors"), state_of(pair)
+    assert state.keys() == expected.keys() and "lm.lm_head.weight" in state
+    for name, value in expected.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=5e-6, msg=name)
+    assert not torch.equal(state["lm.lm_head.weight"], state["lm.model.embed_tokens.weight"])
+    saved = load_lm(out / "saved")
+    assert not saved.config.tie_word_embeddings
+    torch.testing.assert_close(saved.lm_head.weight, expected["lm.lm_head.weight"], rtol=1e-5, atol=5e-6)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

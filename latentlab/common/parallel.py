@@ -62,25 +62,31 @@ def _broadcast_from_rank0(module: torch.nn.Module) -> None:
 
 
 def _fully_shard(module: torch.nn.Module, param_dtype: torch.dtype | None) -> list[torch.nn.Module]:
-    """`module`'s decoder blocks sharded in place by FSDP2; returns them (none: nothing is sharded).
+    """`module`'s decoder blocks (and untied embeddings) sharded in place by FSDP2; returns them (none: nothing
+    is sharded).
 
     The blocks are the submodules whose class a Hugging Face model inside `module` names in `_no_split_modules`
     (Llama, Qwen2/3, GPT-2 all do). Each block's parameters are gathered for its forward and backward and freed
     after each (explicit `reshard_after_forward`: every block is a root of its own, and FSDP2 keeps a root
-    gathered by default). What no block holds (the embeddings, the tied output layer, the final norm, a small
-    add-on such as an injector or a value head) stays whole on every rank: policies embed tokens outside the
-    model's forward (an injected prefix), which a sharded embedding cannot serve, FSDP2 refuses scalar
-    parameters (a gate), and it is a small part of a large model. Its gradients are averaged by `Trainable` at
-    the synced backward, as DDP would.
+    gathered by default). Untied input and output embeddings (Llama 3's) are units of their own: FSDP2 gathers a
+    unit in its own forward hook, so an embedding called outside the model's forward (a policy's injected
+    prefix) works. What no unit holds (a tied embedding, which two units cannot share, the final norm, a small
+    add-on such as an injector or a value head; FSDP2 refuses scalar parameters, a gate) stays whole on every
+    rank, its gradients averaged by `Trainable` at the synced backward, as DDP would.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     block_classes = {name for m in module.modules() for name in getattr(m, "_no_split_modules", None) or ()}
-    blocks = [m for m in module.modules() if m is not module and type(m).__name__ in block_classes]
-    for block in blocks:
-        fully_shard(block, mp_policy=policy, reshard_after_forward=True)
-    return blocks
+    units = [m for m in module.modules() if m is not module and type(m).__name__ in block_classes]
+    for lm in (m for m in module.modules() if hasattr(m, "_no_split_modules") and hasattr(m, "get_input_embeddings")):
+        embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+        if head is not None and head.weight is not embedding.weight:  # untied (Llama 3): each a unit of its own,
+            units += [embedding, head]  # gathered by its own hooks wherever it is called (a tied pair stays whole)
+        break
+    for unit in units:
+        fully_shard(unit, mp_policy=policy, reshard_after_forward=True)
+    return units
 
 
 def _given_state_dict(state: dict, *args, destination=None, prefix: str = "", keep_vars: bool = False) -> dict:
