@@ -59,14 +59,24 @@ def rss_mb(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def reset_peak(device) -> float:
-    """Start a new peak here; returns the memory in use now (MiB)."""
+def reset_peak(device, tensors) -> float:
+    """Start a new peak here; returns the memory in use now (MiB). On the CPU every tensor of `tensors` (the
+    model's weights) is read first, so weights that safetensors maps lazily from disk are resident before the
+    step, not counted as its activations, and freed heap memory (the whole weights FSDP2 cut into shards) is
+    handed back to the OS (glibc's malloc_trim): RSS then counts what the step needs."""
+    import ctypes
+
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device) / 2**20
+    with torch.no_grad():
+        for tensor in tensors:
+            tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            tensor.sum()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
     return rss_mb("VmRSS")
 
@@ -129,7 +139,7 @@ def worker(args) -> None:
                 return Loss({"lm": Term(total, "targets")})
 
             params = learner.parameters
-            before = reset_peak(device)
+            before = reset_peak(device, [*model.parameters(), *model.buffers()])
             started = time.perf_counter()
             model.train()
             learner.update([batch], loss=loss, counts=lambda b: {"targets": b.target_count()}, step=0)
@@ -148,7 +158,7 @@ def worker(args) -> None:
             )
             params = trainer.learner.parameters
             problems = all_problems(ArithmeticConfig())[: args.prompts]
-            before = reset_peak(device)
+            before = reset_peak(device, [*model.parameters(), *model.buffers()])
             started = time.perf_counter()
             trainer.step(0, problems["prompt"].to_list(), problems["y"].to_list())
         seconds = time.perf_counter() - started

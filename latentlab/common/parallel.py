@@ -145,7 +145,9 @@ class Trainable:
             device = next(module.parameters()).device
             # forward_sync_buffers=False: buffers (rotary tables) are constants, and a broadcast in every forward
             # would be a collective that the ranks' different numbers of forward calls (sampling) could deadlock
-            self.ddp = _DDP(module, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
+            # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, not in a second copy
+            ids = [device] if device.type == "cuda" else None
+            self.ddp = _DDP(module, device_ids=ids, forward_sync_buffers=False, gradient_as_bucket_view=True)
         else:
             _broadcast_from_rank0(module)
             self.sharded = _fully_shard(module, param_dtype)
