@@ -65,6 +65,7 @@ def reset_peak(device, tensors) -> float:
     step, not counted as its activations, and freed heap memory (the whole weights FSDP2 cut into shards) is
     handed back to the OS (glibc's malloc_trim): RSS then counts what the step needs."""
     import ctypes
+    import gc
 
     import torch
 
@@ -76,6 +77,7 @@ def reset_peak(device, tensors) -> float:
         for tensor in tensors:
             tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
             tensor.sum()
+    gc.collect()  # tensors that only a reference cycle still holds (a module's replaced parameters)
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
     return rss_mb("VmRSS")
@@ -111,6 +113,9 @@ def worker(args) -> None:
         device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(0)  # the same adapters on every rank
         model, tokenizer = load_lm(args.model_dir, device, dtype=weight_dtype(dtype))
+        with torch.no_grad():  # out of safetensors' file mapping, as a GPU run copies them to the device: a shard
+            for tensor in [*model.parameters(), *model.buffers()]:  # of one tensor would keep the whole file mapped
+                tensor.data = tensor.data.clone()
         if lora:
             model = add_lora(model, LoRAConfig())
         if checkpointing:
@@ -234,6 +239,7 @@ def main() -> None:
     parser.add_argument("--long-batch", type=int, default=2, help="rows of the checkpointing comparison")
     parser.add_argument("--prompts", type=int, default=2, help="GRPO prompts per step (x group 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per config (split over its ranks)")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="the configs to run")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--step", choices=("sft", "grpo"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -258,7 +264,7 @@ def main() -> None:
         )
         subprocess.run([sys.executable, "-c", build], env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
         for name, (*_, steps) in CONFIGS.items():
-            for step in steps:
+            for step in steps if name in args.configs else ():
                 print(f"{name}/{step}", file=sys.stderr, flush=True)
                 runs[f"{name}/{step}"] = run(name, step, model_dir, args)
                 print(json.dumps(runs[f"{name}/{step}"]), file=sys.stderr, flush=True)  # a cut-short run keeps it
