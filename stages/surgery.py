@@ -1,7 +1,8 @@
 """surgery: three-phase GRPO + SAC attention surgeon from models/sft, against two controls -> models/surgery.
 
 Phase 1 (GRPO only, `grpo` section, learning rate `surgery.lr`) runs once; three arms continue from
-copies of its end state (model, optimizer, schedule, sampling stream) with the same prompt, probe and
+its end state (model, optimizer, schedule: `Learner.snapshot()`, restored before each; sampling streams set
+afresh from their saved states) with the same prompt, probe and
 action streams: `sac` (phase 2: edits measured in the SurgicalTheater and discarded while SAC learns;
 phase 3: GRPO steps, each followed by an edit that is kept when its reward clears
 `surgery.commit_threshold`), `random` (the same with uniform random edits) and `grpo_only` (the same
@@ -9,10 +10,12 @@ GRPO steps, no surgery). -> models/surgery (the sac arm's model + surgeon.safete
 metrics/surgery.json (each arm's test accuracy and commits), plots/surgery.csv (the sac arm's log),
 plots/surgery_arms.csv (the three arms' held-out curves and rewards side by side). Under torchrun
 (`launcher`) the GRPO steps split their prompts as `grpo` does and the surgeon splits its probe batch; every
-rank keeps an identical replica of the SAC agent (README: Training on several processes, GPUs or nodes).
+rank keeps an identical replica of the SAC agent (README: Training on several processes, GPUs or nodes). Under
+`launcher.strategy: fsdp` the snapshot keeps each rank's shards, and the surgeon edits each rank's rows of them.
 """
 
 import copy
+from contextlib import nullcontext
 
 import torch
 
@@ -39,7 +42,6 @@ from stages.common import (
     write_json,
 )
 from stages.execution import load_trained_lm, sampling
-from stages.params import ParamsError
 from stages.recipes import arithmetic_grpo
 
 ARMS = ("sac", "random", "grpo_only")  # the method, then its controls
@@ -49,9 +51,6 @@ SIDE_BY_SIDE = ["phase", "heldout_accuracy", "reward_mean", "surgery_reward", "c
 @stage(torchrun=True)
 def main(params):
     run, cfg, seed, every = setup(params), params.surgery, params.seed, params.grpo.eval_every
-    if params.launcher.strategy == "fsdp" and run.ranks.world > 1:
-        # its arms copy the phase-1 trainer and its surgeon edits attention weights in place: neither works on shards
-        raise ParamsError("params.yaml: launcher.strategy: surgery runs under ddp only (its arms copy the model)")
     sft = require_model_dir(MODELS / "sft")
     check_layers(params, sft, ("surgery.layers",))
     model, tokenizer = load_trained_lm(params, sft, run, adapters=False)
@@ -64,27 +63,31 @@ def main(params):
     p1, p2, p3 = cfg.phases
     require_divisible(run, cfg.probe_size, "surgery.probe_size")
     grpo = arithmetic_grpo(params, run, cfg.lr, LMPolicy(model, tokenizer, params.prompt), reference, steps=p1 + p3)
+    trainer = grpo.trainer  # every arm's: restored to the phase-1 state before each
+    learner, policy = trainer.learner, trainer.policy
     test = read_table(SYNTH / "test.parquet", PROBLEM_SCHEMA)
 
-    def test_scores(policy: LMPolicy, name: str) -> dict:
+    def test_scores(name: str) -> dict | None:
+        """The test set, scored by rank 0 alone (fsdp: inside every rank's gathered weights); None elsewhere."""
         e = params.evaluate
-        return evaluate_policy(policy, test, grpo.reward, e.batch_size, e.max_new_tokens, f"test {name}")[0]
+        with learner.scoring() if learner.sharded else nullcontext():
+            if run.leader:
+                return evaluate_policy(policy, test, grpo.reward, e.batch_size, e.max_new_tokens, f"test {name}")[0]
+        return None
 
-    def held_out(policy: LMPolicy) -> dict:  # a Loop's held-out curves: rank 0 alone (the others wait in a collective)
-        return {"evaluate": grpo.monitor(policy) if run.leader else None, "eval_every": every}
+    def loop(log: StepLog, desc: str) -> Loop:  # held-out curves: rank 0 alone (the others wait in a collective)
+        return Loop(log=log, desc=desc, evaluate=grpo.monitor(policy) if run.leader else None, eval_every=every)
 
     log = step_log(params, "surgery", params.model_dump(include={"grpo", "surgery", "seed"}))
-    bootstrap = grpo.trainer
     phase_1 = Curriculum(phases=[1] * p1, next_batch=lambda: next(grpo.batches))
-    run_curriculum(bootstrap, None, phase_1, Loop(log=log, desc="surgery phase 1", **held_out(bootstrap.policy)))
+    run_curriculum(trainer, None, phase_1, loop(log, "surgery phase 1"), [learner])
     metrics, logs = {"phases": cfg.phases}, {}
-    if run.leader:  # the test set is scored by rank 0 alone
-        metrics["after_phase_1"] = test_scores(bootstrap.policy, "phase 1")
-    for arm in ARMS:  # each from a copy of the phase-1 state (model, optimizer, schedule, sampler) and the same streams
-        memo = {id(g): torch.Generator(run.device).set_state(g.get_state()) for g in bootstrap.generators}
-        memo[id(reference)] = reference  # frozen: shared, not copied
-        trainer = copy.deepcopy(bootstrap, memo)  # its learner wraps the copied model anew
-        surgeon_rng, model = torch.Generator().manual_seed(seed + 2), trainer.policy.model
+    metrics["after_phase_1"] = test_scores("phase 1")
+    start, streams = learner.snapshot(), [g.get_state() for g in trainer.generators]
+    for arm in ARMS:  # each from the phase-1 state (model, optimizer, schedule, sampler) and the same streams
+        learner.restore(start)
+        trainer.generators = [torch.Generator(run.device).set_state(state) for state in streams]
+        surgeon_rng, model = torch.Generator().manual_seed(seed + 2), policy.model
         # every rank: the same agent, stream and global probe results, hence the same edits (latentlab/rl/surgeon.py)
         agent = Surgeon.build_agent(model, cfg.surgeon, cfg.sac, surgeon_rng) if arm == "sac" else None
         surgeon = (
@@ -108,23 +111,22 @@ def main(params):
             next_batch=grpo.stream(params.grpo.prompts_per_step, seed + 3),
             next_probe=grpo.stream(cfg.probe_size, seed + 4, answers=True),
         )
-        run_curriculum(
-            trainer, surgeon, curriculum, Loop(log=logs[arm], desc=f"surgery {arm}", **held_out(trainer.policy))
-        )
-        if not run.leader:  # under torchrun rank 0 alone scores the arms and writes the outputs
+        run_curriculum(trainer, surgeon, curriculum, loop(logs[arm], f"surgery {arm}"), [learner])
+        metrics[arm] = {**(test_scores(arm) or {}), "commits": surgeon.commits if surgeon else 0}
+        if arm != "sac":
             continue
-        metrics[arm] = {**test_scores(trainer.policy, arm), "commits": surgeon.commits if surgeon else 0}
-        if arm == "sac":
-            with atomic_output(MODELS / "surgery") as out:
-                save_surgeon(surgeon, cfg.sac, out)
-                save_lm(
-                    model,
-                    tokenizer,
-                    out,
-                    parent=read_manifest(sft).get("content_sha256"),
-                    commits=surgeon.commits,
-                    trained_parameters=model.num_parameters(),
-                )
+        with learner.whole():  # fsdp: the whole weights gathered to rank 0 (every rank takes part)
+            if run.leader:  # under torchrun rank 0 alone writes the outputs
+                with atomic_output(MODELS / "surgery") as out:
+                    save_surgeon(surgeon, cfg.sac, out)
+                    save_lm(
+                        model,
+                        tokenizer,
+                        out,
+                        parent=read_manifest(sft).get("content_sha256"),
+                        commits=surgeon.commits,
+                        trained_parameters=model.num_parameters(),
+                    )
     if not run.leader:
         return
     for control in ARMS[1:]:

@@ -9,6 +9,7 @@ tests/test_ddp.py. Shard counts are deliberately unequal everywhere: equal shard
 mean of shard means).
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -119,6 +120,44 @@ def test_one_process_with_one_shard_is_plain_means_bit_for_bit():
     grads = [p.grad for p in linear.parameters()]
     assert all(torch.equal(a, b.grad) for a, b in zip(grads, twin.parameters()))
     assert row["grad_norm"] == torch.nn.utils.get_total_norm(grads).item()
+
+
+def test_a_restored_snapshot_repeats_the_steps_bit_for_bit_and_stays_intact():
+    """`Learner.snapshot()` then steps, `restore`, the same steps: the same weights, AdamW state, learning rate and
+    train modes, to the last bit, twice (restoring copies the snapshot: the optimizer steps its own tensors)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.0), nn.Linear(4, 2))
+    holder = Holder(model)
+    learner = Learner(
+        [(holder, "module")], lambda: list(model.parameters()), lr=0.1, steps=6, warmup_steps=2, max_grad_norm=1.0
+    )
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(2))
+
+    def steps(n: int) -> tuple[dict, dict, float]:
+        for i in range(n):
+            row = learner.update(
+                [None],
+                loss=lambda _: Loss({"y": Term(holder.module(x).pow(2).sum(), "rows")}),
+                counts=lambda _: {"rows": 5},
+                step=i,
+            )
+            assert row["loss"] > 0
+            learner.step_schedule()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        return state, copy.deepcopy(learner.optimizer.state_dict()), learner.lr
+
+    steps(2)
+    model[1].eval()  # a mixed train mode is part of the state
+    snapshot = learner.snapshot()
+    first = steps(3)
+    model.train()
+    for _ in range(2):
+        learner.restore(snapshot)
+        assert not model[1].training and model[0].training
+        again = steps(3)
+        assert again[2] == first[2]
+        assert all(torch.equal(again[0][k], v) for k, v in first[0].items())
+        for key, state in first[1]["state"].items():
+            assert all(torch.equal(again[1]["state"][key][name], value) for name, value in state.items())
 
 
 # The contract on real ranks: the same 3 AdamW steps on 2 gloo processes (one shard each) and on one process given

@@ -94,6 +94,20 @@ def _clamped(count: Count) -> Count:
     return count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)
 
 
+def _cloned(value: Any) -> Any:
+    """`value` with every tensor in it cloned (a DTensor stays one) and the rest deep-copied."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        out = type(value)((key, _cloned(item)) for key, item in value.items())
+        if hasattr(value, "_metadata"):  # a module state dict's versions, read by load_state_dict
+            out._metadata = copy.deepcopy(value._metadata)
+        return out
+    if isinstance(value, list | tuple):
+        return type(value)(_cloned(item) for item in value)
+    return copy.deepcopy(value)
+
+
 class Learner:
     """The optimizer of an algorithm's trainable modules, and the one update step of every trainer.
 
@@ -131,18 +145,33 @@ class Learner:
         outside `scoring` is a collective, and whole weights must be gathered to be saved (`whole`)."""
         return any(module.sharded for module in self.wrapped)
 
-    def __deepcopy__(self, memo: dict) -> "Learner":
-        """A copy that steps the copied modules (copied with it through `memo`) and wraps them anew: a
-        process-group wrapper is made, never copied (a sharded module cannot be copied at all)."""
-        if self.sharded:
-            raise ValueError("a trainer whose modules FSDP shards cannot be copied: use launcher.strategy ddp")
-        copied = type(self).__new__(type(self))
-        memo[id(self)] = copied
-        for name, value in vars(self).items():
-            if name != "wrapped":
-                setattr(copied, name, copy.deepcopy(value, memo))
-        copied.wrapped = copied._wrap()
-        return copied
+    def snapshot(self) -> dict:
+        """The training state to come back to (`restore`): each trained module's state dict and its modules' train
+        modes, the optimizer's and the schedule's state, all copied (a shard stays a shard: under fsdp each rank
+        keeps its own rows). Never a copy of a module, so it works on sharded modules too (which cannot be copied);
+        sampling streams are the caller's."""
+        return {
+            "modules": [
+                (_cloned(module.state_dict()), [m.training for m in module.modules()]) for module in self._modules()
+            ],
+            "optimizer": _cloned(self.optimizer.state_dict()),
+            "schedule": _cloned(self.schedule.state_dict()),
+        }
+
+    def restore(self, snapshot: dict) -> None:
+        """The trained modules, optimizer and schedule as they were at `snapshot` (in place: every wrapper, the
+        optimizer and whoever holds a parameter keep theirs). `snapshot` stays intact for another restore."""
+        with torch.no_grad():
+            for module, (state, modes) in zip(self._modules(), snapshot["modules"], strict=True):
+                module.load_state_dict(state)  # copied into the parameters and buffers (shards into shards)
+                for m, mode in zip(module.modules(), modes, strict=True):
+                    m.training = mode
+        # copies: an optimizer keeps the tensors it is given as its state and steps them in place
+        self.optimizer.load_state_dict(_cloned(snapshot["optimizer"]))
+        self.schedule.load_state_dict(_cloned(snapshot["schedule"]))
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return [getattr(owner, attr) for owner, attr in self.trainable]
 
     @property
     def lr(self) -> float:

@@ -271,6 +271,58 @@ class TrainableGroup:
             yield
 
 
+def local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the rows of `tensor` this rank holds, the index of the first of them in the whole tensor).
+
+    A plain tensor is whole on every rank: (itself, 0). An FSDP2 shard (a DTensor placed Shard(0) on a 1-D mesh, as
+    `fully_shard` leaves every parameter of a unit) is cut as torch.chunk cuts: rank r of W holds rows
+    [r * ceil(n / W), min(n, (r + 1) * ceil(n / W))) (possibly none), and its local tensor is a view of the storage
+    FSDP gathers the whole parameter from, so an in-place edit of it is an edit of those rows of the whole tensor
+    (seen by the next forward, which gathers anew). Called with gradients off, the view is the shard itself."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(tensor, DTensor):
+        return tensor, 0
+    mesh, placements = tensor.device_mesh, tuple(tensor.placements)
+    if mesh.ndim != 1 or placements != (Shard(0),):
+        raise ValueError(
+            f"a sharded tensor placed {placements} on a {mesh.ndim}-D mesh: only FSDP2's Shard(0) is known"
+        )
+    rows, world = tensor.shape[0], mesh.size()
+    chunk = -(-rows // world) if rows else 0
+    first = min(rows, mesh.get_local_rank() * chunk)
+    with torch.no_grad():
+        local = tensor.to_local()
+    if local.shape[0] != min(rows, first + chunk) - first:
+        raise ValueError(
+            f"a shard of {local.shape[0]} rows where Shard(0) of {rows} rows over {world} ranks has {first}"
+        )
+    return local, first
+
+
+def whole_sums(partials: list[torch.Tensor], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sums over whole tensors from sums over their local rows: `partials[i]` sums something over `local_rows(
+    tensors[i])`; where `tensors[i]` is a shard it is all-reduced over the shard's ranks (one all-reduce for them
+    all, a collective every rank of the mesh makes alike), where it is whole it is returned as it is (every rank
+    holds all of it). Without a shard nothing happens: the partials themselves come back."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = [i for i, tensor in enumerate(tensors) if isinstance(tensor, DTensor)]
+    if not sharded:
+        return list(partials)
+    import torch.distributed as dist
+
+    mesh = tensors[sharded[0]].device_mesh
+    if any(tensors[i].device_mesh != mesh for i in sharded):
+        raise ValueError("sums over shards of different device meshes")
+    stacked = torch.stack([partials[i] for i in sharded])
+    dist.all_reduce(stacked, group=mesh.get_group())
+    out = list(partials)
+    for slot, i in enumerate(sharded):
+        out[i] = stacked[slot]
+    return out
+
+
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """torch's `clip_grad_norm_` (the global L2 norm of every gradient; each scaled by min(1, max_norm / norm)),
     also where some parameters are FSDP shards (DTensors) and others whole tensors, which torch's own refuses to

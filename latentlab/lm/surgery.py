@@ -44,6 +44,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from latentlab.common.parallel import local_rows, whole_sums
 from latentlab.lm.capture import decoder_blocks
 
 Projection = Literal["q", "k", "v", "o"]
@@ -224,15 +225,34 @@ def scale_heads(targets: Sequence[AttentionTarget], factors: torch.Tensor) -> No
     `factors` is `(len(targets), max heads)`; a target with fewer heads (GQA's k/v) uses the first columns.
     """
     for target, row in zip(targets, factors, strict=True):
+        weight, first = local_rows(target.weight)  # a shard (fsdp): this rank's rows alone
         # (heads,) -> (heads * head_dim,): one factor per feature of this projection, in `features` order
-        per_feature = row[: target.heads].repeat_interleave(target.head_dim).to(target.weight)
+        per_feature = row[: target.heads].repeat_interleave(target.head_dim).to(weight)
         span = target.features
         if target.feature_dim == 0:
-            target.weight[span, :] *= per_feature[:, None]
+            rows, scale = _held_rows(span, per_feature, first, weight.shape[0], target.weight.shape[0])
+            weight[rows, :] *= scale[:, None]
         else:
-            target.weight[:, span] *= per_feature[None, :]
+            weight[:, span] *= per_feature[None, :]
         if target.bias is not None and target.projection != "o":
-            target.bias[span] *= per_feature
+            bias, first = local_rows(target.bias)
+            rows, scale = _held_rows(span, per_feature, first, bias.shape[0], target.bias.shape[0])
+            bias[rows] *= scale
+
+
+def _held_rows(
+    span: slice | torch.Tensor, per_feature: torch.Tensor, first: int, held: int, rows: int
+) -> tuple[slice | torch.Tensor, torch.Tensor]:
+    """(the features of `span` among the `held` rows from row `first` of a `rows`-row tensor, as local indices;
+    their factors). A whole tensor holds them all: `span` and `per_feature` as they are."""
+    if first == 0 and held == rows:
+        return span, per_feature
+    if isinstance(span, slice):
+        start = max(span.start, first)
+        stop = max(start, min(span.stop, first + held))
+        return slice(start - first, stop - first), per_feature[start - span.start : stop - span.start]
+    inside = (span >= first) & (span < first + held)
+    return span[inside] - first, per_feature[inside.to(per_feature.device)]
 
 
 _LOCK = threading.Lock()
@@ -272,11 +292,15 @@ class SurgicalTheater:
 
     @property
     def snapshot_bytes(self) -> int:
-        """Bytes of the copy held while the theater is open."""
-        return sum(p.numel() * p.element_size() for p in self._params)
+        """Bytes of the copy held while the theater is open (on this rank: of its shards, where fsdp shards them)."""
+        return sum(local.numel() * local.element_size() for local in self._locals())
+
+    def _locals(self) -> list[torch.Tensor]:
+        """The targeted tensors as this rank holds them: whole, or its rows of a shard (`local_rows`)."""
+        return [local_rows(p)[0] for p in self._params]
 
     def _keys(self) -> list[int]:
-        return [p.untyped_storage().data_ptr() for p in self._params]
+        return [local.untyped_storage().data_ptr() for local in self._locals() if local.numel()]
 
     def __enter__(self) -> "SurgicalTheater":
         """Snapshot first, then register: a snapshot that fails (out of memory) leaves nothing held."""
@@ -291,7 +315,7 @@ class SurgicalTheater:
                     "close it (or commit and close it) before opening another over the same weights"
                 )
             with torch.no_grad():
-                snapshots = [p.detach().clone() for p in self._params]
+                snapshots = [local.detach().clone() for local in self._locals()]
             for key in keys:
                 _HELD[key] = self
             self._held, self._snapshots, self._committed = keys, snapshots, False
@@ -309,11 +333,17 @@ class SurgicalTheater:
 
     @torch.no_grad()
     def relative_change(self) -> float:
-        """||W - W_0|| / ||W_0|| over every targeted tensor together (Frobenius): how big the edit is so far."""
+        """||W - W_0|| / ||W_0|| over every targeted tensor together (Frobenius): how big the edit is so far. Over
+        whole tensors also where they are shards (a collective then: every rank of the shards calls it)."""
         if self._snapshots is None:
             raise SurgeryError("relative_change() is only possible inside the theater's `with` block")
-        delta = sum(float((p - s).double().square().sum()) for p, s in zip(self._params, self._snapshots))
-        norm = sum(float(s.double().square().sum()) for s in self._snapshots)
+        partials = [
+            torch.stack([(local - s).double().square().sum(), s.double().square().sum()])
+            for local, s in zip(self._locals(), self._snapshots, strict=True)
+        ]
+        sums = whole_sums(partials, self._params)
+        delta = sum(float(pair[0]) for pair in sums)
+        norm = sum(float(pair[1]) for pair in sums)
         return (delta / norm) ** 0.5 if norm > 0 else (0.0 if delta == 0 else float("inf"))
 
     def __exit__(self, exc_type, exc, traceback) -> None:
@@ -323,7 +353,7 @@ class SurgicalTheater:
             if exc_type is not None or not self._committed:
                 self._committed = False  # `committed` reads, after the block, whether the edit was kept
                 with torch.no_grad():
-                    for name, param, snapshot in zip(self._names, self._params, self._snapshots, strict=True):
+                    for name, param, snapshot in zip(self._names, self._locals(), self._snapshots, strict=True):
                         if param.shape != snapshot.shape:
                             failed.append(f"{name} (shape {tuple(snapshot.shape)} became {tuple(param.shape)})")
                             continue

@@ -20,6 +20,7 @@ bootstrapped value would credit the edit with GRPO's later progress, which is no
 import json
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from pydantic import Field
 from safetensors.torch import load_file
 
 from latentlab.common.config import Config
-from latentlab.common.execution import ONE, Execution, Loop
+from latentlab.common.execution import ONE, Execution, Learner, Loop
 from latentlab.common.tracking import progress
 from latentlab.lm.capture import LayerCapture
 from latentlab.lm.modeling import save_weights
@@ -84,7 +85,8 @@ class Surgeon:
     shards, and the state and quality are the means over the shards, all-reduced, so every rank sees the same
     global state and reward. Every rank keeps an identical replica of the agent (same seeded stream, same
     inputs, same updates), so every rank draws the same action and commits the same edit on its copy of the
-    model: the surgeon needs no collective of its own. One process given N shards reproduces N ranks.
+    model (under fsdp: on its rows of each sharded weight, `latentlab.lm.surgery`), where the edit's relative norm
+    is summed over the shards (a collective too). One process given N shards reproduces N ranks.
     """
 
     def __init__(
@@ -182,10 +184,15 @@ class Curriculum:
     """The surgeon's probe batches (prompts, answers); None: no surgery."""
 
 
-def run_curriculum(trainer, surgeon: Surgeon | None, curriculum: Curriculum, loop: Loop) -> None:
+def run_curriculum(
+    trainer, surgeon: Surgeon | None, curriculum: Curriculum, loop: Loop, learners: Sequence[Learner] = ()
+) -> None:
     """The steps of `curriculum` (GRPO by `trainer`, surgery by `surgeon`); held-out `loop.evaluate` every
     `loop.eval_every` steps and at the last one (`evaluate=None`: never, as on the ranks but 0 under torchrun).
-    `surgeon=None` skips the surgery (the GRPO-only control)."""
+    `surgeon=None` skips the surgery (the GRPO-only control). Where `learners` shard a module (fsdp) every rank
+    enters their `scoring` mode at those steps (it gathers the weights: a collective), and the ranks that evaluate
+    do so there, where a forward is no collective."""
+    everywhere = any(learner.sharded for learner in learners)
     bar = progress(curriculum.phases, loop.desc)
     loop.log.bar = bar
     last = curriculum.first_step + len(curriculum.phases) - 1
@@ -195,8 +202,14 @@ def run_curriculum(trainer, surgeon: Surgeon | None, curriculum: Curriculum, loo
             row |= trainer.step(step, *curriculum.next_batch())
         if phase in (2, 3) and surgeon is not None:
             row |= surgeon.step(*curriculum.next_probe(), may_commit=phase == 3)
-        if loop.evaluate is not None and loop.eval_every and (step % loop.eval_every == 0 or step == last):
-            row |= loop.evaluate()
+        if loop.eval_every and (step % loop.eval_every == 0 or step == last):
+            if everywhere:
+                with ExitStack() as stack:
+                    for learner in learners:
+                        stack.enter_context(learner.scoring())
+                    row |= loop.evaluate() if loop.evaluate is not None else {}
+            elif loop.evaluate is not None:
+                row |= loop.evaluate()
         loop.log.log(step, **row)
 
 
