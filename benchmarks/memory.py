@@ -192,6 +192,10 @@ def run(name: str, step: str, model_dir: str, args) -> dict:
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
             command += worker_args
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, args.threads // ranks))}
+        # every allocation of 1 MiB or more its own mapping, unmapped when freed: RSS then follows the tensors alive
+        # (as CUDA's max_memory_allocated does), not what glibc's heap keeps of freed ones (FSDP2's per-block
+        # buffers, below its default 32 MiB threshold, inflated its RSS by ~1.8 GB); the same for every config
+        env["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{name}/{step} failed:\n{done.stderr[-3000:]}")

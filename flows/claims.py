@@ -156,9 +156,12 @@ EARLIER_MODEL = {
 def model_identity(model: dict) -> dict:
     """What a claim's numbers are for, from params.yaml's `model` section: the scratch model's architecture and
     sizes, or a hub id / local directory and its revision; plus the adapter and its settings when one trains
-    (`adapter: lora`). Full fine-tuning adds nothing, so claims swept before adapters existed stay this model's."""
-    training = ("adapter", "lora")
-    adapter = {k: model[k] for k in training if k in model} if model.get("adapter", "none") != "none" else {}
+    (`adapter: lora`) and the weights' dtype when it is not float32. Full fine-tuning in float32 adds nothing, so
+    claims swept before adapters and dtypes existed stay this model's."""
+    training = ("adapter", "lora", "dtype")
+    adapter = {k: model[k] for k in ("adapter", "lora") if k in model} if model.get("adapter", "none") != "none" else {}
+    if model.get("dtype", "float32") != "float32":
+        adapter["dtype"] = model["dtype"]
     if model.get("source", "scratch") == "scratch":
         return (
             {"source": "scratch"}

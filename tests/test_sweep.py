@@ -162,6 +162,9 @@ def test_claims_name_their_model_and_a_report_of_another_model_leaves_them_out(t
         "earlier",
         "inject_vs_grpo",
     ]
+    # float32 weights (the default) are the model the claims were swept on; bfloat16 weights are another
+    assert claims_of_another_model(claims, {**SCRATCH, "dtype": "float32"}) == ["inject_vs_grpo"]
+    assert claims_of_another_model(claims, {**SCRATCH, "dtype": "bfloat16"}) == ["earlier", "inject_vs_grpo"]
 
     monkeypatch.setattr(report, "CLAIMS", path)
     kept, note = report.this_models_claims(SCRATCH)
