@@ -10,6 +10,7 @@ mean of shard means).
 """
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from latentlab.common.distributed import Ranks, Shards, shard_seed
@@ -240,9 +242,11 @@ LEARNERS = {"learner": Learner, "local_counts": LocalCounts}
 
 WORKER = """
 import latentlab  # first: the CPU kernels pinned before torch loads
+import json
 import sys
 
 import torch
+from safetensors.torch import save_file
 
 from latentlab.common.distributed import Shards, distributed
 from tests.test_execution import LEARNERS, train
@@ -250,7 +254,11 @@ from tests.test_execution import LEARNERS, train
 torch.set_num_threads(1)
 with distributed() as ranks:
     results = {name: train(Shards(2, ranks), learner) for name, learner in LEARNERS.items()}
-torch.save(results, f"{sys.argv[1]}/rank{ranks.rank}.pt")
+out = f"{sys.argv[1]}/rank{ranks.rank}"
+for name, result in results.items():  # safetensors and JSON: never pickle
+    save_file({str(i): p.contiguous() for i, p in enumerate(result["parameters"])}, f"{out}-{name}.safetensors")
+with open(f"{out}.json", "w") as rows:
+    json.dump({name: result["rows"] for name, result in results.items()}, rows)
 """
 
 
@@ -266,7 +274,17 @@ def ranks(tmp_path_factory) -> list[dict]:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
-    return [torch.load(directory / f"rank{rank}.pt") for rank in range(2)]
+    return [read_rank(directory / f"rank{rank}") for rank in range(2)]
+
+
+def read_rank(prefix: Path) -> dict:
+    """One rank's results as the worker wrote them: per learner, its final parameters (in order) and log rows."""
+    rows = json.loads(prefix.with_suffix(".json").read_text())
+    results = {}
+    for name in LEARNERS:
+        tensors = load_file(f"{prefix}-{name}.safetensors")
+        results[name] = {"parameters": [tensors[str(i)] for i in range(len(tensors))], "rows": rows[name]}
+    return results
 
 
 def differences(a: dict, b: dict) -> tuple[float, float]:

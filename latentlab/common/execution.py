@@ -33,7 +33,7 @@ import torch
 
 from latentlab.common.distributed import ONE_PROCESS, Shards
 from latentlab.common.optim import build_optimizer, check_finite
-from latentlab.common.parallel import Strategy, Trainable, clip_grad_norm
+from latentlab.common.parallel import Strategy, Trainable, TrainableGroup, clip_grad_norm
 from latentlab.common.runtime import autocast
 from latentlab.common.tracking import StepLog, progress
 
@@ -130,7 +130,7 @@ class Learner:
     ):
         self.execution, self.shards = execution, execution.shards
         self.trainable = list(trainable)
-        self.wrapped = self._wrap()
+        self.wrapped = TrainableGroup(*self._wrap())
         self.parameters = parameters()
         self.optimizer, self.schedule = build_optimizer(self.parameters, lr, steps, warmup_steps, weight_decay)
         self.max_grad_norm = max_grad_norm
@@ -143,7 +143,7 @@ class Learner:
     def sharded(self) -> bool:
         """Whether a trainable module is sharded over the ranks (fsdp with several processes): then every forward
         outside `scoring` is a collective, and whole weights must be gathered to be saved (`whole`)."""
-        return any(module.sharded for module in self.wrapped)
+        return any(module.sharded for module in self.wrapped.trainables)
 
     def snapshot(self) -> dict:
         """The training state to come back to (`restore`): each trained module's state dict and its modules' train
@@ -177,22 +177,11 @@ class Learner:
     def lr(self) -> float:
         return self.schedule.get_last_lr()[0]
 
-    @contextmanager
-    def _gradient_pass(self, sync: bool) -> Iterator[None]:
-        with ExitStack() as stack:
-            for module in self.wrapped:
-                stack.enter_context(module.gradient_pass(sync))
-            yield
-
-    @contextmanager
-    def whole(self) -> Iterator[None]:
+    def whole(self):
         """The trained modules as they are saved: under fsdp every rank gathers their whole state to rank 0 (a
         collective: every rank enters), where their `state_dict()` then returns it, so any saver (save_pretrained,
         a safetensors file) writes the plain module's weights. Nothing to do otherwise."""
-        with ExitStack() as stack:
-            for module in self.wrapped:
-                stack.enter_context(module.whole_state())
-            yield
+        return self.wrapped.whole_state()
 
     def sample(self, fn: Callable, prompts: Sequence, targets: Sequence, generators: Sequence, key: str) -> list:
         """`fn(prompts, targets, generator)` on each of this rank's shards of the global batch (`key`: the param
@@ -205,11 +194,7 @@ class Learner:
         """No-gradient passes of the trainable modules (sampling, pi_old, held-out evaluation): whole weights on
         every rank (fsdp: gathered once, so the ranks may make different numbers of forward calls), at the run's
         precision (bf16 autocast on a GPU per gpu.precision, nothing on the CPU)."""
-        with ExitStack() as stack:
-            for module in self.wrapped:
-                stack.enter_context(module.gathered())
-            stack.enter_context(torch.no_grad())
-            stack.enter_context(autocast())
+        with self.wrapped.gathered(), torch.no_grad(), autocast():
             yield
 
     def update(
@@ -230,7 +215,7 @@ class Learner:
         sums: dict[str, list[tuple[torch.Tensor, str]]] = {}
         totals: list[torch.Tensor] = []
         for k, part in enumerate(parts):
-            with self._gradient_pass(sync=k == len(parts) - 1):
+            with self.wrapped.gradient_pass(sync=k == len(parts) - 1):
                 with autocast():  # the run's precision: bf16 on a GPU per gpu.precision, nothing on the CPU
                     result = loss(part)
                 objective = sum(term.normalised(scales[term.over]) for term in result.objective.values())

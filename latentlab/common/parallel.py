@@ -257,18 +257,20 @@ class TrainableGroup:
         self.trainables = trainables
 
     @contextmanager
-    def gradient_pass(self, sync: bool = True) -> Iterator[None]:
+    def _each(self, enter) -> Iterator[None]:
         with ExitStack() as stack:
             for one in self.trainables:
-                stack.enter_context(one.gradient_pass(sync))
+                stack.enter_context(enter(one))
             yield
 
-    @contextmanager
-    def gathered(self) -> Iterator[None]:
-        with ExitStack() as stack:
-            for one in self.trainables:
-                stack.enter_context(one.gathered())
-            yield
+    def gradient_pass(self, sync: bool = True):
+        return self._each(lambda one: one.gradient_pass(sync))
+
+    def gathered(self):
+        return self._each(Trainable.gathered)
+
+    def whole_state(self):
+        return self._each(Trainable.whole_state)
 
 
 def local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
