@@ -1,12 +1,14 @@
 # make run   set up (when needed) and reproduce the default DAG
-# make test  set up (when needed), lint (ruff check + format check) and run the test suite, as CI does
+# make test  set up (when needed), lint (ruff check + format check), build the docs strictly and run the test suite, as CI does
+# make docs  README.md's generated blocks, then the docs site into site/ (`.venv/bin/mkdocs serve` for a live preview)
 # make baseline  back to the committed params and dvc.lock, their outputs from the cache, the remote, or rebuilt
 SHELL := /bin/bash
 VENV := .venv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONHASHSEED := 0
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup run test lint bench baseline lock clean-venv
+.PHONY: setup run test lint docs bench baseline lock clean-venv
 
 setup: $(VENV)/.installed
 
@@ -22,7 +24,13 @@ run: setup
 	dvc repro
 
 test: setup lint
+	mkdocs build --strict --quiet
 	python -m pytest
+
+# the site's reference and results pages are generated at build time (docs/gen/); a broken link or page fails
+docs: setup
+	python -m docs.gen.readme
+	mkdocs build --strict
 
 lint: setup
 	ruff check .
