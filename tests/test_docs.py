@@ -235,7 +235,7 @@ def test_results_pages_name_their_source_commit_and_machine():
 
 def test_the_dag_is_drawn_from_dvc_yaml():
     spec = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
-    drawn = dag.mermaid()
+    drawn = dag.picture()
     assert all(re.search(rf"\b{name}\b", drawn) for name in spec)
     assert all(f"| `{name}` |" in dag.table() for name in spec)
 

@@ -70,14 +70,14 @@ def reduced(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(a, b) for a, b in pairs if b not in reachable(a, (a, b))]
 
 
-def mermaid(root: Path = ROOT) -> str:
-    """A left-to-right flowchart of the stages (GitHub and the docs site both draw it)."""
+def picture(root: Path = ROOT) -> str:
+    """The stages as boxes, inputs above what reads them: `dvc dag`'s own drawing (dvc.dagascii), each dependency
+    drawn once. Plain text, so it reads the same in a terminal, on GitHub and in the docs."""
+    from dvc.dagascii import draw
+
     found = stages(root)
-    pairs = reduced(edges(found))
-    lines = ["```mermaid", "flowchart LR"]
-    lines += [f"  {a} --> {b}" for a, b in pairs]
-    lines += [f"  {name}" for name in found if not any(name in pair for pair in pairs)]
-    return "\n".join(lines + ["```"])
+    drawing = draw(list(found), [(b, a) for a, b in reduced(edges(found))])
+    return "```text\n" + "\n".join(line.rstrip() for line in drawing.splitlines()) + "\n```"
 
 
 def table(root: Path = ROOT) -> str:

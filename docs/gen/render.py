@@ -13,7 +13,7 @@ import shlex
 from docs.gen import dag, params_ref, results
 
 GENERATORS = {
-    "dag-diagram": lambda: dag.mermaid(),
+    "dag-diagram": lambda: dag.picture(),
     "dag-table": lambda: dag.table(),
     "params": lambda *sections: "\n\n".join(params_ref.section(s, level=3) for s in sections),
     "claims": lambda *ids: "\n\n".join(results.claim(i, 3) for i in ids),
