@@ -124,7 +124,8 @@ def section(name: str, model: type[BaseModel] | None = None, values=None, level:
         field = params.model_fields[name]
         model = _models(field.annotation)[0]
         values = top.get(name)
-        intro = (_comment(top, name) or field.description or "").capitalize()
+        intro = _comment(top, name) or field.description or ""
+        intro = intro[:1].upper() + intro[1:]
     parts = [f"{'#' * level} `{name}`", ""]
     if intro:
         parts += [_cell(intro), ""]
