@@ -2,13 +2,14 @@
 # make test  set up (when needed), lint (ruff check + format check), build the docs strictly and run the test suite, as CI does
 # make docs  README.md's generated blocks, then the docs site into site/ (`.venv/bin/mkdocs serve` for a live preview)
 # make baseline  back to the committed params and dvc.lock, their outputs from the cache, the remote, or rebuilt
+# make dvc-deps  regenerate dvc.yaml's code deps from the stages' imports (stages/code_deps.py; a test checks they are in sync)
 SHELL := /bin/bash
 VENV := .venv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONHASHSEED := 0
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup run test lint docs bench baseline lock clean-venv
+.PHONY: dvc-deps setup run test lint docs bench baseline lock clean-venv
 
 setup: $(VENV)/.installed
 
@@ -31,6 +32,9 @@ test: setup lint
 docs: setup
 	python -m docs.gen.readme
 	mkdocs build --strict
+
+dvc-deps: setup
+	python -m stages.code_deps
 
 lint: setup
 	ruff check .

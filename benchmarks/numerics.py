@@ -34,8 +34,21 @@ sys.path.insert(0, str(ROOT))
 from flows.dvc import apply_param_overrides  # noqa: E402  (params set as `dvc exp run -S` sets them)
 from tests.dag import make_project  # noqa: E402  (the same throwaway-project builder the tests use)
 
-ORDER = ["synth", "grid", "base", "label", "sft", "grpo", "inject", "surgery", "nla_sft", "nla_rl", "policy"]
-ORDER += ["evaluate", "report"]
+ORDER = [
+    "synth",
+    "grid",
+    "base",
+    "label",
+    "sft",
+    "grpo",
+    "inject",
+    "surgery",
+    "nla_table",
+    "nla_sft",
+    "nla_rl",
+    "policy",
+]
+ORDER += ["evaluate_arithmetic", "evaluate_nla", "evaluate_grid", "report"]
 STEP_KEYS = [  # the loops --scale shortens
     "base.steps",
     "sft.steps",

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from latentlab.common.atomic import atomic_output
 
-NLA = "metrics/nla.json:"  # evaluate's NLA scores: nla_sft.* (SFT actor and critic), nla_rl.* (after RL)
+NLA = "metrics/nla.json:"  # evaluate_nla's scores: nla_sft.* (SFT actor and critic), nla_rl.* (after RL)
 SFT_ACTOR, RL_ACTOR = f"{NLA}nla_sft.actors.nla_sft", f"{NLA}nla_rl.actors.nla_rl"
 SURGERY = "metrics/surgery.json:"  # the surgery stage's three arms from one phase-1 state
-GRID = "metrics/policy.json:"  # evaluate's grid-world returns table
+GRID = "metrics/policy.json:"  # evaluate_grid's returns table
 INJECT = "metrics/inject.json:"  # the inject stage: the frozen SFT model, the injector at step 0 and after GRPO
 
 # Per-seed differences the sweep computes (paired: same seed, same configuration), named "a - b".

@@ -1,7 +1,7 @@
 """Seeds and sweeps: a grid of params × seeds as DVC experiments, run in parallel by Prefect.
 
     python -m flows.sweep -S grpo.even_bonus=0,0.1,0.2 --seeds 3            # 9 experiments
-    python -m flows.sweep -S grpo.even_bonus=0,0.1,0.2 --seeds 3 --targets evaluate \\
+    python -m flows.sweep -S grpo.even_bonus=0,0.1,0.2 --seeds 3 --targets evaluate_arithmetic \\
         --claims even_recovery,inject_vs_grpo                                # the report's Claims (results/claims.json)
 
 Every (configuration, seed) is one DVC experiment (`dvc exp show` lists it) named after its settings,

@@ -16,8 +16,9 @@ from latentlab.lm.modeling import build_tiny_lm, load_lm, prepare_pretrained, sa
 from latentlab.lm.tokenizer import build_char_tokenizer
 from latentlab.lm.training import lm_examples, shuffled_batches, train_lm
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA, pretraining_corpus
-from stages.common import GRID, MODELS, PLOTS, SYNTH, setup, stage, step_log
+from stages.common import setup, stage, step_log
 from stages.execution import supervised
+from stages.paths import GRID_TEXTS, MODELS, PLOTS, SYNTH
 
 
 @stage(torchrun=True)
@@ -29,7 +30,7 @@ def main(params):
         tokenizer = build_char_tokenizer()
         model = build_tiny_lm(params.model, tokenizer).to(run.device)
         problems = read_table(SYNTH / "full.parquet", PROBLEM_SCHEMA)
-        grid = read_table(GRID / "texts.parquet", {"prompt": pl.String})["prompt"].to_list() if cfg.grid_share else None
+        grid = read_table(GRID_TEXTS, {"prompt": pl.String})["prompt"].to_list() if cfg.grid_share else None
         corpus = pretraining_corpus(
             problems, cfg.corpus_sequences, cfg.sequence_chars, params.seed, grid, cfg.grid_share
         )

@@ -1,4 +1,4 @@
-"""What every stage shares: the DAG's paths, params loading, and clean failure."""
+"""What every stage shares: params loading, seeding and the device, checked outputs, and clean failure."""
 
 import functools
 import json
@@ -14,18 +14,12 @@ from latentlab.common.atomic import atomic_output
 from latentlab.common.errors import UnwritableOutputError, describe_failure, os_problem
 from latentlab.common.tracking import StepLog, start_dvclive, start_wandb
 from stages.params import Params, ParamsError, load_params
+from stages.paths import DVCLIVE, MODELS
 
 if TYPE_CHECKING:
     import torch
 
     from latentlab.common.distributed import Ranks, Shards
-
-SYNTH = Path("data/synth")
-GRID = Path("data/grid")
-MODELS = Path("models")
-METRICS = Path("metrics")
-PLOTS = Path("plots")
-REPORTS = Path("reports")
 
 
 def stage(main=None, *, torchrun: bool = False):
@@ -237,9 +231,6 @@ def require_divisible(run: Run, value: int, key: str) -> None:
             f"params.yaml: {key} ({value}) is not divisible by the {run.shards.count} shards of the batch "
             "(launcher.shards, or the number of processes when it is 0)"
         )
-
-
-DVCLIVE = Path("dvclive")
 
 
 def step_log(params: Params, name: str, config: dict) -> StepLog:

@@ -7,7 +7,8 @@ texts.parquet (id, prompt, episode, step), which `base` pretrains on and `label`
 
 from latentlab.common.atomic import atomic_output
 from latentlab.tasks.grid import collect, write_transitions
-from stages.common import GRID, stage
+from stages.common import stage
+from stages.paths import GRID
 
 
 @stage

@@ -12,8 +12,9 @@ import copy
 from latentlab.common.inputs import require_model_dir
 from latentlab.policies.adapter import AdapterDisabled
 from latentlab.policies.lm_policy import LMPolicy
-from stages.common import MODELS, PLOTS, setup, stage
+from stages.common import setup, stage
 from stages.execution import load_trained_lm, save_fine_tuned_lm
+from stages.paths import MODELS, PLOTS
 from stages.recipes import train_with_grpo
 
 

@@ -26,8 +26,9 @@ from latentlab.policies.lm_policy import LMPolicy
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA, problem_batches
 from latentlab.tasks.injection_eval import accuracy, norm_sweep
 from latentlab.tasks.rewards import ArithmeticReward
-from stages.common import METRICS, MODELS, PLOTS, SYNTH, check_layers, setup, stage, write_json
+from stages.common import check_layers, setup, stage, write_json
 from stages.execution import load_trained_lm
+from stages.paths import METRICS, MODELS, PLOTS, SYNTH
 from stages.recipes import train_with_grpo
 
 

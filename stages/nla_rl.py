@@ -1,6 +1,6 @@
 """nla_rl: RL of the NLA actor (GRPO or PPO, `nla_rl.algo`), rewarded by the critic -> models/nla_rl/.
 
-Prompts are activation vectors of data/labels/nla.parquet; the reward is f(||critic(text) - t||^2)
+Prompts are activation vectors of data/nla/nla.parquet; the reward is f(||critic(text) - t||^2)
 (`nla_rl.reward`), t = (v - mu) / sigma on the SFT critic's fixed scale (an empty explanation: the mean
 predictor's error ||t||^2, rl/nla.py); after every RL step the critic takes `nla_rl.critic.updates_per_step`
 steps on the batch's (explanation, vector) pairs. GRPO is the shared core (rl/grpo.py), PPO the
@@ -31,9 +31,10 @@ from latentlab.rl.grpo import GRPOTrainer
 from latentlab.rl.nla import CriticReward, CriticTrainer, train_rl
 from latentlab.rl.ppo import PPOTrainer
 from latentlab.tasks.nla_eval import explain, reconstruction_scores
-from stages.common import MODELS, PLOTS, require_divisible, setup, stage, step_log
+from stages.common import require_divisible, setup, stage, step_log
 from stages.execution import fine_tuned, sampling, whole
 from stages.nla_outputs import save_nla_pair
+from stages.paths import MODELS, NLA_EVAL_TABLE, NLA_TABLE, PLOTS
 
 
 @stage(torchrun=True)
@@ -50,8 +51,8 @@ def main(params):
     actor.model = fine_tuned(params, actor.model)
     lora = params.model.adapter == "lora"
     critic = load_critic(MODELS / "nla_sft" / "critic", run.device)
-    _, vectors = read_nla_table("data/labels/nla.parquet")
-    _, heldout = read_nla_table("data/labels/nla_eval.parquet")
+    _, vectors = read_nla_table(NLA_TABLE)
+    _, heldout = read_nla_table(NLA_EVAL_TABLE)
     heldout = heldout[: cfg.eval_batch]
 
     reward = CriticReward(critic, cfg.reward)
@@ -87,7 +88,7 @@ def main(params):
         if not run.leader:  # under torchrun rank 0 alone writes the outputs
             return
         with atomic_output(MODELS / "nla_rl") as out:
-            save_nla_pair(params, actor, critic, out, sft, algo=cfg.algo)
+            save_nla_pair(params, actor, critic, out, sft, algo=cfg.algo, max_new_tokens=algo.max_new_tokens)
             if value_head is not None:
                 save_weights(value_head, out / "value_head.safetensors")
     log.save(PLOTS / "nla_rl.csv")

@@ -1,6 +1,7 @@
 """nla_sft: the natural language autoencoder's supervised phase -> models/nla_sft/{actor,critic}.
 
-Data: data/labels/nla.parquet (prompt, response, activation_vector): the explanation the actor learns
+Data: data/nla/nla.parquet (prompt, response, activation_vector; the layer its vectors were read at is in its
+metadata, and the critic is truncated there): the explanation the actor learns
 to write for a vector is the text the vector was computed from (the problem and the base model's
 continuation), the only explanation there is at this scale. `nla_sft.train_mode` picks what trains:
 the actor (next-token loss on the explanation given the injected vector), the critic (reconstruct
@@ -16,16 +17,15 @@ Log: plots/nla_sft.csv (losses, gradient norms, the critic's FVE on each trainin
 from latentlab.common.atomic import atomic_output
 from latentlab.common.inputs import require_model_dir
 from latentlab.common.precision import weight_dtype
-from latentlab.hidden.nla_table import read_nla_table
+from latentlab.hidden.nla_table import nla_table_info, read_nla_table
 from latentlab.lm.modeling import load_lm
 from latentlab.policies.nla_actor import build_actor
-from latentlab.policies.nla_critic import build_critic
+from latentlab.policies.nla_critic import NLACriticConfig, build_critic
 from latentlab.rl.nla import train_sft
-from stages.common import MODELS, PLOTS, check_layers, setup, stage, step_log
+from stages.common import check_layers, setup, stage, step_log
 from stages.execution import fine_tuned, supervised, whole
 from stages.nla_outputs import save_nla_pair
-
-NLA = "data/labels/nla.parquet"
+from stages.paths import MODELS, NLA_TABLE, PLOTS
 
 
 @stage(torchrun=True)
@@ -33,10 +33,11 @@ def main(params):
     run, cfg = setup(params), params.nla_sft
     base = require_model_dir(MODELS / "base")
     check_layers(params, base, ("nla_sft.actor.layers",))
-    table, vectors = read_nla_table(NLA)
+    table, vectors = read_nla_table(NLA_TABLE)
     texts = table.column("response").to_pylist()
     model, tokenizer = load_lm(base, run.device, dtype=weight_dtype(params.model.dtype))
-    critic_cfg = cfg.critic.model_copy(update={"layer": params.label.nla_layer})  # where the vectors were read
+    # the critic is the base model truncated where the vectors were read: the table says where
+    critic_cfg = NLACriticConfig(**cfg.critic.model_dump(), layer=nla_table_info(NLA_TABLE).layer)
     critic = build_critic(model, tokenizer, critic_cfg, vectors)  # a truncated copy: the actor trains `model`
     model = fine_tuned(params, model)  # after the critic's copy: the critic is the base model, never adapted
     actor = build_actor(model, tokenizer, cfg.actor, vectors, texts)

@@ -21,7 +21,7 @@ from latentlab.lm.prompt_format import PromptFormat
 from latentlab.lm.training import LMTrainConfig
 from latentlab.policies.injection import InjectorConfig
 from latentlab.policies.nla_actor import NLAActorConfig
-from latentlab.policies.nla_critic import NLACriticConfig
+from latentlab.policies.nla_critic import NLACriticSettings
 from latentlab.policies.placeholder import PlaceholderVariant
 from latentlab.rl.awr import AWRConfig
 from latentlab.rl.grpo import GRPOConfig, GRPOSettings
@@ -74,22 +74,16 @@ class LabelParams(LabelConfig):
         default_factory=lambda: ["full", "test"], min_length=1
     )
     """Sets to label, each into data/hidden/<name>.zarr and data/labels/<name>.parquet (grid: the observation texts)."""
-    nla_dataset: Literal["biased", "full", "test"] = "full"
-    """The labelled set that becomes the NLA table data/labels/nla.parquet (one of `datasets`)."""
-    nla_layer: int = -1
-    """The layer (one of `layers`, as written there) whose pooled vector is the NLA activation_vector."""
-    nla_eval_dataset: Literal["biased", "full", "test"] | None = "test"
-    """The held-out labelled set that becomes data/labels/nla_eval.parquet (one of `datasets`; null: none)."""
 
-    @model_validator(mode="after")
-    def _nla_source_is_labelled(self):
-        if self.nla_dataset not in self.datasets:
-            raise ValueError(f"nla_dataset ({self.nla_dataset}) must be one of datasets {self.datasets}")
-        if self.nla_eval_dataset is not None and self.nla_eval_dataset not in self.datasets:
-            raise ValueError(f"nla_eval_dataset ({self.nla_eval_dataset}) must be one of datasets {self.datasets}")
-        if self.nla_layer not in self.layers:
-            raise ValueError(f"nla_layer ({self.nla_layer}) must be one of layers {self.layers}")
-        return self
+
+class NLATableParams(Config):
+    dataset: Literal["biased", "full", "test"] = "full"
+    """The labelled set (one of label.datasets) whose vectors become the NLA table data/nla/nla.parquet."""
+    layer: int = -1
+    """The layer (one of label.layers, as written there) whose pooled vector is the NLA activation_vector; the
+    table records it, and nla_sft's critic is the base model truncated there."""
+    eval_dataset: Literal["biased", "full", "test"] | None = "test"
+    """The held-out labelled set (one of label.datasets) that becomes data/nla/nla_eval.parquet (null: none)."""
 
 
 class GRPOParams(GRPOSettings):
@@ -161,8 +155,8 @@ class SurgeryParams(SurgeonConfig):
 class NLASFTParams(NLASFTConfig):
     actor: NLAActorConfig
     """The actor: prompt template, injection mode, layers and scale."""
-    critic: NLACriticConfig
-    """The critic: extraction layer (null: label.nla_layer), pooling, loss."""
+    critic: NLACriticSettings
+    """The critic: pooling, loss, centring, text length (its layer is the NLA table's)."""
 
     @model_validator(mode="after")
     def _same_space(self):
@@ -295,6 +289,7 @@ class Params(Config):
     grpo_full: StageLR
     inject: InjectParams
     surgery: SurgeryParams
+    nla_table: NLATableParams = NLATableParams()
     nla_sft: NLASFTParams
     nla_rl: NLARLParams
     grid: GridParams = GridParams()
@@ -330,12 +325,13 @@ class Params(Config):
         return self
 
     @model_validator(mode="after")
-    def _critic_reads_the_extraction_layer(self):
-        if self.nla_sft.critic.layer not in (None, self.label.nla_layer):
-            raise ValueError(
-                f"nla_sft.critic.layer: {self.nla_sft.critic.layer} must be label.nla_layer "
-                f"({self.label.nla_layer}): the critic is the base model truncated where the vectors were read"
-            )
+    def _nla_table_reads_labelled_sets(self):
+        label, table = self.label, self.nla_table
+        for key, name in (("dataset", table.dataset), ("eval_dataset", table.eval_dataset)):
+            if name is not None and name not in label.datasets:
+                raise ValueError(f"nla_table.{key} ({name}) must be one of label.datasets {label.datasets}")
+        if table.layer not in label.layers:
+            raise ValueError(f"nla_table.layer ({table.layer}) must be one of label.layers {label.layers}")
         return self
 
     @model_validator(mode="after")

@@ -17,20 +17,19 @@ from latentlab.hidden.store import open_store
 from latentlab.policies.actor_critic import ActorCritic, ActorCriticConfig, save_policy
 from latentlab.rl.awr import Batch, train_awr
 from latentlab.tasks.grid import read_transitions
-from stages.common import GRID, MODELS, PLOTS, setup, stage, step_log
+from stages.common import setup, stage, step_log
 from stages.execution import supervised, whole
-
-STORE = "data/hidden/grid.zarr"
+from stages.paths import GRID_STORE, GRID_TRANSITIONS, MODELS, PLOTS
 
 
 @stage(torchrun=True)
 def main(params):
     run = setup(params)
     cfg, grid = params.policy, params.grid
-    data = read_transitions(GRID / "transitions.zarr")
-    hidden = pooled_vectors(STORE, cfg.eval.layer)  # (N, H), read through StoreDataset
-    if not np.array_equal(open_store(STORE)["ids"][:], data["ids"]):
-        raise ValueError(f"{STORE} does not hold the rows of {GRID / 'transitions.zarr'}: rerun `dvc repro label`")
+    data = read_transitions(GRID_TRANSITIONS)
+    hidden = pooled_vectors(GRID_STORE, cfg.eval.layer)  # (N, H), read through StoreDataset
+    if not np.array_equal(open_store(GRID_STORE)["ids"][:], data["ids"]):
+        raise ValueError(f"{GRID_STORE} does not hold the rows of {GRID_TRANSITIONS}: rerun `dvc repro label`")
     image, action, reward, done = (torch.from_numpy(data[k]) for k in ("obs", "action", "reward", "done"))
     logs, policies, learners = {}, {}, []
     for name, use_hidden in (("hidden", True), ("obs", False)):
@@ -60,7 +59,9 @@ def main(params):
             return
         with atomic_output(MODELS / "policy") as out:
             for name, model in policies.items():
-                save_policy(model, out / name, layer=cfg.eval.layer if name == "hidden" else None, store=STORE)
+                save_policy(
+                    model, out / name, layer=cfg.eval.layer if name == "hidden" else None, store=str(GRID_STORE)
+                )
     log = StepLog()  # one CSV: hidden_* and obs_* columns side by side (same steps)
     for a, b in zip(logs["hidden"].rows, logs["obs"].rows):
         step, _ = a.pop("step"), b.pop("step")

@@ -19,9 +19,10 @@ from latentlab.rl.grpo import GRPOTrainer
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA, problem_batches
 from latentlab.tasks.evaluation import heldout_monitor
 from latentlab.tasks.rewards import ArithmeticReward
-from stages.common import SYNTH, Run, require_divisible, step_log
+from stages.common import Run, require_divisible, step_log
 from stages.execution import sampling
 from stages.params import Params
+from stages.paths import SYNTH
 
 
 @dataclass

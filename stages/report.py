@@ -1,7 +1,6 @@
 """report: reports/report.md with the comparison table and figures (reports/*.png)."""
 
 import json
-from pathlib import Path
 
 import polars as pl
 
@@ -17,7 +16,8 @@ from latentlab.figures import (
     provenance_lines,
     summary_table,
 )
-from stages.common import METRICS, MODELS, PLOTS, REPORTS, stage
+from stages.common import stage
+from stages.paths import CLAIMS, METRICS, PLOTS, REPORTS, SOURCE
 
 CURVES = {  # training log -> columns drawn
     "base": ["loss"],
@@ -25,8 +25,6 @@ CURVES = {  # training log -> columns drawn
     "grpo": ["reward_mean", "heldout_accuracy", "heldout_accuracy_even"],
     "inject": ["reward_mean", "heldout_accuracy", "heldout_accuracy_even"],
 }
-SOURCE = MODELS / "source.json"  # what models/base was made from (stages/source.py)
-CLAIMS = Path("results/claims.json")  # committed; written only by `python -m flows.sweep --claims ...`
 EFFICIENCY = ["sft", "grpo", "inject"]  # what training which parameters buys
 EFFICIENCY_COLUMNS = {
     "trained_parameters": "trained params",
@@ -242,7 +240,7 @@ def injection_section(claims: dict) -> str:
 
 
 def policy_section(path) -> str:
-    """The grid-world returns table from metrics/policy.json (evaluate), and whether the state helped."""
+    """The grid-world returns table from metrics/policy.json (evaluate_grid), and whether the state helped."""
     m = json.loads(path.read_text())
     rows = [
         f"| {name} | {a['return_mean']:.3f} [{a['return_ci95'][0]:.3f}, {a['return_ci95'][1]:.3f}] | "
@@ -273,7 +271,7 @@ def policy_section(path) -> str:
 def main(params):
     path = METRICS / "eval.json"
     if not path.exists():
-        raise InputError(f"{path} does not exist: run `dvc repro evaluate`")
+        raise InputError(f"{path} does not exist: run `dvc repro evaluate_arithmetic`")
     metrics = json.loads(path.read_text())
     curves = {name: (pl.read_csv(PLOTS / f"{name}.csv"), columns) for name, columns in CURVES.items()}
     with atomic_output(REPORTS) as out:

@@ -13,8 +13,9 @@ from latentlab.lm.tokenizer import INJECT
 from latentlab.lm.training import prompt_answer_examples, shuffled_batches, train_lm
 from latentlab.policies.placeholder import PlaceholderLM, add_placeholders
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
-from stages.common import MODELS, PLOTS, SYNTH, check_layers, setup, stage, step_log
+from stages.common import check_layers, setup, stage, step_log
 from stages.execution import load_trained_lm, save_fine_tuned_lm, supervised
+from stages.paths import MODELS, PLOTS, SYNTH
 
 
 @stage(torchrun=True)

@@ -12,9 +12,10 @@ import json
 from pathlib import Path
 
 from latentlab.common.atomic import atomic_output
-from stages.common import MODELS, stage
+from stages.common import stage
+from stages.paths import SOURCE
 
-OUT = MODELS / "source.json"
+OUT = SOURCE
 
 
 def describe_source(source: str, revision: str | None) -> dict:

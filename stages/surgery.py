@@ -29,19 +29,9 @@ from latentlab.policies.lm_policy import LMPolicy
 from latentlab.rl.surgeon import Curriculum, Surgeon, run_curriculum, save_surgeon
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
 from latentlab.tasks.evaluation import evaluate_policy
-from stages.common import (
-    METRICS,
-    MODELS,
-    PLOTS,
-    SYNTH,
-    check_layers,
-    require_divisible,
-    setup,
-    stage,
-    step_log,
-    write_json,
-)
+from stages.common import check_layers, require_divisible, setup, stage, step_log, write_json
 from stages.execution import load_trained_lm, sampling
+from stages.paths import METRICS, MODELS, PLOTS, SYNTH
 from stages.recipes import arithmetic_grpo
 
 ARMS = ("sac", "random", "grpo_only")  # the method, then its controls

@@ -6,7 +6,8 @@ test: held out, half odd and half even, disjoint from both training sets.
 
 from latentlab.common.atomic import atomic_output
 from latentlab.tasks.arithmetic import make_splits
-from stages.common import SYNTH, stage
+from stages.common import stage
+from stages.paths import SYNTH
 
 
 @stage

@@ -24,8 +24,9 @@ def save_model(lm, directory: Path) -> Path:
     return directory
 
 
-def scratch_repo(root: Path, model: Path, label: dict) -> Path:
-    """A directory laid out like the DAG after `synth` and `base`, with params.yaml's label section set."""
+def scratch_repo(root: Path, model: Path, label: dict, nla_table: dict | None = None) -> Path:
+    """A directory laid out like the DAG after `synth` and `base`, with params.yaml's label section set (and
+    nla_table's: by default its layer is label's first)."""
     shutil.copytree(model, root / "models" / "base")
     (root / "data" / "synth").mkdir(parents=True)
     for name, table in make_splits(SMALL_SYNTH, 0).items():
@@ -33,6 +34,9 @@ def scratch_repo(root: Path, model: Path, label: dict) -> Path:
     yaml = YAML()
     params = yaml.load((REPO / "params.yaml").read_text())
     params["label"].update(label)
+    params["nla_table"].update(nla_table or {"layer": params["label"]["layers"][0]})
+    if params["nla_table"]["dataset"] not in params["label"]["datasets"]:  # a repo that labels one set
+        params["nla_table"] |= {"dataset": params["label"]["datasets"][0], "eval_dataset": None}
     with open(root / "params.yaml", "w") as file:
         yaml.dump(params, file)
     return root

@@ -38,10 +38,13 @@ STAGES = [  # dvc.yaml's order: each stage after the ones it reads
     "grpo",
     "inject",
     "surgery",
+    "nla_table",
     "nla_sft",
     "nla_rl",
     "policy",
-    "evaluate",
+    "evaluate_arithmetic",
+    "evaluate_nla",
+    "evaluate_grid",
     "report",
 ]
 SCORED = ["base", "sft", "grpo", "inject", "surgery"]
@@ -118,7 +121,7 @@ def check_outputs(root: Path, model_type: str, source: str) -> None:
     assert any(not torch.equal(p, weights["sft"][k]) for k, p in weights["base"].items())
     for name in ("nla_sft", "nla_rl"):  # (evaluate loaded every actor, critic and the injector to score them)
         critic = AutoConfig.from_pretrained(root / "models" / name / "critic")  # GPT-2 names it n_layer
-        assert critic.num_hidden_layers == MICRO["label"]["nla_layer"], name  # cut where the vectors were read
+        assert critic.num_hidden_layers == MICRO["nla_table"]["layer"], name  # cut where the vectors were read
     # metrics: every model scored on every held-out problem, finite numbers (MAE only where an answer parsed)
     scores = json.loads((root / "metrics/eval.json").read_text())
     assert list(scores) == SCORED

@@ -1,10 +1,14 @@
 """The label stage: pooling semantics, the Zarr store, resume after SIGKILL, torchrun, clean errors."""
 
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import zarr
@@ -15,7 +19,7 @@ from latentlab.hidden.store import open_store
 from latentlab.lm.modeling import describe_model, load_lm
 from latentlab.lm.sampling import positions_from_mask
 from latentlab.tasks.arithmetic import PROBLEM_SCHEMA
-from tests.label_fixtures import run_stage, save_model, scratch_repo, start_stage, tree_bytes
+from tests.label_fixtures import ENV, run_stage, save_model, scratch_repo, start_stage, tree_bytes
 
 PROMPTS = ["1+2=", "13-4=", "7+19=", "0-0=", "19+19=", "5-17="]
 STAGE_LABEL = {
@@ -25,7 +29,6 @@ STAGE_LABEL = {
     "store_tokens": True,
     "batch_size": 8,
     "shard_rows": 16,
-    "nla_layer": 1,
     "temperature": 1.5,
 }
 
@@ -226,11 +229,6 @@ def test_store_layout_attributes_and_tables(reference_run):
 
     labels = pl.read_parquet(data / "labels" / "full.parquet")
     assert labels.select(list(PROBLEM_SCHEMA)).equals(full) and labels["n_tokens"].to_list() == counts.tolist()
-    nla = pl.read_parquet(data / "labels" / "nla.parquet")
-    assert nla.columns == ["id", "prompt", "response", "activation_vector"]
-    # the response is the text the vector was pooled over: the problem and what the model generated after it
-    assert nla["response"].to_list() == [p + t for p, t in zip(labels["prompt"], labels["text_generated"])]
-    np.testing.assert_array_equal(np.stack(nla["activation_vector"].to_numpy()), store["pooled"][:, 0])
     assert not any((data / ".partial" / "label").iterdir())
 
 
@@ -296,10 +294,37 @@ def test_work_of_a_different_job_is_discarded_not_resumed(lm, model_dir, tmp_pat
     np.testing.assert_allclose(store["pooled"][:4, 0], expected[:, 0].numpy(), atol=1e-6)
 
 
-def test_params_refuse_an_nla_layer_that_is_not_labelled():
+def test_nla_table_stage_writes_the_reference_format_and_says_which_layer(reference_run):
+    """nla_table: the problems, the text each vector was pooled over and the vector of layer nla_table.layer,
+    with the facts of the vectors in the table's own metadata (what nla_sft and evaluate_nla read)."""
+    from latentlab.hidden.nla_table import nla_table_info, read_nla_table
+
+    subprocess.run([sys.executable, "-m", "stages.nla_table"], cwd=reference_run, env=ENV, check=True, timeout=300)
+    data = reference_run / "data"
+    store, labels = open_store(data / "hidden" / "full.zarr"), pl.read_parquet(data / "labels" / "full.parquet")
+    table, vectors = read_nla_table(data / "nla" / "nla.parquet")
+    assert table.column_names == ["id", "prompt", "response", "activation_vector"]
+    # the response is the text the vector was pooled over: the problem and what the model generated after it
+    responses = [p + t for p, t in zip(labels["prompt"], labels["text_generated"])]
+    assert table.column("response").to_pylist() == responses
+    np.testing.assert_array_equal(vectors, store["pooled"][:, 0])  # layer 1, the store's first
+    info = nla_table_info(data / "nla" / "nla.parquet")
+    assert (info.layer, info.pooling, info.mode, info.tokens) == (1, "mean", "generate", 8)
+    assert info.model["sha256"] == store.attrs["model"]["sha256"] and info.store == "data/hidden/full.zarr"
+    assert nla_table_info(data / "nla" / "nla_eval.parquet").store == "data/hidden/test.zarr"
+
+
+def test_an_nla_table_without_its_metadata_is_refused_naming_what_to_rerun(tmp_path):
+    from latentlab.common.errors import InputError
+    from latentlab.hidden.nla_table import nla_table_info
+
+    pq.write_table(pa.table({"id": [0], "prompt": ["1+2="], "response": ["1+2=3"]}), tmp_path / "old.parquet")
+    with pytest.raises(InputError, match="which layer.*dvc repro nla_table"):
+        nla_table_info(tmp_path / "old.parquet")
+
+
+def test_params_refuse_shards_of_partial_batches():
     from stages.params import LabelParams
 
-    with pytest.raises(ValueError, match="nla_layer"):
-        LabelParams(layers=[1], nla_layer=-1)
     with pytest.raises(ValueError, match="multiple of batch_size"):
         LabelParams(batch_size=64, shard_rows=100)

@@ -91,8 +91,8 @@ def test_hook_names_follow_output_hidden_states_numbering():
 
 
 def test_cli_writes_what_the_label_stage_writes_for_the_same_rows(model_dir, tmp_path):
-    settings = {"datasets": ["test"], "nla_dataset": "test", "nla_eval_dataset": None, "layers": [1, -1]}
-    settings |= {"tokens": 6, "store_tokens": True, "batch_size": 8, "shard_rows": 16, "nla_layer": 1}
+    settings = {"datasets": ["test"], "layers": [1, -1]}
+    settings |= {"tokens": 6, "store_tokens": True, "batch_size": 8, "shard_rows": 16}
     repo = scratch_repo(tmp_path / "repo", model_dir, settings)
     run_stage(repo)
     rows = repo / "data" / "synth" / "test.parquet"

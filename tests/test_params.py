@@ -102,7 +102,7 @@ def test_a_check_across_sections_names_the_key_without_printing_every_param(tmp_
 
     def edit(data):
         data["label"]["layers"] = [1, 2]
-        data["label"]["nla_layer"] = 1
+        data["nla_table"]["layer"] = 1
 
     with pytest.raises(ParamsError) as error:
         load_params(_write(tmp_path, edit))
@@ -112,8 +112,23 @@ def test_a_check_across_sections_names_the_key_without_printing_every_param(tmp_
 
 def test_a_section_check_does_not_print_the_section(tmp_path):
     with pytest.raises(ParamsError) as error:
-        load_params(_write(tmp_path, lambda d: d["label"].__setitem__("nla_layer", 3)))
-    assert str(error.value) == f"{tmp_path / 'params.yaml'}: label: nla_layer (3) must be one of layers [2, -1]"
+        load_params(_write(tmp_path, lambda d: d["label"].__setitem__("shard_rows", 100)))
+    message = f"{tmp_path / 'params.yaml'}: label: shard_rows (100) must be a multiple of batch_size (256)"
+    assert str(error.value) == message
+
+
+def test_the_nla_table_reads_a_labelled_layer_and_set(tmp_path):
+    with pytest.raises(ParamsError) as error:
+        load_params(_write(tmp_path, lambda d: d["nla_table"].__setitem__("layer", 3)))
+    assert str(error.value) == f"{tmp_path / 'params.yaml'}: nla_table.layer (3) must be one of label.layers [2, -1]"
+    with pytest.raises(ParamsError, match=r"nla_table.eval_dataset \(biased\) must be one of label.datasets"):
+        load_params(_write(tmp_path, lambda d: d["nla_table"].__setitem__("eval_dataset", "biased")))
+
+
+def test_the_critic_layer_is_no_setting(tmp_path):
+    """nla_sft.critic.layer could only ever equal the NLA table's layer: it is gone from params (the table says)."""
+    with pytest.raises(ParamsError, match="nla_sft.critic.layer"):
+        load_params(_write(tmp_path, lambda d: d["nla_sft"]["critic"].__setitem__("layer", 2)))
 
 
 def test_params_that_are_not_utf8_name_the_file(tmp_path):

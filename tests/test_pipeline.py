@@ -20,6 +20,7 @@ STAGES = [
     "grid",
     "base",
     "label",
+    "nla_table",
     "nla_sft",
     "nla_rl",
     "sft",
@@ -27,7 +28,9 @@ STAGES = [
     "inject",
     "surgery",
     "policy",
-    "evaluate",
+    "evaluate_arithmetic",
+    "evaluate_nla",
+    "evaluate_grid",
     "report",
 ]
 
@@ -234,5 +237,5 @@ def test_make_baseline_takes_heads_outputs_from_the_cache_or_rebuilds_them(dag, 
     out = dag.run(*make, cwd=clone, timeout=1800).stdout
     assert "rebuilding them with dvc repro" in out and "rebuilt, byte for byte as dvc.lock pins" in out, out
     assert dag.run("git", "status", "--porcelain", cwd=clone).stdout == ""
-    for path in ("models/grpo/model.safetensors", "metrics/eval.json", "data/labels/nla.parquet"):
+    for path in ("models/grpo/model.safetensors", "metrics/eval.json", "data/nla/nla.parquet"):
         assert (clone / path).read_bytes() == (dag.root / path).read_bytes(), path

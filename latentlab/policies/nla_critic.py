@@ -58,10 +58,9 @@ WEIGHTS, CONFIG = "nla_critic.safetensors", "nla_critic.json"
 Pooling = Literal["last", "mean", "max", "cls", "weighted"]
 
 
-class NLACriticConfig(Config):
-    layer: int | None = None
-    """K: the extraction layer (output_hidden_states numbering); the critic keeps blocks 0..K-1 (null: the
-    layer the vectors were read from, which the caller supplies; nla_sft takes label.nla_layer)."""
+class NLACriticSettings(Config):
+    """What a user chooses about the critic; its layer is a fact of the vectors (`NLACriticConfig`)."""
+
     pooling: Pooling = "mean"
     """How the text's states become one vector: last | mean | max | cls | weighted."""
     loss: Literal["mse", "smooth_l1", "cosine"] = "mse"
@@ -71,6 +70,12 @@ class NLACriticConfig(Config):
     """mu = the training mean, as the actor centres what it reads (false: mu = 0, t = v / sigma)."""
     max_tokens: int = Field(48, gt=0)
     """Texts are cut to this many tokens (end-of-sequence included)."""
+
+
+class NLACriticConfig(NLACriticSettings):
+    layer: int | None = None
+    """K: the extraction layer (output_hidden_states numbering); the critic keeps blocks 0..K-1. It must be the
+    layer the vectors were read from: nla_sft takes it from the NLA table's metadata (hidden/nla_table.py)."""
 
 
 def pool(states: torch.Tensor, mask: torch.Tensor, how: str, scores: torch.Tensor | None = None) -> torch.Tensor:
