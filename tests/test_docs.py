@@ -55,8 +55,11 @@ def dag_outputs() -> list[str]:
 
 
 def repo_path_exists(path: str) -> bool:
-    """A path in the repository, or a DAG output (present once `dvc repro` ran), or a glob of either."""
+    """A path in the repository, or a DAG output (present once `dvc repro` ran), or the docs' build output
+    (`make docs`: site/), or a glob of either."""
     path = path.rstrip("/")
+    if path == "site":
+        return True
     if any(ch in path for ch in "*{<"):
         path = re.split(r"[*{<]", path)[0].rstrip("/") or "."
     if (ROOT / path).exists():

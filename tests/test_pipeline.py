@@ -65,7 +65,7 @@ def test_repro_runs_every_stage_and_writes_every_output(dag):
     surgery = json.loads((root / "metrics/surgery.json").read_text())
     assert {"sac", "random", "grpo_only"} <= set(surgery) and surgery["grpo_only"]["commits"] == 0
     assert "## Attention surgery" in report and (root / "reports/surgery.png").stat().st_size > 1000
-    returns = json.loads((root / "metrics/policy.json").read_text())  # the grid returns table, from evaluate
+    returns = json.loads((root / "metrics/policy.json").read_text())  # the grid returns table, from evaluate_grid
     assert set(returns["agents"]) == {"hidden", "obs", "behaviour", "random"}
     assert "## Grid world" in report and "| hidden |" in report
     assert (root / "reports/training.png").stat().st_size > 1000
@@ -111,6 +111,32 @@ def test_a_param_change_reruns_only_what_depends_on_it(dag):
     finally:
         dag.restore()
     assert dag.status() == {}
+
+
+def test_artifacts_carry_what_their_readers_need(dag):
+    """The NLA table says which layer it holds (nla_sft's critic is cut there), models/nla_rl how it was trained
+    (evaluate_nla reports that algo): nothing downstream reads the upstream stage's params."""
+    from latentlab.hidden.nla_table import nla_table_info
+    from latentlab.lm.modeling import read_manifest
+
+    info = nla_table_info(dag.root / "data/nla/nla.parquet")
+    assert info.layer == 1 and info.store == "data/hidden/full.zarr" and info.pooling == "mean"
+    critic = json.loads((dag.root / "models/nla_sft/critic/nla_critic.json").read_text())
+    assert critic["critic"]["layer"] == info.layer
+    manifest = read_manifest(dag.root / "models/nla_rl/actor")
+    assert (manifest["algo"], manifest["max_new_tokens"]) == ("grpo", 8)
+    assert json.loads((dag.root / "metrics/nla.json").read_text())["algo"] == manifest["algo"]
+
+
+def test_retraining_nla_rl_reruns_its_evaluation_and_no_other(dag):
+    dag.set_params({"nla_rl": {"reward": "exp"}})  # another reward: another actor
+    try:
+        assert set(dag.status()) == {"nla_rl"}
+        dag.run("dvc", "repro", "--single-item", "nla_rl")
+        stale = set(dag.status())
+        assert "evaluate_nla" in stale and not {"evaluate_arithmetic", "evaluate_grid"} & stale, stale
+    finally:
+        dag.restore()
 
 
 def test_same_seed_same_outputs(dag):
