@@ -108,7 +108,7 @@ class Job:
             "num_blocks": blocks,
             "mode": mode,
             "tokens": self.cfg.tokens,
-            "pooling": "mean",
+            "pooling": self.cfg.pooling,
             "positions": POSITIONS[mode] if mode == "text" else self.cfg.positions,
             "dtype": self.cfg.dtype,
             "hidden_size": extractor.hidden_size,
@@ -159,7 +159,7 @@ BATCHING = "grouped by prompt length within a shard"
 
 # options added after the store format's first version: at their defaults they leave a job's
 # fingerprint (and a store's attributes) as before, so earlier stores and unfinished work keep theirs
-LATER_OPTIONS = ("stop_at_eos", "compression")
+LATER_OPTIONS = ("stop_at_eos", "compression", "pooling")
 
 
 def _identity(cfg: LabelConfig) -> dict:

@@ -74,6 +74,7 @@ def make_encoder(cfg: OnlineConfig, model_dir, labelled: dict, device, seed: int
         top_p=labelled["top_p"],
         stop_at_eos=labelled.get("stop_at_eos", True),  # stores written before the option stopped at EOS
         dtype=labelled["dtype"],
+        pooling=labelled.get("pooling", "mean"),
     )
     prompt_format = PromptFormat(**labelled.get("prompt", {}))  # as the texts were labelled (absent: raw)
     model, tokenizer = load_lm(model_dir, device, dtype=getattr(torch, extract.dtype))
