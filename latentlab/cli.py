@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from latentlab.common.errors import describe_failure
 from latentlab.hidden import serve
+from latentlab.hidden.extract import add_pooling_argument
 from latentlab.lm.prompt_format import add_prompt_arguments, prompt_format_of
 
 
@@ -247,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentlab", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve_parser = commands.add_parser("serve", help="HTTP API: mean-pooled hidden states of prompts")
+    serve_parser = commands.add_parser("serve", help="HTTP API: pooled hidden states of prompts")
     serve.add_arguments(serve_parser)
     serve_parser.set_defaults(run=serve.run)
 
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--temperature", type=float, default=1.0)
     lab.add_argument("--top-p", type=float, default=1.0)
     lab.add_argument("--store-tokens", action="store_true", help="also every pooled position: tokens (N, T, L, H)")
+    add_pooling_argument(lab)
     add_prompt_arguments(lab)
     lab.add_argument(
         "--no-stop-at-eos",
@@ -299,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--ids-column", help="take exact token ids from this column instead (e.g. token_ids)")
     ex.add_argument("--layers", type=int, nargs="+", default=[-1])
     ex.add_argument("--store-tokens", action="store_true")
+    add_pooling_argument(ex)
     ex.add_argument("--compression", default="zstd", choices=["none", "lz4", "zstd"], help="codec of the float arrays")
     ex.add_argument("--batch-size", type=int, default=256)
     ex.add_argument("--shard-rows", type=int, default=1024)

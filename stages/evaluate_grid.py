@@ -6,7 +6,7 @@ labelled (layer `policy.eval.layer`). Speeds (env steps/s) differ every run and 
 """
 
 from latentlab.common.inputs import require_model_dir
-from latentlab.hidden.store import open_store
+from latentlab.hidden.store import store_attrs
 from latentlab.policies.actor_critic import load_policy as load_grid_policy
 from latentlab.tasks.grid_online import BehaviourAgent, PolicyAgent, RandomAgent, make_encoder, paired, rollout
 from stages.common import setup, stage, write_json
@@ -26,7 +26,7 @@ def grid_metrics(params, run) -> tuple[dict, dict]:
     `eval.skip_n` steps). -> (returns with 95% intervals and the paired hidden - obs difference, speeds:
     env steps/s, which differ every run and so live apart)."""
     cfg, grid = params.policy.eval, params.grid
-    labelled = dict(open_store(GRID_STORE).attrs)
+    labelled = store_attrs(GRID_STORE)  # how the training states were extracted: the live encoder repeats it
     encoder = make_encoder(cfg, require_model_dir(MODELS / "base"), labelled, run.device, params.seed)
     policies = {name: load_grid_policy(MODELS / "policy" / name, run.device) for name in ("hidden", "obs")}
     n, seed = cfg.envs, params.seed + 10_000  # evaluation levels differ from the training data's
@@ -48,7 +48,7 @@ def grid_metrics(params, run) -> tuple[dict, dict]:
         "env_id": grid.env_id,
         "seed": params.seed,
         "layer": cfg.layer,
-        "tokens": cfg.tokens or labelled["tokens"],
+        "tokens": cfg.tokens or labelled.tokens,
         "skip_n": cfg.skip_n,
         "agents": summaries,
         "hidden_minus_obs": paired(episodes["hidden"], episodes["obs"]),

@@ -98,10 +98,27 @@ def test_every_codec_round_trips_the_arrays_exactly_and_every_reader_opens_it(ti
 
 
 def test_a_store_written_before_the_codec_option_still_opens(tmp_path):
-    """Zarr as the store module wrote it before `compression` existed: every array zstd level 1."""
-    group = zarr.open_group(
-        tmp_path / "old.zarr", mode="w", zarr_format=3, attributes={"complete": True, "layers": [-1], "rows": 4}
-    )
+    """Zarr as the store module wrote it before `compression` existed: every array zstd level 1 (and the
+    attributes of then: no hook names, no options added since)."""
+    attributes = {
+        "format": FORMAT,
+        "complete": True,
+        "fingerprint": "0" * 64,
+        "model": {"path": "models/base", "source": "scratch", "sha256": "1" * 64},
+        "layers": [-1],
+        "layer_indices": [2],
+        "mode": "prompt",
+        "tokens": 1,
+        "pooling": "mean",
+        "positions": "the prompt's tokens",
+        "dtype": "float32",
+        "hidden_size": 8,
+        "rows": 4,
+        "seed": 0,
+        "temperature": 1.0,
+        "top_p": 1.0,
+    }
+    group = zarr.open_group(tmp_path / "old.zarr", mode="w", zarr_format=3, attributes=attributes)
     pooled = np.random.default_rng(0).normal(size=(4, 1, 8)).astype(np.float32)
     for name, array in {"pooled": pooled, "ids": np.arange(4), "n_positions": np.full(4, 3, np.int32)}.items():
         group.create_array(name, data=array, chunks=array.shape, compressors=ZstdCodec(level=1))
@@ -115,7 +132,7 @@ def test_options_at_their_defaults_stay_out_of_the_fingerprint_and_attributes(ti
     attrs = open_store(store).attrs
     assert "stop_at_eos" not in attrs and "compression" not in attrs
     # the fingerprint as it was computed before the options existed, plus how rows are batched (BATCHING)
-    cfg = job.cfg.model_dump(exclude={"stop_at_eos", "compression"})
+    cfg = job.cfg.model_dump(exclude={"stop_at_eos", "compression", "pooling"})
     digest = hashlib.sha256(json.dumps([FORMAT, cfg, 0, job.model, "set", BATCHING], sort_keys=True).encode())
     digest.update(job.prompts.flat.tobytes() + job.prompts.offsets.tobytes())
     digest.update(job.rows["id"].to_numpy().tobytes())

@@ -1,5 +1,5 @@
 """Natural language autoencoders: the NLA table's schema, the actor's injection (modes, layers, hooks, KV
-cache), the critic (truncation, identity head, pooling without padding), save/load, and short real
+cache), the critic (truncation, identity head; its pooling: tests/test_pooling.py), save/load, and short real
 GRPO runs on the critic's reward."""
 
 import numpy as np
@@ -20,7 +20,6 @@ from latentlab.policies.nla_critic import (
     NLACriticConfig,
     build_critic,
     load_critic,
-    pool,
     reconstruct,
     reconstruction_loss,
     save_critic,
@@ -175,20 +174,6 @@ def test_the_template_needs_exactly_one_inject_token():
 
 
 # ---------------------------------------------------------------- the critic
-
-
-@pytest.mark.parametrize("how", ["last", "mean", "max", "cls", "weighted"])
-def test_no_pooling_reads_padding(how):
-    torch.manual_seed(0)
-    states, scores = torch.randn(2, 5, 3), torch.randn(2, 5)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
-    poisoned = states.clone()
-    poisoned[1, 2:] = 1e6
-    scores_poisoned = scores.clone()
-    scores_poisoned[1, 2:] = 1e6
-    pooled = pool(poisoned, mask, how, scores_poisoned)
-    alone = pool(states[1:, :2], mask[1:, :2], how, scores[1:, :2])
-    torch.testing.assert_close(pooled[1:], alone)
 
 
 def test_the_critic_is_the_base_truncated_at_the_layer_with_an_identity_head():

@@ -36,7 +36,15 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from latentlab.common.atomic import atomic_output
-from latentlab.hidden.store import filesystem, is_url, layer_position, open_store, read_parquet, store_location
+from latentlab.hidden.store import (
+    filesystem,
+    is_url,
+    layer_position,
+    open_store,
+    read_parquet,
+    store_attrs,
+    store_location,
+)
 
 
 class StoreDataset(IterableDataset):
@@ -57,14 +65,15 @@ class StoreDataset(IterableDataset):
     ):
         self.path = store_location(store)  # a path or an fsspec URL
         group = open_store(self.path)  # checked here, in the main process; workers reopen it
+        attrs = store_attrs(group)
         if kind not in ("pooled", "tokens"):
             raise ValueError(f"kind must be 'pooled' or 'tokens', not {kind!r}")
         if kind not in group:
             raise ValueError(f"{self.path} holds no {kind!r} array (label it with --store-tokens)")
-        self.layers = list(layers) if layers is not None else list(group.attrs["layers"])
+        self.layers = list(layers) if layers is not None else list(attrs.layers)
         self.positions = [layer_position(group, layer) for layer in self.layers]  # along the store's L axis
         self.kind, self.shuffle, self.seed, self.batch_size, self.epoch = kind, shuffle, seed, batch_size, 0
-        self.rows = int(group.attrs["rows"])
+        self.rows = attrs.rows
         self.chunk_rows = group[kind].chunks[0]
         self.ids = group["ids"][:]
         self.n_positions = group["n_positions"][:]
@@ -181,10 +190,10 @@ def normalization(store: str | Path, kind: str = "pooled", save: bool = False) -
     of `kind` (see the module doc); read from the store's attributes, or computed in one pass over
     its chunks and (with `save`) written there."""
     path = store_location(store)
-    group = open_store(path)
-    saved = group.attrs.get("normalization", {}).get(kind)
+    kept = store_attrs(path).normalization or {}
+    saved = kept.get(kind)
     if saved is not None:
-        return np.asarray(saved["mean"], dtype=np.float32), np.asarray(saved["std"], dtype=np.float32)
+        return np.asarray(saved.mean, dtype=np.float32), np.asarray(saved.std, dtype=np.float32)
     every = StoreDataset(path, kind=kind, shuffle=False)  # all layers, store order, raw
     total, squares, count = 0.0, 0.0, 0
     for chunk in every.chunk_order():
@@ -197,7 +206,7 @@ def normalization(store: str | Path, kind: str = "pooled", save: bool = False) -
     mean, std = mean.astype(np.float32), std.astype(np.float32)
     if save:
         stats = {"layers": every.layers, "mean": mean.tolist(), "std": std.tolist(), "samples": count}
-        _set_attribute(path, "normalization", {**group.attrs.get("normalization", {}), kind: stats})
+        _set_attribute(path, "normalization", {**{k: v.model_dump() for k, v in kept.items()}, kind: stats})
     return mean, std
 
 

@@ -2,17 +2,20 @@
 
 `Extractor` serves the `label` stage (latentlab/labelling.py), `latentlab serve` and re-extraction:
 
-- prompt (`tokens: 1`): one forward pass over the prompt, deterministic; the mean is over the
-  prompt's positions.
-- generate (`tokens: N > 1`): N tokens from the shared sampler; the mean is over the states at the
+- prompt (`tokens: 1`): one forward pass over the prompt, deterministic; pooled over the prompt's
+  positions.
+- generate (`tokens: N > 1`): N tokens from the shared sampler; pooled over the states at the
   positions that produced each generated token: the last prompt position for token 0, then the
   position of each generated token, up to and including the one that produced end-of-sequence.
   These are exactly `generate(output_hidden_states=True)`'s `hidden_states[t][layer][:, -1]`, read
-  with forward hooks while sampling, so no step ever materialises every layer and no second pass runs.
+  with forward hooks while sampling: only the chosen layers are kept, but of every step, in one
+  `(B, N, L, H)` float32 buffer (N * L * H * 4 bytes a row), which is pooled once sampling ends and is
+  also the source of the float16 `tokens` array. No step materialises every layer; no second pass runs.
 - text (re-extraction): prompt + given completion tokens in one teacher-forced pass, pooled over
   the same positions as generate, so re-extracting a generated text reproduces its vector.
 
-Padding and positions after end-of-sequence never enter a mean. Layers are numbered as
+Every mode pools with `latentlab.lm.pooling.pool` (`cfg.pooling`: mean by default; last, max, cls), and
+padding and positions after end-of-sequence are never read. Layers are numbered as
 `output_hidden_states` numbers them (0: embeddings, -1: the final norm's output).
 """
 
@@ -24,13 +27,14 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from latentlab.common.config import Config
 from latentlab.common.runtime import to_device
 from latentlab.lm.capture import LayerCapture, decoder_blocks, resolve_layers
 from latentlab.lm.modeling import stop_token_ids
 from latentlab.lm.padding import pad_flat
+from latentlab.lm.pooling import LEARNED, Pooling, pool
 from latentlab.lm.prompt_format import RAW, PromptFormat
 from latentlab.lm.sampling import SamplingConfig, positions_from_mask, sample
 from latentlab.lm.tokenizer import token_ids, unknown_token_id
@@ -56,11 +60,22 @@ class ExtractConfig(Config):
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling mass when generating."""
     stop_at_eos: bool = True
-    """Generate mode: a row stops at end-of-sequence (its mean ends there). False: every row gets exactly
-    `tokens` tokens and the mean is over all of them, end-of-sequence being an ordinary token (the reference's
+    """Generate mode: a row stops at end-of-sequence (its pooling ends there). False: every row gets exactly
+    `tokens` tokens and the pooling is over all of them, end-of-sequence being an ordinary token (the reference's
     fixed-length setting, e.g. 256 tokens; `generate(eos_token_id=None)`)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Compute dtype of the model (pooled sums are accumulated in float32 either way)."""
+    pooling: Pooling = "mean"
+    """How each row's states become its pooled vector (latentlab/lm/pooling.py): mean | last | max | cls
+    (weighted needs learned scores: the NLA critic's only)."""
+
+    @field_validator("pooling")
+    @classmethod
+    def _no_learned_scores(cls, pooling: str) -> str:
+        if pooling in LEARNED:
+            usable = ", ".join(p for p in Pooling.__args__ if p not in LEARNED)
+            raise ValueError(f"{pooling} pooling needs learned scores, which extraction has none of; use {usable}")
+        return pooling
 
     @property
     def mode(self) -> str:
@@ -68,8 +83,14 @@ class ExtractConfig(Config):
 
     @property
     def positions(self) -> str:
-        """What each mean is over, in words (POSITIONS)."""
+        """What each row is pooled over, in words (POSITIONS)."""
         return POSITIONS["generate_fixed" if self.mode == "generate" and not self.stop_at_eos else self.mode]
+
+
+def add_pooling_argument(parser) -> None:
+    """`--pooling`, for the commands that extract (`latentlab label`, `serve`): the modes extraction can use."""
+    usable = [p for p in Pooling.__args__ if p not in LEARNED]
+    parser.add_argument("--pooling", default="mean", choices=usable, help="how each row's states are pooled")
 
 
 @dataclass
@@ -132,7 +153,7 @@ class Extracted:
     """One batch's result, on the CPU."""
 
     pooled: torch.Tensor  # (B, L, H) float32
-    counts: torch.Tensor  # (B,) positions in each mean (generate: tokens sampled, end-of-sequence included)
+    counts: torch.Tensor  # (B,) positions pooled over (generate: tokens sampled, end-of-sequence included)
     tokens: torch.Tensor | None = None  # (B, T, L, H) float16, zeros where not pooled
     token_ids: TokenRows | None = None  # generate: sampled ids, end-of-sequence included
     ended: torch.Tensor | None = None  # generate: the last token is end-of-sequence
@@ -154,16 +175,8 @@ class Extracted:
         return cls(**{field.name: in_order(field.name) for field in fields(cls)})
 
 
-def _masked_mean(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of `(B, T, L, H)` over T where `mask (B, T)` is set, in float32; and the counts."""
-    weights = mask.to(torch.float32)
-    counts = weights.sum(1)
-    sums = torch.einsum("btlh,bt->blh", states.float(), weights)
-    return sums / counts.clamp(min=1)[:, None, None], counts.long()
-
-
 class Extractor:
-    """Mean-pooled hidden states of the configured layers for batches of prompts (see the module doc)."""
+    """Pooled hidden states of the configured layers for batches of prompts (see the module doc)."""
 
     def __init__(self, model, tokenizer, cfg: ExtractConfig, prompt_format: PromptFormat = RAW):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
@@ -277,12 +290,12 @@ class Extractor:
                 out = self._prompt(ids, mask, capture)
             else:
                 return self._generate(ids, mask, capture, generator, store_tokens)
-        states, keep = out
-        pooled, counts = _masked_mean(states, keep)
+        states, keep = out  # (B, T, L, H), (B, T)
+        pooled = pool(states, keep, self.cfg.pooling)
         tokens = None
         if store_tokens:
             tokens = _left_align(states, keep, width or states.shape[1]).to(torch.float16).cpu()
-        return Extracted(pooled.cpu(), counts.cpu(), tokens)
+        return Extracted(pooled.cpu(), keep.sum(1).cpu(), tokens)
 
     def _forward(self, ids, mask, capture) -> torch.Tensor:
         # logits of the last position only: the vocabulary projection is not what we are after
@@ -306,20 +319,19 @@ class Extractor:
 
     def _generate(self, ids, mask, capture, generator, store_tokens) -> Extracted:
         batch, layers = ids.shape[0], len(self.cfg.layers)
-        sums = torch.zeros((batch, layers, self.hidden_size), dtype=torch.float32, device=self.device)
-        tokens = (
-            torch.zeros((batch, self.cfg.tokens, layers, self.hidden_size), dtype=torch.float16, device=self.device)
-            if store_tokens
-            else None
+        # the chosen layers' states of every step (zeros where a row had ended) and which positions count
+        states = torch.zeros(
+            (batch, self.cfg.tokens, layers, self.hidden_size), dtype=torch.float32, device=self.device
         )
+        keep = torch.zeros((batch, self.cfg.tokens), dtype=torch.bool, device=self.device)
 
-        def on_token(t: int, states: torch.Tensor, alive: torch.Tensor) -> None:
-            # running sums: only the chosen layers of the newest position are ever held
+        def on_token(t: int, step: torch.Tensor, alive: torch.Tensor) -> None:  # step: (B, L, H)
             if self.cfg.stop_at_eos:  # without it every row is alive at every step
-                states = torch.where(alive[:, None, None], states, 0)
-            sums.add_(states.float())
-            if tokens is not None:
-                tokens[:, t] = states
+                step = torch.where(alive[:, None, None], step, 0)
+                keep[:, t] = alive
+            else:
+                keep[:, t] = True
+            states[:, t] = step
 
         embeds = self.model.get_input_embeddings()(ids)
         stop_ids = self.stop_ids
@@ -339,9 +351,9 @@ class Extractor:
         last = done.ids.gather(1, (counts - 1)[:, None]).squeeze(1)
         ended = torch.isin(last, torch.tensor(stop_ids, device=last.device))
         return Extracted(
-            pooled=(sums / counts[:, None, None]).cpu(),
+            pooled=pool(states, keep, self.cfg.pooling).cpu(),
             counts=counts.cpu(),
-            tokens=tokens.cpu() if tokens is not None else None,
+            tokens=states.to(torch.float16).cpu() if store_tokens else None,
             token_ids=TokenRows(
                 done.ids[done.mask].int().cpu().numpy(), np.concatenate([[0], counts.cumsum(0).cpu().numpy()])
             ),

@@ -17,6 +17,7 @@ LayerNorm models centres the residual stream, which changes both kinds of values
 
 from pathlib import Path
 
+from latentlab.hidden.attrs import StoreAttrs
 from latentlab.hidden.store import filesystem, open_any_store, store_location
 
 
@@ -27,14 +28,14 @@ def hook_name(index: int, num_blocks: int) -> str:
     return f"blocks.{index}.hook_resid_pre" if index < num_blocks else "ln_final.hook_normalized"
 
 
-def hook_names(attrs: dict) -> list[str | None]:
+def hook_names(attrs: StoreAttrs) -> list[str | None]:
     """The TransformerLens hook name of each stored layer (see latentlab.lm.capture.hook_name). A
     store written before they were recorded gets them when a layer was asked for by a negative
     index (that fixes the number of blocks), else None."""
-    if "hook_names" in attrs:
-        return list(attrs["hook_names"])
-    indices, layers = attrs.get("layer_indices", []), attrs.get("layers", [])
-    blocks = attrs.get("num_blocks")
+    if attrs.hook_names is not None:
+        return list(attrs.hook_names)
+    indices, layers = attrs.layer_indices or [], attrs.layers
+    blocks = attrs.num_blocks
     if blocks is None:  # -1 sits at index num_blocks, -k at num_blocks + 1 - k
         blocks = next((index - layer - 1 for layer, index in zip(layers, indices) if layer < 0), None)
     if blocks is None or not indices:
@@ -48,7 +49,7 @@ def describe_store(path: str | Path) -> dict:
     path = store_location(path)
     fs, root = filesystem(path)
     group = open_any_store(path)
-    attrs = dict(group.attrs)
+    attrs = StoreAttrs.read(group.attrs, str(path))
     try:
         arrays = {
             name: {
@@ -62,26 +63,25 @@ def describe_store(path: str | Path) -> dict:
     except Exception as error:  # an array's own metadata damaged
         raise ValueError(f"{path} is not a readable Zarr store: {error}") from None
     files = fs.find(root, detail=True)  # {path: info}, files only
-    layers = attrs.get("layers", [])
-    indices = attrs.get("layer_indices", [None] * len(layers))
+    indices = attrs.layer_indices or [None] * len(attrs.layers)
     return {
         "path": str(path),
-        "format": attrs.get("format"),
-        "complete": attrs.get("complete") is True,
-        "model": attrs.get("model"),
+        "format": attrs.format,
+        "complete": attrs.complete,
+        "model": attrs.model.model_dump(exclude_none=True),
         "layers": [
             {"layer": layer, "index": index, "hook_name": hook}
-            for layer, index, hook in zip(layers, indices, hook_names(attrs))
+            for layer, index, hook in zip(attrs.layers, indices, hook_names(attrs))
         ],
-        "mode": attrs.get("mode"),
-        "tokens": attrs.get("tokens"),
-        "pooling": attrs.get("pooling"),
-        "positions": attrs.get("positions"),
-        "rows": attrs.get("rows", arrays.get("pooled", {}).get("shape", [None])[0]),
-        "hidden_size": attrs.get("hidden_size"),
-        "dtype": attrs.get("dtype"),
+        "mode": attrs.mode,
+        "tokens": attrs.tokens,
+        "pooling": attrs.pooling,
+        "positions": attrs.positions,
+        "rows": attrs.rows,
+        "hidden_size": attrs.hidden_size,
+        "dtype": attrs.dtype,
         "arrays": arrays,
         "bytes": sum(info["size"] for info in files.values()),
         "files": len(files),
-        "normalization": sorted(attrs.get("normalization", {})),
+        "normalization": sorted(attrs.normalization or {}),
     }

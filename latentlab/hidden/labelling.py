@@ -2,7 +2,7 @@
 
 Store (one per dataset): `pooled (N, L, H)` float32, optional `tokens (N, T, L, H)` float16 (zeros
 where a position was not pooled), `ids (N,)`, `n_positions (N,)` (positions in each mean), and
-attributes: model (path, source, sha256), layers, mode, tokens, pooling, positions, dtype, ...
+attributes (`StoreAttrs`): model (path, source, sha256), layers, mode, tokens, pooling, positions, dtype, ...
 Chunks of `batch_size` rows sit inside shard files of `shard_rows` rows: a store is a few files.
 
 Resume and atomicity: a run writes into a work directory outside the DVC outputs (DVC deletes
@@ -44,7 +44,8 @@ from latentlab.common.atomic import atomic_output
 from latentlab.common.distributed import Ranks
 from latentlab.common.heap import freeze_heap, keep_freed_memory
 from latentlab.common.tracking import progress
-from latentlab.hidden.extract import POSITIONS, ExtractConfig, Extracted, Extractor, TokenRows
+from latentlab.hidden.attrs import ModelInfo, StoreAttrs
+from latentlab.hidden.extract import ExtractConfig, Extracted, Extractor, TokenRows
 from latentlab.hidden.info import hook_name
 from latentlab.hidden.store import FORMAT, Compression, filesystem, is_url, store_arrays, store_metadata, write_store
 from latentlab.lm.capture import decoder_blocks
@@ -93,35 +94,23 @@ class Job:
     def shard_span(self, shard: int) -> tuple[int, int]:
         return shard * self.cfg.shard_rows, min(self.rows.height, (shard + 1) * self.cfg.shard_rows)
 
-    def attributes(self, extractor: Extractor) -> dict:
-        mode = "text" if self.completions is not None else self.cfg.mode
+    def attributes(self, extractor: Extractor) -> StoreAttrs:
+        """The store's attributes, flagged incomplete (nothing written yet)."""
         blocks = len(decoder_blocks(extractor.model)[0])
-        attributes = {
-            "format": FORMAT,
-            "complete": False,
-            "fingerprint": self.fingerprint,
-            "model": self.model,
-            "layers": list(self.cfg.layers),
-            "layer_indices": extractor.layer_indices,
+        return StoreAttrs.of_extraction(
+            self.cfg,
+            extractor.prompt_format,
+            text=self.completions is not None,
+            fingerprint=self.fingerprint,
+            model=ModelInfo(**self.model),
+            layer_indices=extractor.layer_indices,
             # the same points as TransformerLens hooks, for users who know those names
-            "hook_names": [hook_name(i, blocks) for i in extractor.layer_indices],
-            "num_blocks": blocks,
-            "mode": mode,
-            "tokens": self.cfg.tokens,
-            "pooling": "mean",
-            "positions": POSITIONS[mode] if mode == "text" else self.cfg.positions,
-            "dtype": self.cfg.dtype,
-            "hidden_size": extractor.hidden_size,
-            "rows": self.rows.height,
-            "seed": self.seed,
-            "temperature": self.cfg.temperature,
-            "top_p": self.cfg.top_p,
-        }
-        if not self.cfg.stop_at_eos:  # absent: stopped at end-of-sequence
-            attributes["stop_at_eos"] = False
-        if extractor.prompt_format != RAW:  # absent: raw prompts
-            attributes["prompt"] = extractor.prompt_format.model_dump()
-        return attributes
+            hook_names=[hook_name(i, blocks) for i in extractor.layer_indices],
+            num_blocks=blocks,
+            hidden_size=extractor.hidden_size,
+            rows=self.rows.height,
+            seed=self.seed,
+        )
 
 
 def prepare(
@@ -159,7 +148,7 @@ BATCHING = "grouped by prompt length within a shard"
 
 # options added after the store format's first version: at their defaults they leave a job's
 # fingerprint (and a store's attributes) as before, so earlier stores and unfinished work keep theirs
-LATER_OPTIONS = ("stop_at_eos", "compression")
+LATER_OPTIONS = ("stop_at_eos", "compression", "pooling")
 
 
 def _identity(cfg: LabelConfig) -> dict:

@@ -28,7 +28,8 @@ from latentlab.common.atomic import atomic_output
 from latentlab.common.errors import InputError
 from latentlab.common.tables import TableWriter, read_checked, vector_type, vectors
 from latentlab.hidden.dataset import StoreDataset
-from latentlab.hidden.store import open_store
+from latentlab.hidden.store import open_store, store_attrs
+from latentlab.lm.pooling import Pooling
 
 VECTOR = "activation_vector"
 INFO_KEY = b"latentlab.nla"
@@ -41,7 +42,7 @@ class NLATableInfo:
     layer: int  # output_hidden_states numbering: 0 embeddings, i the input of block i, -1 the final norm
     store: str  # the hidden-state store the vectors were read from
     model: dict  # the store's model: path, source, content sha256
-    pooling: str  # how each vector pools positions (the store's)
+    pooling: Pooling  # how each vector pools positions (the store's)
     mode: str  # prompt | generate | text | imported (the store's)
     tokens: int  # the store's tokens setting
 
@@ -63,21 +64,21 @@ def write_nla_table(
     the prompt alone in prompt mode. Returns the vector dimension.
     """
     group = open_store(store)
-    if group.attrs["rows"] != rows.height:
-        raise ValueError(f"{store} has {group.attrs['rows']} rows, the table beside it {rows.height}")
-    generated = "text_generated" in rows.columns and group.attrs["mode"] == "generate"
+    attrs = store_attrs(group)
+    if attrs.rows != rows.height:
+        raise ValueError(f"{store} has {attrs.rows} rows, the table beside it {rows.height}")
+    generated = "text_generated" in rows.columns and attrs.mode == "generate"
     columns = ["prompt", "text_generated"] if generated else ["prompt"]
     # in store order, `rows_per_group` rows a batch; the dataset checks that the ids are the table's
     data = StoreDataset(store, [layer], table=rows, columns=columns, shuffle=False, batch_size=rows_per_group)
     dim = group["pooled"].shape[-1]
-    attrs = group.attrs
     info = NLATableInfo(
         layer=layer,
         store=str(store),
-        model=dict(attrs["model"]),
-        pooling=attrs["pooling"],
-        mode=attrs["mode"],
-        tokens=attrs["tokens"],
+        model=attrs.model.model_dump(exclude_none=True),
+        pooling=attrs.pooling,
+        mode=attrs.mode,
+        tokens=attrs.tokens,
     )
     with atomic_output(path) as partial, TableWriter(partial, nla_schema(dim, info)) as writer:
         for batch in data:

@@ -17,8 +17,8 @@ import zarr
 
 from latentlab.common.atomic import atomic_output
 from latentlab.common.errors import InputError
+from latentlab.hidden.attrs import ModelInfo, StoreAttrs
 from latentlab.hidden.store import (
-    FORMAT,
     ROW_TABLE_KEY,
     add_array,
     is_hidden_store,
@@ -27,6 +27,7 @@ from latentlab.hidden.store import (
     open_store,
     read_parquet,
     rows_array_metadata,
+    store_attrs,
     store_metadata,
     write_store,
 )
@@ -55,7 +56,7 @@ def export_npz(
         source = zarr.open_group(transitions, mode="r")
         if not np.array_equal(source["ids"][:], group["ids"][:]):
             raise ValueError(f"{transitions} and {store} do not hold the same rows (ids differ)")
-    j = layer_position(group, group.attrs["layers"][-1] if layer is None else layer)
+    j = layer_position(group, store_attrs(group).layers[-1] if layer is None else layer)
     # per-position states when stored; else the pooled vector as a single position, which the
     # reference's mean over dim 1 turns back into the same vector
     hidden = group["tokens"][:, :, j] if "tokens" in group else group["pooled"][:, j][:, None]
@@ -167,19 +168,18 @@ def import_npz(
     rows, width, size = hidden.shape
     keep = np.arange(width)[None] < counts[:, None]
     pooled = (hidden * keep[..., None]).sum(1, dtype=np.float64) / np.maximum(counts, 1)[:, None]
-    attrs = {
-        "format": FORMAT,
-        "complete": True,
-        "model": {"source": f"imported from {path.name}"},
-        "layers": [layer],
-        "mode": "imported",
-        "tokens": width,
-        "pooling": "mean",
-        "positions": "the first n_positions of the file's T positions (all T without n_positions)",
-        "dtype": str(hidden.dtype),
-        "hidden_size": size,
-        "rows": rows,
-    }
+    attrs = StoreAttrs(  # no extraction settings: the file does not say how its states were made
+        complete=True,
+        model=ModelInfo(source=f"imported from {path.name}"),
+        layers=[layer],
+        mode="imported",
+        tokens=width,
+        pooling="mean",  # the reference's: `pooled` is the mean of the file's positions, computed above
+        positions="the first n_positions of the file's T positions (all T without n_positions)",
+        dtype=str(hidden.dtype),
+        hidden_size=size,
+        rows=rows,
+    )
     shard_rows = max(batch_rows, shard_rows // batch_rows * batch_rows)
     with atomic_output(store, replaces=is_hidden_store, what="a hidden-state store") as partial:
         group = write_store(partial, store_metadata(rows, 1, size, width, attrs, batch_rows, shard_rows))[""]

@@ -1,4 +1,4 @@
-"""`latentlab serve`: mean-pooled hidden states of a model over HTTP, as the reference's eval server.
+"""`latentlab serve`: pooled hidden states of a model over HTTP, as the reference's eval server.
 
     python -m latentlab.hidden.serve --model models/base --layers -1 --tokens 1      # or: latentlab serve ...
     curl -s localhost:8000/health
@@ -37,7 +37,7 @@ import torch
 from pydantic import Field, ValidationError, model_validator
 
 from latentlab.common.config import Config
-from latentlab.hidden.extract import ExtractConfig, Extractor, TokenRows
+from latentlab.hidden.extract import ExtractConfig, Extractor, TokenRows, add_pooling_argument
 from latentlab.lm.modeling import describe_model
 from latentlab.lm.prompt_format import RAW, PromptFormat, add_prompt_arguments, prompt_format_of
 
@@ -366,6 +366,7 @@ def build_server(cfg: ServeConfig) -> Server:
         "layers": cfg.layers,
         "mode": cfg.mode,
         "tokens": cfg.tokens,
+        "pooling": cfg.pooling,  # as a store's attributes name it (StoreAttrs): clients check they match
         "prompt": cfg.prompt.model_dump(),
         "hidden_size": extractor.hidden_size,
         "max_batch": cfg.max_batch,
@@ -381,6 +382,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=1, help="1: prompt only; N > 1: generate N tokens")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
+    add_pooling_argument(parser)
     add_prompt_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0: any free port")

@@ -5,6 +5,7 @@
     ids          (N,) int64          the row ids of the table beside the store
     n_positions  (N,) int32          positions in each mean
     attributes   format, complete, model (path, source, sha256), layers, mode, tokens, pooling, dtype, ...
+                 (one typed model, `StoreAttrs` in latentlab/hidden/attrs.py, written and read by everyone)
 
 Chunks of `batch_rows` rows sit inside shard files of `shard_rows` rows, so a store is a few files
 (DVC hashes every file). Readers refuse a store whose `complete` attribute is not true.
@@ -34,7 +35,8 @@ from zarr.core.group import GroupMetadata
 from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.dtype import parse_dtype
 
-FORMAT = "latentlab.hidden/1"
+from latentlab.hidden.attrs import FORMAT, StoreAttrs
+
 # Hidden states are nearly incompressible noise (float mantissas), but per-token arrays hold zeros
 # where a row had ended, and their sign/exponent bytes repeat. The codec is a writer's choice only:
 # it is recorded in each array's metadata, so readers open stores written with any of them
@@ -93,16 +95,17 @@ def store_metadata(
     layers: int,
     hidden: int,
     width: int | None,
-    attrs: dict,
+    attrs: StoreAttrs | dict,
     batch_rows: int,
     shard_rows: int,
     compression: Compression = "zstd",
 ) -> dict[str, GroupMetadata | ArrayV3Metadata]:
     """Every node of a store, by path ("" the group): pooled, ids, n_positions, and tokens when
     `width` (T) is given; the float arrays compressed with `compression` (the small integer arrays
-    always with zstd). Nothing is read or written."""
+    always with zstd); `attrs` a store's attributes (a plain dict: any group's). Nothing is read or written."""
+    attributes = attrs.to_attributes() if isinstance(attrs, StoreAttrs) else attrs
     nodes = {
-        "": GroupMetadata(attributes=attrs, zarr_format=3),
+        "": GroupMetadata(attributes=attributes, zarr_format=3),
         "pooled": rows_array_metadata((rows, layers, hidden), "float32", batch_rows, shard_rows, None, compression),
         "ids": rows_array_metadata((rows,), "int64", batch_rows, shard_rows),
         "n_positions": rows_array_metadata((rows,), "int32", batch_rows, shard_rows),
@@ -181,11 +184,19 @@ def open_any_store(path: str | Path) -> zarr.Group:
 
 
 def open_store(path: str | Path) -> zarr.Group:
-    """A finished store, read-only; a store that was never completed is refused."""
+    """A finished store, read-only; a store that was never completed, or whose attributes do not read as
+    `StoreAttrs`, is refused (the message names the store and the attribute)."""
     group = open_any_store(path)
     if group.attrs.get("complete") is not True:
         raise ValueError(f"{path} is incomplete (attribute complete is not true): a run did not finish")
+    StoreAttrs.read(group.attrs, str(path))
     return group
+
+
+def store_attrs(store: str | Path | zarr.Group) -> StoreAttrs:
+    """The attributes of a store (a path or URL: a finished store, as `open_store`; or a group already open)."""
+    group = open_store(store) if isinstance(store, (str, Path)) else store
+    return StoreAttrs.read(group.attrs, getattr(group, "_location", "") or str(group.store_path))
 
 
 class StoreDamaged(ValueError):
@@ -363,7 +374,7 @@ def is_row_table(location: str | Path) -> bool:
 
 def layer_position(group: zarr.Group, layer: int) -> int:
     """Where `layer`, as it was asked for (e.g. -1), sits along the L axis of a store's arrays."""
-    layers = group.attrs["layers"]
+    layers = store_attrs(group).layers
     if layer not in layers:
         raise ValueError(f"layer {layer} is not in {group.store_path} (it holds layers {layers})")
     return layers.index(layer)

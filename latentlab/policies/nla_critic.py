@@ -15,7 +15,8 @@ Targets, on one fixed scale set by the training vectors v_1..v_N (`build_critic`
 The critic's raw output t_hat is its prediction of t (no normalisation; v_hat = mu + sigma t_hat),
 and the identity start is head(h) = (h - mu) / sigma: the gold pooled state maps to its own target.
 
-Pooling over the real tokens of each row (right padding never enters any pool):
+Pooling over the real tokens of each row (right padding never enters any pool), the extractor's own
+`latentlab.lm.pooling.pool`:
     last      the last real token (the end-of-sequence every text is closed with)
     mean      the mean over real tokens
     max       the element-wise max over real tokens
@@ -53,9 +54,9 @@ from latentlab.common.errors import InputError
 from latentlab.lm.capture import decoder_layout, resolve_layers
 from latentlab.lm.modeling import load_tokenizer, save_weights, verify_manifest, write_manifest
 from latentlab.lm.padding import pad_sequences
+from latentlab.lm.pooling import Pooling, pool
 
 WEIGHTS, CONFIG = "nla_critic.safetensors", "nla_critic.json"
-Pooling = Literal["last", "mean", "max", "cls", "weighted"]
 
 
 class NLACriticSettings(Config):
@@ -76,23 +77,6 @@ class NLACriticConfig(NLACriticSettings):
     layer: int | None = None
     """K: the extraction layer (output_hidden_states numbering); the critic keeps blocks 0..K-1. It must be the
     layer the vectors were read from: nla_sft takes it from the NLA table's metadata (hidden/nla_table.py)."""
-
-
-def pool(states: torch.Tensor, mask: torch.Tensor, how: str, scores: torch.Tensor | None = None) -> torch.Tensor:
-    """`(B, T, H)` states, `(B, T)` mask of real tokens (right-padded) -> `(B, H)`; padding is never read."""
-    real = mask.bool()
-    if how == "mean":
-        return (states * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
-    if how == "max":
-        return states.masked_fill(~real[..., None], float("-inf")).amax(1)
-    if how == "cls":
-        return states[:, 0]
-    if how == "last":
-        return states[torch.arange(len(states)), real.sum(1) - 1]
-    if how == "weighted":
-        weights = torch.softmax(scores.masked_fill(~real, float("-inf")), dim=1)  # (B, T), 0 on padding
-        return (weights[..., None] * states).sum(1)
-    raise ValueError(f"unknown pooling {how!r}")
 
 
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
@@ -168,7 +152,7 @@ class NLACritic(nn.Module):
         """`(B, T)` right-padded ids -> `(B, d)` predictions t_hat of the targets t = (v - mu) / sigma."""
         states = self.encoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         pooled = pool(states, mask, self.cfg.pooling, states @ self.score if self.cfg.pooling == "weighted" else None)
-        return self.head(pooled)
+        return self.head(pooled.to(self.head.weight.dtype))  # pool is float32; the head may be in the model's dtype
 
     def predict(self, texts: list[str]) -> torch.Tensor:
         return self(*self.encode(texts))

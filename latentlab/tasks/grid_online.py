@@ -22,6 +22,7 @@ from pydantic import Field
 
 from latentlab.common.config import Config
 from latentlab.common.tracking import progress
+from latentlab.hidden.attrs import StoreAttrs
 from latentlab.hidden.extract import Extractor
 from latentlab.policies.actor_critic import ActorCritic
 from latentlab.tasks.grid import ExpertMix, GridConfig, make_vector_env
@@ -55,31 +56,28 @@ class TextEncoder:
         return self.extractor(texts, self.generator).pooled[:, self.index].numpy()
 
 
-def make_encoder(cfg: OnlineConfig, model_dir, labelled: dict, device, seed: int) -> Callable:
+def make_encoder(cfg: OnlineConfig, model_dir, labelled: StoreAttrs, device, seed: int) -> Callable:
     """texts -> `(B, H)` of layer `cfg.layer`: through the server at `cfg.server`, or an Extractor over
-    `model_dir` set up as the training states were labelled (`labelled`: the store's attributes),
-    with `cfg.tokens` instead of the labelled tokens when given."""
+    `model_dir` set up exactly as the training states were labelled (`labelled`: the store's attributes;
+    pooling, sampling, dtype and prompt format included), with `cfg.tokens` instead of the labelled
+    tokens when given."""
     if cfg.server is not None:
         from latentlab.hidden.client import HiddenClient
 
-        return HiddenClient(cfg.server, cfg.layer)
-    from latentlab.hidden.extract import ExtractConfig
+        client = HiddenClient(cfg.server, cfg.layer)
+        served = client.info.get("pooling", "mean")  # servers from before the option pooled by mean
+        if served != labelled.pooling:
+            raise ValueError(
+                f"the server at {cfg.server} pools by {served}, the training states by {labelled.pooling}: start "
+                f"it with --pooling {labelled.pooling}"
+            )
+        return client
     from latentlab.lm.modeling import load_lm
-    from latentlab.lm.prompt_format import PromptFormat
 
-    extract = ExtractConfig(
-        layers=[cfg.layer],
-        tokens=cfg.tokens or labelled["tokens"],
-        temperature=labelled["temperature"],
-        top_p=labelled["top_p"],
-        stop_at_eos=labelled.get("stop_at_eos", True),  # stores written before the option stopped at EOS
-        dtype=labelled["dtype"],
-    )
-    prompt_format = PromptFormat(**labelled.get("prompt", {}))  # as the texts were labelled (absent: raw)
+    extract = labelled.extract_config(layers=[cfg.layer], tokens=cfg.tokens or labelled.tokens)
     model, tokenizer = load_lm(model_dir, device, dtype=getattr(torch, extract.dtype))
-    return TextEncoder(
-        Extractor(model, tokenizer, extract, prompt_format), cfg.layer, torch.Generator(device=device).manual_seed(seed)
-    )
+    extractor = Extractor(model, tokenizer, extract, labelled.prompt_format)
+    return TextEncoder(extractor, cfg.layer, torch.Generator(device=device).manual_seed(seed))
 
 
 class PolicyAgent:
