@@ -1,4 +1,4 @@
-"""A sweep's results: metrics of its DVC experiments -> mean, std and 95% t-interval per configuration.
+"""A sweep's results: metrics of its DVC experiments -> mean, std and 95% bootstrap interval per configuration.
 
 Written to results/sweeps/<name>/ (summary.json, sweep.md, <key>.png per swept key) and published as a
 Prefect table artifact. Every row names the seeds and the experiments its numbers come from. Only the metrics
@@ -19,7 +19,10 @@ from latentlab.common.atomic import atomic_output
 from latentlab.figures import interval_table, plot_sweep, provenance_lines
 
 MAIN_METRICS = "metrics/eval.json"  # its keys are named without the file (`grpo.accuracy_even`)
-INTERVAL = "95% Student t-interval over seeds: mean ± t(0.975, n−1)·s/√n, s the sample std, n the seeds that finished"
+INTERVAL = (
+    "95% expanded percentile bootstrap of the mean over seeds (Hesterberg 2015; flows/stats.py): within the seeds' "
+    "range, paired differences resampled per seed"
+)
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, float]:

@@ -13,7 +13,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from flows.claims import CLAIMS, update_claims
-from flows.stats import summarize, t_quantile, t_two_sided_probability
+from flows.stats import summarize, t_interval, t_quantile, t_two_sided_probability
 from flows.sweep import parse_grid, plan, uncommitted
 from latentlab.figures import claims_markdown
 from tests.test_flows import _post, server  # noqa: F401  (the module-scoped Prefect server fixture)
@@ -38,11 +38,12 @@ def test_t_cdf_closed_forms():
 
 
 def test_summary_by_hand():
-    # [1, 2, 3]: mean 2, s = 1, half width t(0.975, 2) * 1 / sqrt(3) = 4.3027 / 1.7321 = 2.4841
+    # [1, 2, 3]: mean 2, s = 1; Student's half width t(0.975, 2) * 1 / sqrt(3) = 4.3027 / 1.7321 = 2.4841
+    assert t_interval([1.0, 2.0, 3.0]) == pytest.approx((2 - 2.48414, 2 + 2.48414), abs=1e-5)
+    # the rows' bootstrap: 3 seeds put a tail of 1 - Phi(sqrt(3/2) 4.303) ~ 1e-7 a side: the whole range [1, 3]
     s = summarize([1.0, 2.0, 3.0])
-    assert (s["n"], s["mean"], s["std"]) == (3, 2.0, 1.0)
-    assert (s["low"], s["high"]) == pytest.approx((2 - 2.48414, 2 + 2.48414), abs=1e-5)
-    assert summarize([0.25]) == {"n": 1, "mean": 0.25, "std": None, "low": None, "high": None}  # no interval from 1
+    assert (s["n"], s["mean"], s["std"], s["low"], s["high"]) == (3, 2.0, 1.0, 1.0, 3.0)
+    assert summarize([0.25])["low"] is None  # no interval from 1
 
 
 def test_grid_plan_names_and_order():
@@ -97,11 +98,11 @@ def test_the_injection_table_has_a_row_per_configuration_with_its_interval(tmp_p
     table = injection_section(claims)
     lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
     assert "| inject: variant=gated" in lines and "| inject: shuffle_hidden=true" in lines
-    # mean 0.5 of 0.4, 0.5, 0.6 with its t interval (4.303 * 0.1 / sqrt(3) = 0.248)
-    assert "0.500 [0.252, 0.748]" in lines["| inject: variant=gated"]
+    # mean 0.5 of 0.4, 0.5, 0.6 with its bootstrap interval (3 seeds: their whole range)
+    assert "0.500 [0.400, 0.600]" in lines["| inject: variant=gated"]
     assert "0.200" in lines["| inject: shuffle_hidden=true"]
     sft = lines["| SFT model (frozen, no injection)"].split(" | ")
-    assert sft[1] == sft[3] == "0.100 [-0.148, 0.348]"  # its step 0 is its accuracy: nothing trains
+    assert sft[1] == sft[3] == "0.100 [0.000, 0.200]"  # its step 0 is its accuracy: nothing trains
     assert sft[2] == "–"  # no alignment phase
 
 
