@@ -54,6 +54,7 @@ from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 from ruamel.yaml import YAML
 
+from flows.claims import MIN_SEEDS
 from flows.dvc import CommandError, allow_commands, param_node, run_streaming, stop_commands, stopping
 
 FLOW = "latentlab-experiment"
@@ -146,9 +147,6 @@ def parse_stage_seeds(text: str) -> tuple[list[str], list[int]]:
             f"--stage-seeds: {unknown} have no seed of their own (params.yaml stage_seeds has {list(StageSeeds.model_fields)})"
         )
     return stages, list(range(int(count)))
-
-
-MIN_SEEDS = 5  # claims are written only from sweeps with at least this many seeds per arm (flows/claims.py)
 
 
 def git(repo: str | Path, *args: str) -> str:
