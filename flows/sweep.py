@@ -1,8 +1,16 @@
 """Seeds and sweeps: a grid of params × seeds as DVC experiments, run in parallel by Prefect.
 
     python -m flows.sweep -S grpo.even_bonus=0,0.1,0.2 --seeds 3            # 9 experiments
-    python -m flows.sweep -S grpo.even_bonus=0,0.1,0.2 --seeds 3 --targets evaluate_arithmetic \\
+    python -m flows.sweep -S grpo.even_bonus=0,0.1,0.2 --seeds 5 --targets evaluate_arithmetic \\
         --claims even_recovery,inject_vs_grpo                                # the report's Claims (results/claims.json)
+    python -m flows.sweep --seeds 2 --stage-seeds grpo,inject=5 --targets evaluate_arithmetic   # 2 base/SFT x 5
+
+Two units of variation. `--seeds N` sets the top-level `seed` to 0..N-1: every stage varies, the base model too.
+`--stage-seeds grpo,inject=N` also sets `stage_seeds.grpo` and `stage_seeds.inject` (params.yaml) to 0..N-1,
+together (the two stay paired), on each top-level seed: the stages upstream of them keep their params, so their
+outputs (the base and SFT models of that seed) are reused and only GRPO's own variation is measured. Its rows are
+per configuration and top-level seed (`seed` joins the configuration), over the stage seeds. `--claims` needs at
+least MIN_SEEDS (5) seeds per arm: --seeds N, or N of --stage-seeds.
 
 Every (configuration, seed) is one DVC experiment (`dvc exp show` lists it) named after its settings,
 run in its own clone of the repository at the current commit; the clones share this repository's DVC
@@ -46,6 +54,7 @@ from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 from ruamel.yaml import YAML
 
+from flows.claims import MIN_SEEDS
 from flows.dvc import CommandError, allow_commands, param_node, run_streaming, stop_commands, stopping
 
 FLOW = "latentlab-experiment"
@@ -56,21 +65,34 @@ RETRIES = 1  # a failed experiment is tried once more (a fresh clone), then repo
 @dataclass(frozen=True)
 class Experiment:
     config: tuple[tuple[str, str], ...]  # the swept keys and their values (as typed: YAML text)
-    seed: int
+    seed: int  # the top-level seed: the whole pipeline's
     targets: tuple[str, ...]
+    stages: tuple[str, ...] = ()  # the stages seeded on their own (stage_seeds.<stage>), downstream of fixed models
+    stage_seed: int | None = None  # their seed, the same for each of them (paired), when `stages` is set
 
     @property
     def overrides(self) -> list[str]:
         """`dvc exp run -S` arguments."""
-        return [f"{key}={value}" for key, value in self.config] + [f"seed={self.seed}"]
+        own = [f"stage_seeds.{stage}={self.stage_seed}" for stage in self.stages]
+        return [f"{key}={value}" for key, value in self.config] + [f"seed={self.seed}"] + own
 
     @property
     def name(self) -> str:
-        """Readable and unique: the values, the seed and a hash of everything that defines the run."""
+        """Readable and unique: the values, the seed (s), the stages' own seed (d) and a hash of everything that
+        defines the run (without stage seeds, the same hash as before they existed: those experiments are reused)."""
         readable = "-".join(f"{key.rsplit('.', 1)[-1]}{value}" for key, value in self.config)
-        digest = hashlib.sha256(json.dumps([self.config, self.seed, sorted(self.targets)]).encode()).hexdigest()
-        name = f"{readable}-s{self.seed}-{digest[:6]}".lstrip("-")
+        defined = [self.config, self.seed, sorted(self.targets)]
+        if self.stages:
+            defined += [list(self.stages), self.stage_seed]
+        digest = hashlib.sha256(json.dumps(defined).encode()).hexdigest()
+        own = f"-d{self.stage_seed}" if self.stages else ""
+        name = f"{readable}-s{self.seed}{own}-{digest[:6]}".lstrip("-")
         return re.sub(r"[^A-Za-z0-9._-]", "_", name).replace("..", "_")
+
+    @property
+    def unit(self) -> str:
+        """What varies between the seeds of a row: `seed` (the whole pipeline) or `stage_seeds.grpo,inject`."""
+        return f"stage_seeds.{','.join(self.stages)}" if self.stages else "seed"
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
@@ -84,13 +106,47 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     return grid
 
 
-def plan(grid: dict[str, list[str]], seeds: list[int], targets: list[str]) -> list[Experiment]:
+def plan(
+    grid: dict[str, list[str]],
+    seeds: list[int],
+    targets: list[str],
+    stages: list[str] | None = None,
+    stage_seeds: list[int] | None = None,
+) -> list[Experiment]:
     """The grid times the seeds, configuration-major: runs side by side then have different seeds, so the
-    stages a seed shares across configurations (synth, base, sft) are computed once and then restored."""
+    stages a seed shares across configurations (synth, base, sft) are computed once and then restored.
+
+    With `stages` (e.g. grpo, inject), each top-level seed is a fixed upstream (its base and SFT models), and each
+    value of `stage_seeds` seeds those stages together on it: grid × stage seeds × seeds, the top-level seed varying
+    fastest (runs side by side build different base models; the next ones restore them)."""
     configs: list[tuple[tuple[str, str], ...]] = [()]
     for key, values in grid.items():
         configs = [config + ((key, value),) for config in configs for value in values]
-    return [Experiment(config, seed, tuple(targets)) for config in configs for seed in seeds]
+    if not stages:
+        return [Experiment(config, seed, tuple(targets)) for config in configs for seed in seeds]
+    if not stage_seeds:
+        raise ValueError(f"stages {stages} are seeded on their own but no stage seeds are given")
+    return [
+        Experiment(config, seed, tuple(targets), tuple(stages), own)
+        for config in configs
+        for own in stage_seeds
+        for seed in seeds
+    ]
+
+
+def parse_stage_seeds(text: str) -> tuple[list[str], list[int]]:
+    """`grpo,inject=5` -> (["grpo", "inject"], [0, 1, 2, 3, 4]): the stages seeded together, and their seeds."""
+    from stages.params import StageSeeds
+
+    names, sep, count = text.partition("=")
+    stages = [name.strip() for name in names.split(",") if name.strip()]
+    if not sep or not stages or not count.strip().isdigit() or int(count) < 1:
+        raise SystemExit(f"--stage-seeds expects STAGE[,STAGE...]=N (N >= 1), got {text!r}")
+    if unknown := [stage for stage in stages if stage not in StageSeeds.model_fields]:
+        raise SystemExit(
+            f"--stage-seeds: {unknown} have no seed of their own (params.yaml stage_seeds has {list(StageSeeds.model_fields)})"
+        )
+    return stages, list(range(int(count)))
 
 
 def git(repo: str | Path, *args: str) -> str:
@@ -242,6 +298,8 @@ def check_keys(repo: str, grid: dict[str, list[str]]) -> None:
     for key in grid:
         if key == "seed":
             raise SystemExit("sweep seeds with --seeds, not -S seed=...")
+        if key.split(".")[0] == "stage_seeds":
+            raise SystemExit(f"sweep a stage's own seed with --stage-seeds, not -S {key}=...")
         param_node(params, key, "params.yaml")
 
 
@@ -267,22 +325,31 @@ def sweep(
     claims: list[str] | None = None,
     push_at_end: bool = False,
     command: str = "",
+    stages: list[str] | None = None,
+    stage_seeds: list[int] | None = None,
 ) -> dict:
     """Run (or reuse) every experiment of the grid × seeds, then summarize them; returns the summary.
 
     pool: the Prefect work pool whose workers run the experiments (None: here, on the flow's task runner).
+    stages, stage_seeds: seed these stages on their own with each of `stage_seeds`, on each top-level seed (`plan`).
     """
     from flows.claims import update_claims
     from flows.sweep_results import publish, summarize_sweep
 
     repo, grid, seeds, targets = str(Path(repo).resolve()), grid or {}, seeds or [0], targets or []
     check_keys(repo, grid)
+    per_arm = len(stage_seeds or []) if stages else len(seeds)
+    if claims and per_arm < MIN_SEEDS:
+        raise SystemExit(
+            f"--claims needs at least {MIN_SEEDS} seeds per arm, this sweep has {per_arm} "
+            f"({'--stage-seeds' if stages else '--seeds'}): fewer decide nothing"
+        )
     if dirty := uncommitted(repo):
         raise SystemExit(f"commit first: the experiments run the last commit, and these files differ:\n{dirty}")
     allow_commands()
     remove_dead_clones(repo, print)
     baseline = git(repo, "rev-parse", "HEAD")
-    experiments = plan(grid, seeds, targets)
+    experiments = plan(grid, seeds, targets, stages, stage_seeds)
     done = finished(repo, baseline)
     todo = [e for e in experiments if e.name not in done]
     print(f"{len(experiments)} experiments of {baseline[:7]}: {len(experiments) - len(todo)} found, {len(todo)} to run")
@@ -322,7 +389,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo", default=".")
     parser.add_argument("--set", "-S", action="append", default=[], metavar="KEY=V1,V2", help="a swept param")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per configuration")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=MIN_SEEDS,
+        help="top-level seeds 0..N-1 per configuration: the whole pipeline varies",
+    )
+    parser.add_argument(
+        "--stage-seeds",
+        metavar="STAGE[,STAGE]=N",
+        help="seed these stages on their own (stage_seeds.<stage>, together: paired) with 0..N-1 on each top-level "
+        "seed, whose upstream models are then fixed: e.g. grpo,inject=5 (rows: per configuration and top-level seed)",
+    )
     parser.add_argument("--targets", nargs="*", default=[], help="stages to run (default: the whole DAG)")
     parser.add_argument("--pool", default="latentlab", help="Prefect work pool (used when the server has it)")
     parser.add_argument("--local", action="store_true", help="run here even if the work pool exists")
@@ -334,6 +412,7 @@ def main() -> None:
     on_pool = not args.local and pool_exists(args.pool)
     workers = 64 if on_pool else args.jobs  # on the pool, the workers set the pace; a thread waits on each run
     print(f"running on work pool {args.pool!r}" if on_pool else f"running here, {args.jobs} at a time")
+    stages, stage_seeds = parse_stage_seeds(args.stage_seeds) if args.stage_seeds else (None, None)
     summary = sweep.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(
         repo=args.repo,
         grid=parse_grid(args.set),
@@ -344,6 +423,8 @@ def main() -> None:
         claims=args.claims.split(",") if args.claims else None,
         push_at_end=args.push_at_end,
         command=shlex.join(["python", "-m", "flows.sweep", *sys.argv[1:]]),
+        stages=stages,
+        stage_seeds=stage_seeds,
     )
     raise SystemExit(1 if summary["counts"]["failed"] else 0)
 

@@ -1,4 +1,4 @@
-"""A sweep's results: metrics of its DVC experiments -> mean, std and 95% t-interval per configuration.
+"""A sweep's results: metrics of its DVC experiments -> mean, std and 95% bootstrap interval per configuration.
 
 Written to results/sweeps/<name>/ (summary.json, sweep.md, <key>.png per swept key) and published as a
 Prefect table artifact. Every row names the seeds and the experiments its numbers come from. Only the metrics
@@ -19,7 +19,10 @@ from latentlab.common.atomic import atomic_output
 from latentlab.figures import interval_table, plot_sweep, provenance_lines
 
 MAIN_METRICS = "metrics/eval.json"  # its keys are named without the file (`grpo.accuracy_even`)
-INTERVAL = "95% Student t-interval over seeds: mean ± t(0.975, n−1)·s/√n, s the sample std, n the seeds that finished"
+INTERVAL = (
+    "95% expanded percentile bootstrap of the mean over seeds (Hesterberg 2015; flows/stats.py): within the seeds' "
+    "range, paired differences resampled per seed"
+)
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, float]:
@@ -116,12 +119,15 @@ def summarize_sweep(repo, baseline: str, experiments, status: dict, command: str
     runs = []
     for e in experiments:
         run = {"name": e.name, "config": dict(e.config), "seed": e.seed, **status[e.name]}
+        if e.stages:
+            run["stage_seed"] = e.stage_seed
         if run["status"] != "failed" and e.name not in metrics:
             run |= {"status": "failed", "error": "finished, but `dvc exp show` does not list it"}
         runs.append(run)
+    unit = experiments[0].unit if experiments else "seed"
     rows = []
-    for config in dict.fromkeys(tuple(r["config"].items()) for r in runs):
-        done = [r for r in runs if tuple(r["config"].items()) == config and r["status"] != "failed"]
+    for config in dict.fromkeys(_arm(r) for r in runs):
+        done = [r for r in runs if _arm(r) == config and r["status"] != "failed"]
         for metric in dict.fromkeys(m for r in done for m in metrics[r["name"]]):
             have = [r for r in done if metric in metrics[r["name"]]]
             rows.append(
@@ -129,7 +135,8 @@ def summarize_sweep(repo, baseline: str, experiments, status: dict, command: str
                     "config": dict(config),
                     "metric": metric,
                     **summarize([metrics[r["name"]][metric] for r in have]),
-                    "seeds": [r["seed"] for r in have],
+                    "seeds": [r.get("stage_seed", r["seed"]) for r in have],
+                    "unit": unit,
                     "experiments": [r["name"] for r in have],
                 }
             )
@@ -139,6 +146,8 @@ def summarize_sweep(repo, baseline: str, experiments, status: dict, command: str
         "baseline": baseline,
         "keys": list(dict(experiments[0].config)) if experiments else [],
         "seeds": sorted({e.seed for e in experiments}),
+        "unit": unit,
+        "stage_seeds": sorted({e.stage_seed for e in experiments if e.stages}) or None,
         "targets": targets,
         "stages_run": sorted(ran) if ran is not None else None,
         "not_run": not_run,
@@ -150,6 +159,13 @@ def summarize_sweep(repo, baseline: str, experiments, status: dict, command: str
     }
 
 
+def _arm(run: dict) -> tuple[tuple[str, str], ...]:
+    """The arm a run's numbers are pooled in: its configuration, plus its top-level seed when the stages' own seeds
+    vary (the seed then names the fixed upstream models, and the row's seeds are the stage seeds)."""
+    fixed = (("seed", str(run["seed"])),) if "stage_seed" in run else ()
+    return tuple(run["config"].items()) + fixed
+
+
 def markdown(name: str, summary: dict) -> str:
     runs, counts = summary["experiments"], summary["counts"]
     lines = [
@@ -158,10 +174,11 @@ def markdown(name: str, summary: dict) -> str:
         f"{counts['total']} experiments: {counts['ran']} ran, {counts['reused']} reused, {counts['failed']} failed "
         f"({summary['wall_seconds']:.0f} s).",
         *provenance_lines(summary),
+        *_unit_lines(summary),
         "",
         "| experiment | configuration | seed | status |",
         "|---|---|---:|---|",
-        *(f"| {r['name']} | {_config(r['config'])} | {r['seed']} | {r['status']} |" for r in runs),
+        *(f"| {r['name']} | {_config(r['config'])} | {_seed(r)} | {r['status']} |" for r in runs),
         "",
     ]
     failed = [r for r in runs if r["status"] == "failed"]
@@ -180,6 +197,21 @@ def markdown(name: str, summary: dict) -> str:
         lines += ["Every metrics file is listed: a target is not a stage name, so which stages ran is not known.", ""]
     lines += [f"![{key}]({key}.png)" for key in summary["keys"]]
     return "\n".join(lines) + "\n"
+
+
+def _seed(run: dict) -> str:
+    return f"{run['seed']}, own {run['stage_seed']}" if "stage_seed" in run else str(run["seed"])
+
+
+def _unit_lines(summary: dict) -> list[str]:
+    """What the rows' seeds are: the top-level seed, or the stages' own seeds on each fixed top-level seed."""
+    unit = summary.get("unit", "seed")
+    if unit == "seed":
+        return []
+    return [
+        f"Unit of variation: `{unit}` = {summary['stage_seeds']} on each top-level seed (a row per configuration and "
+        "seed, over the stages' own seeds; the models upstream of them are those of that seed)."
+    ]
 
 
 def _config(config: dict) -> str:

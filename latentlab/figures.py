@@ -181,7 +181,7 @@ def plot_sweep(
             except ValueError:
                 pass  # categorical values: matplotlib places the strings in order
             ax.errorbar(xs, [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3, label=label)
-        ax.set_title(f"{metric} (mean, 95% t-interval)")
+        ax.set_title(f"{metric} (mean, 95% interval)")
         ax.set_xlabel(key)
         ax.grid(alpha=0.3)
         if lines:

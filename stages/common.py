@@ -27,6 +27,9 @@ def stage(main=None, *, torchrun: bool = False):
     one line that names the file, key or device and what to do (`failure`), the traceback only under
     LATENTLAB_DEBUG=1. Exit 2 for a params error (rerunning will not fix it), 1 for anything else.
 
+    `main` gets the params with the stage's own seed as `params.seed`: `stage_seeds.<stage>` when set, else the
+    top-level `seed` (`Params.for_stage`), so `setup` and every draw of the stage follow it.
+
     Before `main`, the outputs the stage declares in dvc.yaml are checked writable, with room for the models it
     writes (`check_outputs`): a read-only or full disk stops it before it trains, not after.
 
@@ -42,10 +45,10 @@ def stage(main=None, *, torchrun: bool = False):
     @functools.wraps(main)
     def run() -> None:
         try:
-            params = load_params()
             module = main.__module__
             if module == "__main__":  # python -m stages.x: the module's real name
                 module = getattr(sys.modules["__main__"].__spec__, "name", module)
+            params = load_params().for_stage(module.rpartition(".")[2])  # its seed: stage_seeds.<stage> or seed
             if os.environ.get("RANK", "0") == "0":  # rank 0 writes the outputs
                 check_outputs(module)
             if torchrun:
@@ -183,6 +186,9 @@ class Run:
 
 def setup(params: Params) -> Run:
     """Seed everything and pick the device; separate seeded streams for data order and sampling.
+
+    `params.seed` is the stage's effective seed: `stage` hands its `main` the params of `Params.for_stage`, whose
+    seed is `stage_seeds.<stage>` when that is set.
 
     Under torchrun every rank seeds alike (same data order, same initial weights); sampling streams are
     per shard (latentlab/common/distributed.py), shard 0's being the single-process run's.

@@ -246,6 +246,26 @@ class EvaluateParams(Config):
     """Longest answer read from each model."""
 
 
+class StageSeeds(Config):
+    """Seeds of single stages, for variation downstream of fixed upstream models (null: the top-level `seed`).
+
+    A stage's seed here replaces `seed` for that stage alone: every random choice it makes (setup's streams, its own
+    draws) follows it, while the stages upstream keep the top-level seed, their params unchanged, so DVC reuses their
+    outputs: `stage_seeds.grpo: 3` reruns grpo (and what reads its model) on the same base and SFT models. Each key
+    is tracked by its own stage only (dvc.yaml). `python -m flows.sweep --stage-seeds grpo,inject=5` sweeps them."""
+
+    grpo: int | None = Field(None, ge=0, lt=2**32)
+    """The grpo stage's seed (prompts, sampling, held-out monitor) on the fixed SFT model."""
+    inject: int | None = Field(None, ge=0, lt=2**32)
+    """The inject stage's; set it equal to `grpo`'s to keep the two paired (they draw the same prompts and samples)."""
+    surgery: int | None = Field(None, ge=0, lt=2**32)
+    """The surgery stage's (its GRPO streams, the surgeon and its controls) on the fixed SFT model."""
+    nla_rl: int | None = Field(None, ge=0, lt=2**32)
+    """The nla_rl stage's, on the fixed NLA SFT actor and critic."""
+    policy: int | None = Field(None, ge=0, lt=2**32)
+    """The policy stage's (initial networks, data order) on the fixed base model's hidden states."""
+
+
 DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -263,7 +283,10 @@ def _out_of_range(key: str, indices, blocks: int, numbering: str, low: int, high
 
 class Params(Config):
     seed: int = Field(0, ge=0, lt=2**32)
-    """Seed for every random choice of every stage (0 <= seed < 2**32, as numpy's seeding needs)."""
+    """Seed for every random choice of every stage (0 <= seed < 2**32, as numpy's seeding needs), but those
+    `stage_seeds` gives a seed of their own."""
+    stage_seeds: StageSeeds = StageSeeds()
+    """Per-stage seeds replacing `seed` for one stage (null: `seed`): variation of a stage on fixed upstream models."""
     device: str = "auto"
     """'auto' (GPU when present), 'cpu', 'cuda', 'cuda:1', ..., 'mps'; checked against the machine when a stage
     starts."""
@@ -297,6 +320,11 @@ class Params(Config):
     launcher: LauncherParams = LauncherParams()
     gpu: GPUParams = GPUParams()
     evaluate: EvaluateParams = EvaluateParams()
+
+    def for_stage(self, name: str) -> "Params":
+        """These params as stage `name` runs under them: `seed` is the stage's own (`stage_seeds.<name>`) when set."""
+        own = getattr(self.stage_seeds, name, None)
+        return self if own is None else self.model_copy(update={"seed": own})
 
     @field_validator("device")
     @classmethod

@@ -4,7 +4,7 @@ import json
 
 import polars as pl
 
-from flows.claims import INJECT, claims_of_another_model, difference_name, stale_claims
+from flows.claims import INJECT, claims_of_another_model, difference_name, stale_claims, verdict_lines
 from latentlab.common.atomic import atomic_output
 from latentlab.common.inputs import InputError
 from latentlab.figures import (
@@ -132,8 +132,9 @@ def nla_section(nla: dict, out) -> str:
 
 
 def claims_section(claims: dict, model: dict) -> str:
-    """Every claim of this run's model with its interval over seeds, from the committed sweep result file; a claim
-    whose metrics changed meaning since its sweep ran is named, not shown; claims of another model are counted."""
+    """Every claim of this run's model with its rule, its verdicts and its intervals over seeds, from the committed
+    sweep result file; a claim whose metrics changed meaning since its sweep ran is named, not shown; claims of
+    another model are counted."""
     if not CLAIMS.exists():
         return f"No claims: {CLAIMS} does not exist (run the claims sweep: README, *Sweeps and seeds*)."
     stale = stale_claims(claims)
@@ -145,7 +146,16 @@ def claims_section(claims: dict, model: dict) -> str:
     ]
     if not claims.get("claims"):
         return f"No claims of this model in {CLAIMS}: run the claims sweep on it (README, *Sweeps and seeds*)."
-    return "\n\n".join([claims_markdown(current), *notes])
+    if not current["claims"]:
+        return "\n\n".join(notes)
+    return "\n\n".join([*(claim_markdown(k, c) for k, c in current["claims"].items()), *notes])
+
+
+def claim_markdown(claim_id: str, entry: dict) -> str:
+    """One claim as claims_markdown draws it, its rule and verdicts under the title (flows/claims.py `verdict_lines`)."""
+    title, _, rest = claims_markdown({"claims": {claim_id: entry}}).partition("\n")
+    verdicts = verdict_lines(claim_id, entry)
+    return "\n".join([title, "", *verdicts, rest] if verdicts else [title, rest]).rstrip("\n")
 
 
 def this_models_claims(model: dict) -> tuple[dict, str]:

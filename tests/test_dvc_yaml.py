@@ -53,7 +53,7 @@ def test_the_generator_restores_a_dropped_dep_and_keeps_the_rest(tmp_path):
 
 
 # Sections every stage may read: how and where the run happens, not what any stage produced.
-RUN_WIDE = {"seed", "device", "threads", "numerics", "launcher", "gpu", "prompt", "model", "wandb"}
+RUN_WIDE = {"seed", "stage_seeds", "device", "threads", "numerics", "launcher", "gpu", "prompt", "model", "wandb"}
 # A stage's own section: its name, or the part before `_` for the split evaluation (evaluate_nla: evaluate).
 # Beyond those, the settings a stage is configured with that live in a shared section, each with why. A fact
 # about an artifact never comes from here: it travels with the artifact (a store's attributes, the NLA table's
@@ -122,3 +122,19 @@ def test_stages_that_call_setup_track_what_it_reads(name):
     if "setup(params)" in source:
         assert SETUP_PARAMS <= set(params), f"{name}: dvc.yaml params lack {sorted(SETUP_PARAMS - set(params))}"
     assert len(params) == len(set(map(str, params))), f"{name}: a param is listed twice"
+
+
+def test_each_stage_seed_is_tracked_by_its_own_stage_alone():
+    """`stage_seeds.<stage>` replaces `seed` in that stage only (Params.for_stage), so only that stage may list it:
+    changing it reruns the stage and what reads its outputs, and never an upstream stage (whose cached outputs, the
+    fixed base and SFT models, are the point of seeding one stage)."""
+    from stages.params import StageSeeds
+
+    listed = {
+        name: [str(p) for p in spec.get("params", []) if str(p).startswith("stage_seeds")]
+        for name, spec in STAGES.items()
+    }
+    assert {name: keys for name, keys in listed.items() if keys} == {
+        name: [f"stage_seeds.{name}"] for name in StageSeeds.model_fields
+    }
+    assert all("seed" in STAGES[name]["params"] for name in StageSeeds.model_fields)  # null: the top-level seed

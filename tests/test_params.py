@@ -227,3 +227,31 @@ def test_a_damaged_model_directory_stops_the_stage_in_one_line(tmp_path, tiny_lm
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"error: models/base is not a complete saved model: {message}")
     assert not (tmp_path / "models" / "sft").exists()
+
+
+@pytest.mark.parametrize(("module", "expected"), [("stages.grpo", 7), ("stages.inject", 3), ("stages.sft", 3)])
+def test_a_stage_runs_under_its_own_seed_when_stage_seeds_sets_it(tmp_path, monkeypatch, module, expected):
+    """`stage` hands main the params of Params.for_stage: grpo gets stage_seeds.grpo, the others (inject's seed is
+    null here, sft has none) the top-level seed; so setup and every draw of the stage follow its own seed."""
+    from stages.common import stage
+
+    def edit(data):
+        data["seed"], data["stage_seeds"]["grpo"] = 3, 7
+
+    _write(tmp_path, edit)
+    monkeypatch.chdir(tmp_path)  # no dvc.yaml here: no outputs to check
+    seen = []
+
+    def main(params):
+        seen.append((params.seed, params.stage_seeds.grpo))
+
+    main.__module__ = module
+    stage(main)()
+    assert seen == [(expected, 7)]
+
+
+def test_a_stage_seed_is_checked_and_named(tmp_path):
+    with pytest.raises(ParamsError, match=r"stage_seeds\.grpo: Input should be greater than or equal to 0"):
+        load_params(_write(tmp_path, lambda d: d["stage_seeds"].__setitem__("grpo", -1)))
+    with pytest.raises(ParamsError, match=r"stage_seeds\.sft: unknown key"):
+        load_params(_write(tmp_path, lambda d: d["stage_seeds"].__setitem__("sft", 1)))

@@ -113,6 +113,19 @@ def test_a_param_change_reruns_only_what_depends_on_it(dag):
     assert dag.status() == {}
 
 
+def test_a_stage_seed_reruns_its_stage_on_the_same_upstream_models(dag):
+    """stage_seeds.grpo is grpo's param alone: grpo reruns, then what reads its model; synth, base and sft (the
+    fixed models the seed is varied on) and inject (a sibling reading sft) stay as they are."""
+    dag.set_params({"stage_seeds": {"grpo": 1}})
+    try:
+        assert set(dag.status()) == {"grpo"}
+        dag.run("dvc", "repro", "--single-item", "grpo")
+        stale = set(dag.status())
+        assert "evaluate_arithmetic" in stale and not {"synth", "base", "sft", "inject", "grpo"} & stale, stale
+    finally:
+        dag.restore()
+
+
 def test_artifacts_carry_what_their_readers_need(dag):
     """The NLA table says which layer it holds (nla_sft's critic is cut there), models/nla_rl how it was trained
     (evaluate_nla reports that algo): nothing downstream reads the upstream stage's params."""

@@ -1,5 +1,6 @@
 """Sweeps: the interval math by hand, the plan and the claims file, and a real sweep on a Prefect work pool."""
 
+import hashlib
 import json
 import math
 import os
@@ -13,8 +14,8 @@ import pytest
 from ruamel.yaml import YAML
 
 from flows.claims import CLAIMS, update_claims
-from flows.stats import summarize, t_quantile, t_two_sided_probability
-from flows.sweep import parse_grid, plan, uncommitted
+from flows.stats import summarize, t_interval, t_quantile, t_two_sided_probability
+from flows.sweep import parse_grid, parse_stage_seeds, plan, uncommitted
 from latentlab.figures import claims_markdown
 from tests.test_flows import _post, server  # noqa: F401  (the module-scoped Prefect server fixture)
 
@@ -38,11 +39,12 @@ def test_t_cdf_closed_forms():
 
 
 def test_summary_by_hand():
-    # [1, 2, 3]: mean 2, s = 1, half width t(0.975, 2) * 1 / sqrt(3) = 4.3027 / 1.7321 = 2.4841
+    # [1, 2, 3]: mean 2, s = 1; Student's half width t(0.975, 2) * 1 / sqrt(3) = 4.3027 / 1.7321 = 2.4841
+    assert t_interval([1.0, 2.0, 3.0]) == pytest.approx((2 - 2.48414, 2 + 2.48414), abs=1e-5)
+    # the rows' bootstrap: 3 seeds put a tail of 1 - Phi(sqrt(3/2) 4.303) ~ 1e-7 a side: the whole range [1, 3]
     s = summarize([1.0, 2.0, 3.0])
-    assert (s["n"], s["mean"], s["std"]) == (3, 2.0, 1.0)
-    assert (s["low"], s["high"]) == pytest.approx((2 - 2.48414, 2 + 2.48414), abs=1e-5)
-    assert summarize([0.25]) == {"n": 1, "mean": 0.25, "std": None, "low": None, "high": None}  # no interval from 1
+    assert (s["n"], s["mean"], s["std"], s["low"], s["high"]) == (3, 2.0, 1.0, 1.0, 3.0)
+    assert summarize([0.25])["low"] is None  # no interval from 1
 
 
 def test_grid_plan_names_and_order():
@@ -56,6 +58,89 @@ def test_grid_plan_names_and_order():
     # a name depends on everything that defines the run, and only on that
     assert plan(grid, [0, 1], ["evaluate"])[3].name == experiments[3].name
     assert plan(grid, [0, 1], ["grpo"])[3].name != experiments[3].name
+
+
+def test_the_two_units_of_variation_plan_names_and_overrides():
+    from flows.sweep import Experiment
+
+    # whole-pipeline seeds: a name hashes what it did before stage seeds existed, so those experiments are reused
+    legacy = Experiment((("grpo.even_bonus", "0.1"),), 2, ("evaluate_arithmetic",))
+    digest = hashlib.sha256(json.dumps([legacy.config, 2, ["evaluate_arithmetic"]]).encode()).hexdigest()[:6]
+    assert legacy.name == f"even_bonus0.1-s2-{digest}" and legacy.unit == "seed"
+    # stage seeds: grpo and inject share each value (paired), on each fixed top-level seed
+    stages, own = parse_stage_seeds("grpo,inject=3")
+    assert (stages, own) == (["grpo", "inject"], [0, 1, 2])
+    experiments = plan({"grpo.even_bonus": ["0.1"]}, [0, 1], ["evaluate_arithmetic"], stages, own)
+    assert [(e.seed, e.stage_seed) for e in experiments] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+    assert experiments[3].overrides == [
+        "grpo.even_bonus=0.1",
+        "seed=1",
+        "stage_seeds.grpo=1",
+        "stage_seeds.inject=1",
+    ]
+    assert experiments[3].name.startswith("even_bonus0.1-s1-d1-") and experiments[3].unit == "stage_seeds.grpo,inject"
+    assert len({e.name for e in experiments}) == 6
+    # the stage seed and the stages seeded are part of what defines a run
+    assert experiments[0].name != Experiment(legacy.config, 0, ("evaluate_arithmetic",)).name
+    other = plan({"grpo.even_bonus": ["0.1"]}, [0, 1], ["evaluate_arithmetic"], ["grpo"], own)
+    assert other[0].name != experiments[0].name
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("grpo", "STAGE"), ("grpo=0", "N >= 1"), ("=5", "STAGE"), ("sft,grpo=5", r"\['sft'\] have no seed")],
+)
+def test_stage_seeds_option_names_what_is_wrong(text, message):
+    with pytest.raises(SystemExit, match=message):
+        parse_stage_seeds(text)
+
+
+def test_a_sweep_refuses_stage_seeds_through_set_and_claims_from_too_few_seeds():
+    from flows.sweep import check_keys, sweep
+
+    root = str(Path(__file__).parents[1])
+    with pytest.raises(SystemExit, match="--stage-seeds"):
+        check_keys(root, {"stage_seeds.grpo": ["1", "2"]})
+    with pytest.raises(SystemExit, match="at least 5 seeds per arm, this sweep has 3 \\(--seeds\\)"):
+        sweep.fn(repo=root, seeds=[0, 1, 2], claims=["even_recovery"])
+    with pytest.raises(SystemExit, match="this sweep has 4 \\(--stage-seeds\\)"):
+        sweep.fn(
+            repo=root, seeds=[0, 1, 2, 3, 4, 5], claims=["even_recovery"], stages=["grpo"], stage_seeds=[0, 1, 2, 3]
+        )
+
+
+def test_stage_seeded_rows_are_per_fixed_seed_over_the_stages_own_seeds(monkeypatch):
+    from flows import sweep_results
+
+    stages, own = parse_stage_seeds("grpo,inject=5")
+    experiments = plan({}, [0, 1], ["evaluate_arithmetic"], stages, own)
+    # sft depends on the top-level seed alone (it is upstream); grpo on both
+    files = {
+        e.name: {
+            "metrics/eval.json": {
+                "sft": {"accuracy_even": 0.01 * e.seed},
+                "grpo": {"accuracy_even": 0.2 + 0.1 * e.seed + 0.01 * e.stage_seed},
+            }
+        }
+        for e in experiments
+    }
+    monkeypatch.setattr(sweep_results, "experiment_files", lambda repo: files)
+    monkeypatch.setattr(sweep_results, "stages_run", lambda repo, targets: None)
+    monkeypatch.setattr(sweep_results, "metric_owners", lambda repo, paths: {})
+    status = {e.name: {"status": "ran"} for e in experiments}
+    summary = sweep_results.summarize_sweep(".", "abcdef0", experiments, status, "c", 1.0)
+    assert summary["unit"] == "stage_seeds.grpo,inject" and summary["stage_seeds"] == [0, 1, 2, 3, 4]
+    gain = [r for r in summary["rows"] if r["metric"] == "grpo.accuracy_even - sft.accuracy_even"]
+    assert [(r["config"], r["seeds"], r["unit"]) for r in gain] == [
+        ({"seed": "0"}, [0, 1, 2, 3, 4], "stage_seeds.grpo,inject"),
+        ({"seed": "1"}, [0, 1, 2, 3, 4], "stage_seeds.grpo,inject"),
+    ]
+    # seed 1: 0.3 + 0.01 d - 0.01, paired per stage seed: 0.29 .. 0.33, its interval within that range
+    assert gain[1]["values"] == pytest.approx([0.29, 0.30, 0.31, 0.32, 0.33])
+    assert 0.29 <= gain[1]["low"] < gain[1]["high"] <= 0.33
+    sft = [r for r in summary["rows"] if r["metric"] == "sft.accuracy_even"]
+    assert [r["std"] for r in sft] == [0.0, 0.0]  # the fixed SFT model: no variation over the stage seeds
+    assert "Unit of variation: `stage_seeds.grpo,inject`" in sweep_results.markdown("t", summary)
 
 
 def test_only_results_may_be_uncommitted_when_a_sweep_starts(tmp_path):
@@ -97,11 +182,11 @@ def test_the_injection_table_has_a_row_per_configuration_with_its_interval(tmp_p
     table = injection_section(claims)
     lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
     assert "| inject: variant=gated" in lines and "| inject: shuffle_hidden=true" in lines
-    # mean 0.5 of 0.4, 0.5, 0.6 with its t interval (4.303 * 0.1 / sqrt(3) = 0.248)
-    assert "0.500 [0.252, 0.748]" in lines["| inject: variant=gated"]
+    # mean 0.5 of 0.4, 0.5, 0.6 with its bootstrap interval (3 seeds: their whole range)
+    assert "0.500 [0.400, 0.600]" in lines["| inject: variant=gated"]
     assert "0.200" in lines["| inject: shuffle_hidden=true"]
     sft = lines["| SFT model (frozen, no injection)"].split(" | ")
-    assert sft[1] == sft[3] == "0.100 [-0.148, 0.348]"  # its step 0 is its accuracy: nothing trains
+    assert sft[1] == sft[3] == "0.100 [0.000, 0.200]"  # its step 0 is its accuracy: nothing trains
     assert sft[2] == "–"  # no alignment phase
 
 

@@ -89,7 +89,7 @@ def _interval(row: dict) -> str:
 
 def claim(claim_id: str, level: int = 3) -> str:
     """One claim of results/claims.json: what was swept, where, and each metric's mean and 95% interval."""
-    from flows.claims import EARLIER_MODEL, stale_claims
+    from flows.claims import EARLIER_MODEL, stale_claims, verdict_lines
 
     claims = load("results/claims.json")
     if claim_id not in claims["claims"]:
@@ -115,6 +115,8 @@ def claim(claim_id: str, level: int = 3) -> str:
     ]
     if claim_id in stale:
         return "\n".join(parts)
+    if verdicts := verdict_lines(claim_id, entry):
+        parts += [*verdicts, ""]
     parts += ["| metric | configuration | mean | 95% interval | n |", "|---|---|---:|---|---:|"]
     for row in entry["rows"]:
         parts.append(
