@@ -46,7 +46,7 @@ def nla_project(tmp_path_factory):
     set_params(directory, nla_sft={"actor": {**TINY["nla_sft"]["actor"], "mode": "project"}})
     model, tokenizer = new_tiny_lm(max_positions=TINY["model"]["max_positions"])
     save_lm(model, tokenizer, directory / "models" / "base")
-    for name in ("synth", "grid", "label", "nla_sft"):
+    for name in ("synth", "grid", "label", "nla_table", "nla_sft"):
         stage(directory, name)
     return directory
 

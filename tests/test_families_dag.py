@@ -109,7 +109,7 @@ def check_outputs(root: Path, model_type: str, source: str) -> None:
         pooled = open_store(root / f"data/hidden/{name}.zarr")["pooled"][:]
         assert pooled.shape == (rows.height, 2, hidden) and np.isfinite(pooled).all(), name
     for table, split in (("nla", "full"), ("nla_eval", "test")):
-        nla = pl.read_parquet(root / f"data/labels/{table}.parquet")
+        nla = pl.read_parquet(root / f"data/nla/{table}.parquet")
         assert nla.height == synth[split].height and nla["activation_vector"].dtype.size == hidden
     # the trained models load as the pipeline loads them, same architecture, finite weights; SFT trained
     weights = {"base": dict(base.named_parameters())}
