@@ -143,7 +143,7 @@ def summary_table(first: str, columns: list[str], rows: dict[str, dict]) -> str:
 def claims_markdown(claims: dict) -> str:
     """The report's Claims section body from results/claims.json (written by `flows.sweep --claims`)."""
     if not claims.get("claims"):
-        return "The claims file holds no claims yet: run the claims sweep (README, *Sweeps and seeds*)."
+        return "The claims file holds no claims yet: run the claims sweep (docs: how-to/sweep.md)."
     parts = []
     for claim in claims["claims"].values():
         counts = claim["sweep"]["counts"]

@@ -206,7 +206,7 @@ class PolicyParams(Config):
 
 
 class LauncherParams(Config):
-    """How training stages run: one process, or torchrun with DistributedDataParallel (README: Training on several processes, GPUs or nodes)."""
+    """How training stages run: one process, or torchrun with DistributedDataParallel (docs: how-to/distributed.md)."""
 
     nproc: int = Field(1, ge=1)
     """Processes per node (one GPU each on CUDA; gloo on the CPU). >1: the stage re-executes itself under torchrun."""
@@ -293,7 +293,7 @@ class Params(Config):
     threads: int = Field(1, ge=0)
     """torch's CPU threads in each stage process (0: every core torch sees). A CPU kernel's floating-point result
     depends on its thread count, so this is a param: dvc.lock records it, and a lock holds on any machine. One
-    thread is the fastest here for every stage but base's large matmuls (README: Speed), and lets two stages run
+    thread is the fastest here for every stage but base's large matmuls (docs: concepts/numerics.md), and lets two stages run
     side by side on two cores (`python -m flows.pipeline --jobs 2`)."""
     numerics: Literal["portable", "native"] = "portable"
     """CPU kernels: portable pins torch's vectorised kernels, MKL and oneDNN to the AVX2 instruction set so the same

@@ -136,16 +136,16 @@ def claims_section(claims: dict, model: dict) -> str:
     sweep result file; a claim whose metrics changed meaning since its sweep ran is named, not shown; claims of
     another model are counted."""
     if not CLAIMS.exists():
-        return f"No claims: {CLAIMS} does not exist (run the claims sweep: README, *Sweeps and seeds*)."
+        return f"No claims: {CLAIMS} does not exist (run the claims sweep: docs: how-to/sweep.md)."
     stale = stale_claims(claims)
     current = {"claims": {k: c for k, c in claims.get("claims", {}).items() if k not in stale}}
     notes = [
         f"Claim `{k}` ({claims['claims'][k]['title']}) is not shown: its sweep ran before {why}. Rerun that sweep "
-        f"with `--claims {k}` (README, *Sweeps and seeds*)."
+        f"with `--claims {k}` (docs: how-to/sweep.md)."
         for k, why in stale.items()
     ]
     if not claims.get("claims"):
-        return f"No claims of this model in {CLAIMS}: run the claims sweep on it (README, *Sweeps and seeds*)."
+        return f"No claims of this model in {CLAIMS}: run the claims sweep on it (docs: how-to/sweep.md)."
     if not current["claims"]:
         return "\n\n".join(notes)
     return "\n\n".join([*(claim_markdown(k, c) for k, c in current["claims"].items()), *notes])
@@ -203,7 +203,7 @@ def injection_section(claims: dict) -> str:
     `inject_*` claims hold, each over seeds with its interval (rows from results/claims.json)."""
     found = {c: claims["claims"][c] for c in INJECTION_CLAIMS if c in claims.get("claims", {})}
     if not found:
-        return "No injection sweeps in the claims file yet (README, *Hidden-state injection*).\n\n"
+        return "No injection sweeps in the claims file yet (docs: systems/injection.md).\n\n"
     configs: dict[str, dict[str, dict]] = {}
     for claim in found.values():
         for r in claim["rows"]:
@@ -241,7 +241,7 @@ def injection_section(claims: dict) -> str:
         "Held-out accuracy on the whole test set, mean [95% interval] over seeds. Step 0: before any training "
         "(after the alignment phase where there is one, the next column). The paired column is the injector "
         "after GRPO minus the frozen SFT model it reads, per seed. Step times vary run to run, so no DAG output "
-        "holds them: `plots/inject_speed.csv`, `plots/grpo_speed.csv` and the README give them.\n\n"
+        "holds them: `plots/inject_speed.csv` and `plots/grpo_speed.csv` give them.\n\n"
         + summary_table("model", list(INJECTION_COLUMNS), rows)
         + "\n\n"
         + "\n".join(f"- {line}" for line in provenance)
