@@ -32,23 +32,9 @@ from ruamel.yaml import YAML
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from flows.dvc import apply_param_overrides  # noqa: E402  (params set as `dvc exp run -S` sets them)
-from tests.dag import make_project  # noqa: E402  (the same throwaway-project builder the tests use)
+from tests.dag import make_project, stages_in_order  # noqa: E402  (the same throwaway-project builder the tests use)
 
-ORDER = [
-    "synth",
-    "grid",
-    "base",
-    "label",
-    "sft",
-    "grpo",
-    "inject",
-    "surgery",
-    "nla_table",
-    "nla_sft",
-    "nla_rl",
-    "policy",
-]
-ORDER += ["evaluate_arithmetic", "evaluate_nla", "evaluate_grid", "report"]
+ORDER = stages_in_order()  # dvc.yaml's stages, each after the ones it reads (source: the project builds base)
 STEP_KEYS = [  # the loops --scale shortens
     "base.steps",
     "sft.steps",

@@ -148,3 +148,27 @@ def make_project(directory: Path, home: Path) -> Project:
     project.run("git", "add", "-A")
     project.run("git", "commit", "-qm", "tiny project")
     return project
+
+
+def stages_in_order(dvc_yaml: Path = ROOT / "dvc.yaml", skip=("source",)) -> list[str]:
+    """dvc.yaml's stages, each after every stage whose outputs it reads (dvc.yaml's own order breaks ties), less
+    `skip` (source: the throwaway projects build models/base themselves)."""
+    stages = YAML(typ="safe").load(dvc_yaml.read_text())["stages"]
+
+    def paths(spec, *keys):
+        return [next(iter(e)) if isinstance(e, dict) else e for key in keys for e in spec.get(key) or []]
+
+    writes = {name: paths(spec, "outs", "metrics", "plots") for name, spec in stages.items()}
+    needs = {
+        name: {
+            other
+            for dep in paths(spec, "deps")
+            for other, outs in writes.items()
+            if other != name and any(dep == out or dep.startswith(out + "/") for out in outs)
+        }
+        for name, spec in stages.items()
+    }
+    order: list[str] = []
+    while len(order) < len(stages):
+        order.append(next(n for n in stages if n not in order and needs[n] <= set(order)))
+    return [name for name in order if name not in skip]

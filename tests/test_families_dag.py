@@ -24,29 +24,12 @@ from transformers import AutoConfig
 from latentlab.hidden.store import open_store
 from latentlab.lm.modeling import load_lm
 from latentlab.lm.tokenizer import INJECT
-from tests.dag import TINY, Project, make_project
+from tests.dag import TINY, Project, make_project, stages_in_order
 from tests.families import build_family, require_family
 
 pytestmark = pytest.mark.slow
 
-STAGES = [  # dvc.yaml's order: each stage after the ones it reads
-    "synth",
-    "grid",
-    "base",
-    "label",
-    "sft",
-    "grpo",
-    "inject",
-    "surgery",
-    "nla_table",
-    "nla_sft",
-    "nla_rl",
-    "policy",
-    "evaluate_arithmetic",
-    "evaluate_nla",
-    "evaluate_grid",
-    "report",
-]
+STAGES = stages_in_order()  # each stage after the ones it reads
 SCORED = ["base", "sft", "grpo", "inject", "surgery"]
 
 

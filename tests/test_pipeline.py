@@ -13,26 +13,10 @@ import polars as pl
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.dag import stages_in_order
+
 pytestmark = pytest.mark.slow
-STAGES = [
-    "source",
-    "synth",
-    "grid",
-    "base",
-    "label",
-    "nla_table",
-    "nla_sft",
-    "nla_rl",
-    "sft",
-    "grpo",
-    "inject",
-    "surgery",
-    "policy",
-    "evaluate_arithmetic",
-    "evaluate_nla",
-    "evaluate_grid",
-    "report",
-]
+STAGES = stages_in_order(skip=())  # every stage of dvc.yaml
 
 
 def _lock_hash(project, stage: str, path: str) -> str:
